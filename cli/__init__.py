@@ -1,0 +1,1 @@
+"""instret's command line: thin click commands, each calling one library function."""

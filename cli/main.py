@@ -1,0 +1,48 @@
+"""The `instret` command group and its error handling: one line on stderr, non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from instret.errors import InstretError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="instret")
+def cli() -> None:
+    """Unsupervised instance discrimination and instance-level image search."""
+
+
+def _register() -> None:
+    from instret.cli.train import train
+
+    cli.add_command(train)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become `instret: error: ...` with exit status 1 (2 for usage)."""
+    try:
+        cli.main(args=argv, prog_name="instret", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        _fail(e.format_message(), 2)
+    except click.ClickException as e:
+        _fail(e.format_message(), e.exit_code)
+    except InstretError as e:
+        _fail(str(e), 1)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        _fail("interrupted; finished epochs are saved (continue with --resume)", 130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+def _fail(message: str, code: int) -> None:
+    one_line = " ".join(str(message).split())
+    print(f"instret: error: {one_line}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,42 @@
+"""`instret train`: options -> a dict of the ones given -> instret.train.train."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from instret.config import ARCHS, DATASETS, LOSSES, read_config_file
+
+
+@click.command()
+@click.option("--data", type=str, help="Folder of images (class sub-folders give labels; train/ + test/ a split).")
+@click.option("--dataset", type=click.Choice(DATASETS), help="Built-in dataset when --data is absent [digits].")
+@click.option("--data-root", type=str, help="Where --dataset looks for its files [data].")
+@click.option("--download", is_flag=True, default=None, help="Allow downloading --dataset cifar10.")
+@click.option("--out", type=str, help="Run folder [runs/<timestamp>].")
+@click.option("--arch", type=click.Choice(ARCHS), help="Backbone; auto: resnet18 on a GPU, small on CPU.")
+@click.option("--epochs", type=int, help="Epochs [200; 30 for digits].")
+@click.option("--batch-size", type=int, help="Batch size [128].")
+@click.option("--lr", type=float, help="SGD learning rate [0.03].")
+@click.option("--loss", type=click.Choice(LOSSES), help="Exact softmax over the bank, or NCE [softmax].")
+@click.option("--nce-k", type=int, help="NCE noise samples m [4096].")
+@click.option("--tau", type=float, help="Temperature, also the kNN sigma [0.1].")
+@click.option("--bank-momentum", type=float, help="Memory bank momentum [0.5].")
+@click.option("--prox-lambda", type=float, help="Weight of the proximal term; 0 turns it off [0].")
+@click.option("--knn-k", type=int, help="Neighbours in the weighted kNN [200].")
+@click.option("--low-dim", type=int, help="Feature dimension [128].")
+@click.option("--image-size", type=int, help="Side of the square training images [32].")
+@click.option("--device", type=str, help="auto, cpu, cuda or cuda:N [auto].")
+@click.option("--workers", type=int, help="Processes decoding image files [2].")
+@click.option("--seed", type=int, help="Random seed [0].")
+@click.option("--config", "config_file", type=str, help="YAML or JSON file of defaults; flags override it.")
+@click.option("--resume", is_flag=True, help="Continue the run folder given by --out from its last epoch.")
+def train(config_file, resume, **options) -> None:
+    """Learn an image encoder without labels by Instance Discrimination."""
+    from instret.train import train as run_train
+
+    merged = read_config_file(config_file) if config_file else {}
+    merged.update({k: v for k, v in options.items() if v is not None})
+    final = run_train(merged, resume=resume)
+    click.echo(json.dumps(final))

@@ -1,0 +1,211 @@
+"""The paper's augmentation as batched tensor operations with per-sample random parameters.
+
+RandomResizedCrop(scale 0.2-1) + horizontal flip (one affine grid_sample), ColorJitter(0.4 x 4)
+in a random order per sample, RandomGrayscale(0.2), then normalisation. It runs on whatever
+device the batch is on and draws every random number from one torch.Generator, so a run is
+reproducible and resumable. Parameters are drawn by `sample_params` and applied by `apply`,
+which lets tests compare each stage with torchvision's per-sample transforms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its centre-crop fallback
+
+
+@dataclass
+class AugmentParams:
+    box: torch.Tensor  # n x 4: top, left, height, width of the crop, in pixels
+    flip: torch.Tensor  # n, bool
+    factors: torch.Tensor  # n x 4: brightness, contrast, saturation, hue
+    order: torch.Tensor  # n x 4: which jitter op runs at each of the 4 stages
+    gray: torch.Tensor  # n, bool
+
+
+@dataclass
+class Augment:
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    jitter: float = 0.4
+    grayscale_p: float = 0.2
+    flip: bool = True
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """uint8 N x 3 x H x W -> augmented, normalised float N x 3 x size x size."""
+        params = self.sample_params(len(images), images.shape[-2], images.shape[-1], generator, images.device)
+        return normalize(self.apply(images, params), self.mean, self.std)
+
+    def sample_params(self, n: int, height: int, width: int, generator, device) -> AugmentParams:
+        def rand(*shape):
+            return torch.rand(*shape, generator=generator, device=device)
+
+        box = crop_boxes(rand(n, ATTEMPTS), rand(n, ATTEMPTS), rand(n, 2), height, width, self.scale, self.ratio)
+        j = self.jitter
+        lo = torch.tensor([max(0.0, 1 - j)] * 3 + [-min(j, 0.5)], device=device)
+        hi = torch.tensor([1 + j] * 3 + [min(j, 0.5)], device=device)
+        factors = lo + (hi - lo) * rand(n, 4)
+        order = rand(n, 4).argsort(dim=1)
+        flip = rand(n) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool, device=device)
+        gray = rand(n) < self.grayscale_p
+        return AugmentParams(box, flip, factors, order, gray)
+
+    def apply(self, images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+        """uint8 or [0, 1] float images and their parameters -> float images in [0, 1]."""
+        x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+        x = crop_resize_flip(x, p.box, p.flip, self.size)
+        if self.jitter > 0:
+            x = color_jitter(x, p.factors, p.order)
+        return torch.where(p.gray[:, None, None, None], grayscale(x).expand_as(x), x)
+
+
+def crop_boxes(u_area, u_ratio, u_pos, height: int, width: int, scale, ratio) -> torch.Tensor:
+    """torchvision RandomResizedCrop.get_params for a batch: n x 4 (top, left, h, w)."""
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u_ratio)
+    w = torch.sqrt(target * aspect).round()
+    h = torch.sqrt(target / aspect).round()
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = valid.int().argmax(dim=1, keepdim=True)  # the first box that fits
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    # The fallback when no attempt fits: the largest centred box of an allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    any_valid = valid.any(dim=1)
+    w = torch.where(any_valid, w, torch.full_like(w, fw))
+    h = torch.where(any_valid, h, torch.full_like(h, fh))
+    top = torch.where(any_valid, (u_pos[:, 0] * (height - h + 1)).floor(), (height - h).div(2).floor())
+    left = torch.where(any_valid, (u_pos[:, 1] * (width - w + 1)).floor(), (width - w).div(2).floor())
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def crop_resize_flip(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear crop of each box to size x size, mirrored where flip: one affine grid_sample."""
+    n, _, height, width = x.shape
+    top, left, h, w = box.unbind(1)
+    # Output pixel u (centre (u + .5) / size) samples source x = left + (u + .5) * w / size - .5,
+    # i.e. resize with align_corners=False; in grid_sample's [-1, 1] coordinates that is affine.
+    sx = w / width
+    sy = h / height
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = torch.where(flip, -sx, sx)
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    f = factor.view(-1, 1, 1, 1)
+    return (f * a + (1 - f) * b).clamp_(0, 1)
+
+
+def adjust_brightness(x, f):
+    return _blend(x, torch.zeros_like(x), f)
+
+
+def adjust_contrast(x, f):
+    return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), f)
+
+
+def adjust_saturation(x, f):
+    return _blend(x, grayscale(x), f)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by `shift` (fraction of a turn) per sample, through HSV as torchvision does."""
+    h, s, v = rgb_to_hsv(x).unbind(1)
+    h = (h + shift.view(-1, 1, 1)).remainder(1.0)
+    return hsv_to_rgb(torch.stack([h, s, v], dim=1))
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    delta = maxc - minc
+    flat = delta == 0
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    d = torch.where(flat, torch.ones_like(delta), delta)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(flat, torch.zeros_like(h), (h / 6.0).remainder(1.0))
+    return torch.stack([h, s, maxc], dim=1)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    h6 = h * 6.0
+    i = h6.floor()
+    f = h6 - i
+    i = i.long().remainder(6)
+    p = (v * (1 - s)).clamp(0, 1)
+    q = (v * (1 - s * f)).clamp(0, 1)
+    t = (v * (1 - s * (1 - f))).clamp(0, 1)
+    # The sextant i picks (r, g, b) from (v, p, q, t): the standard table.
+    vpqt = torch.stack([v, p, q, t], dim=1)
+    table = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=x.device)
+    select = table[:, i].permute(1, 0, 2, 3)  # n x 3 x H x W
+    return vpqt.gather(1, select)
+
+
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+IDENTITY = (1.0, 1.0, 1.0, 0.0)
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """ColorJitter with per-sample factors and per-sample op order (n x 4 each)."""
+    for stage in range(4):
+        for op, fn in enumerate(JITTER_OPS):
+            chosen = order[:, stage] == op
+            if x.is_cuda:
+                # No host sync on the GPU: run the op on the whole batch with identity
+                # factors for the samples that did not choose it at this stage.
+                f = torch.where(chosen, factors[:, op], torch.full_like(factors[:, op], IDENTITY[op]))
+                x = torch.where(chosen.view(-1, 1, 1, 1), fn(x, f), x)
+            else:
+                rows = chosen.nonzero().squeeze(1)
+                if len(rows):
+                    x = x.index_copy(0, rows, fn(x.index_select(0, rows), factors[rows, op]))
+    return x
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def eval_transform(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """The test-time view: the resident image as it is, scaled and normalised."""
+    return normalize(images.float().div(255), mean, std)
+
+
+def channel_stats(images: torch.Tensor, sample: int = 10000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of a uint8 image set (on an evenly spaced sample), as plain floats."""
+    step = max(1, len(images) // sample)
+    x = images[::step].float().div(255)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)

@@ -1,0 +1,202 @@
+"""Training data as resident uint8 tensors: digits, CIFAR-10, or a folder of images.
+
+Every dataset is decoded once into an N x 3 x S x S uint8 tensor (CIFAR-10 is 150 MB),
+which the trainer indexes by instance id and augments in batches on its own device.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from instret.errors import InstretError
+from instret.images import ImageReadError, is_image_file, list_image_files, read_image
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # N x 3 x S x S, uint8
+    labels: torch.Tensor | None = None  # N, int64; None when unlabelled
+    classes: list[str] | None = None
+    paths: list[str] | None = None  # where the images came from, when from files
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass
+class TrainData:
+    train: ImageSet
+    eval: ImageSet | None  # a held-out split; None: kNN is leave-one-out on the bank
+    name: str
+
+    @property
+    def labelled(self) -> bool:
+        return self.train.labels is not None
+
+
+def load_train_data(cfg) -> TrainData:
+    if cfg.data is not None:
+        return load_folder(cfg.data, cfg.image_size, cfg.workers)
+    if cfg.dataset == "digits":
+        return load_digits(cfg.image_size)
+    if cfg.dataset == "cifar10":
+        return load_cifar10(cfg.data_root, cfg.download, cfg.image_size)
+    raise InstretError(f"unknown dataset {cfg.dataset!r}")
+
+
+def load_digits(size: int = 32) -> TrainData:
+    """scikit-learn's 1,797 8x8 handwritten digits (offline), upsampled; every 5th is held out."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    d = sk_load_digits()
+    x = torch.from_numpy(d.images).float().div(16.0).unsqueeze(1)  # N x 1 x 8 x 8 in [0, 1]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    images = x.clamp(0, 1).mul(255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(d.target).long()
+    classes = [str(c) for c in range(10)]
+    held_out = torch.arange(len(labels)) % 5 == 4
+    return TrainData(
+        train=ImageSet(images[~held_out], labels[~held_out], classes),
+        eval=ImageSet(images[held_out], labels[held_out], classes),
+        name="digits",
+    )
+
+
+def load_cifar10(root: str, download: bool, size: int = 32) -> TrainData:
+    from torchvision.datasets import CIFAR10
+
+    sets = []
+    for train in (True, False):
+        try:
+            ds = CIFAR10(root=root, train=train, download=download)
+        except RuntimeError as e:
+            if download:
+                raise InstretError(f"could not download CIFAR-10 to {root}: {e}") from None
+            raise InstretError(
+                f"CIFAR-10 not found under {root}; add --download to fetch it, or pass --data-root"
+            ) from None
+        images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        if size != images.shape[-1]:
+            images = _resize_uint8(images, size)
+        sets.append(ImageSet(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes)))
+    return TrainData(train=sets[0], eval=sets[1], name="cifar10")
+
+
+def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.clamp(0, 255).round().to(torch.uint8)
+
+
+# --- folders -------------------------------------------------------------------------
+
+EVAL_SPLIT_NAMES = ("test", "val")
+
+
+def load_folder(root: str | Path, size: int, workers: int = 0) -> TrainData:
+    """A folder of images: flat or one sub-folder per class; `train/` + `test/` (or `val/`) is a split."""
+    root = Path(root)
+    if not root.exists():
+        raise InstretError(f"--data {root}: no such folder")
+    if not root.is_dir():
+        raise InstretError(f"--data {root}: not a folder")
+    train_dir = root / "train"
+    eval_dir = next((root / n for n in EVAL_SPLIT_NAMES if (root / n).is_dir()), None)
+    if train_dir.is_dir() and eval_dir is not None:
+        train = read_folder(train_dir, size, workers)
+        evalset = read_folder(eval_dir, size, workers, classes=train.classes)
+        if (train.labels is None) != (evalset.labels is None):
+            evalset = None  # one side labelled and the other not: no held-out accuracy
+        return TrainData(train=train, eval=evalset, name=root.name)
+    return TrainData(train=read_folder(root, size, workers), eval=None, name=root.name)
+
+
+def find_classes(root: Path) -> list[str] | None:
+    """Class names if root is in ImageFolder layout (no loose images, 2+ sub-folders with images)."""
+    entries = sorted(root.iterdir())
+    if any(e.is_file() and is_image_file(e) for e in entries):
+        return None
+    classes = [e.name for e in entries if e.is_dir() and list_image_files(e)]
+    return classes if len(classes) >= 2 else None
+
+
+def read_folder(root: Path, size: int, workers: int = 0, classes: list[str] | None = None) -> ImageSet:
+    found = find_classes(root)
+    if found is None:
+        paths, labels, classes = list_image_files(root), None, None
+    else:
+        classes = classes or found
+        index = {c: i for i, c in enumerate(classes)}
+        paths, labels = [], []
+        for c in found:
+            if c not in index:
+                raise InstretError(f"{root / c}: class {c!r} is not among the training classes")
+            files = list_image_files(root / c)
+            paths += files
+            labels += [index[c]] * len(files)
+    if not paths:
+        raise InstretError(f"{root}: no image files found (looked for {', '.join(sorted({'.jpg', '.png', '.jpeg'}))}, ...)")
+    images, ok, skipped = decode_files(paths, size, workers)
+    if not ok:
+        raise InstretError(f"{root}: none of the {len(paths)} image files could be read")
+    report_skipped(skipped)
+    keep = torch.tensor(ok, dtype=torch.long)
+    return ImageSet(
+        images=images,
+        labels=None if labels is None else torch.tensor(labels, dtype=torch.long)[keep],
+        classes=classes,
+        paths=[str(paths[i]) for i in ok],
+        skipped=skipped,
+    )
+
+
+class _DecodeDataset(torch.utils.data.Dataset):
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return i, read_image(self.paths[i], self.size), None
+        except ImageReadError as e:
+            return i, None, str(e)
+
+
+def _collate(batch):
+    # Stacked in the worker: one shared tensor per batch, not one file descriptor per image.
+    good = [(i, img) for i, img, _ in batch if img is not None]
+    images = torch.stack([img for _, img in good]) if good else None
+    return [i for i, _ in good], images, [(i, reason) for i, img, reason in batch if img is None]
+
+
+def decode_files(paths, size: int, workers: int = 0, batch_size: int = 256):
+    """Decode image files in worker processes: (uint8 tensor of the good ones, their positions, skipped)."""
+    loader = torch.utils.data.DataLoader(
+        _DecodeDataset(paths, size), batch_size=batch_size, num_workers=workers, collate_fn=_collate
+    )
+    chunks, ok, skipped = [], [], []
+    for good, images, bad in loader:
+        ok += good
+        if images is not None:
+            chunks.append(images)
+        skipped += [(str(paths[i]), reason) for i, reason in bad]
+    images = torch.cat(chunks) if chunks else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return images, ok, skipped
+
+
+def report_skipped(skipped: list[tuple[str, str]], shown: int = 10) -> None:
+    if not skipped:
+        return
+    print(f"skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
+    for path, reason in skipped[:shown]:
+        print(f"  {path!r}: {reason}", file=sys.stderr)
+    if len(skipped) > shown:
+        print(f"  ... and {len(skipped) - shown} more", file=sys.stderr)

@@ -1,0 +1,158 @@
+"""Encoders: a backbone, a linear head to `low_dim`, and L2 normalisation; export and load.
+
+`encoder.pt` is the slim export that `index` and `query` load: the weights plus everything
+needed to rebuild the model and preprocess an image (arch, low_dim, image_size, mean, std),
+as plain data, so `torch.load(..., weights_only=True)` reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from instret.atomic import atomic_torch_save
+from instret.errors import InstretError
+
+ENCODER_FORMAT_VERSION = 1
+
+
+def small_backbone(width: int = 32) -> tuple[nn.Module, int]:
+    """A plain VGG-style CNN that trains quickly on a CPU (0.26 M parameters at width 32)."""
+
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    w = width
+    layers = [
+        *block(3, w // 2), *block(w // 2, w), nn.MaxPool2d(2),
+        *block(w, 2 * w), nn.MaxPool2d(2),
+        *block(2 * w, 4 * w), nn.MaxPool2d(2),
+        *block(4 * w, 4 * w),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    ]  # fmt: skip
+    return nn.Sequential(*layers), 4 * w
+
+
+def resnet_backbone(arch: str, small_images: bool) -> tuple[nn.Module, int]:
+    import torchvision
+
+    net = getattr(torchvision.models, arch)(weights=None)
+    if small_images:
+        # The CIFAR stem of the authors: 3x3 stride-1 first conv, no max-pool.
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim
+
+
+class Encoder(nn.Module):
+    """image -> backbone -> linear -> L2-normalised low_dim feature."""
+
+    def __init__(self, arch: str = "small", low_dim: int = 128, image_size: int = 32):
+        super().__init__()
+        if arch == "small":
+            self.backbone, dim = small_backbone()
+        elif arch in ("resnet18", "resnet50"):
+            self.backbone, dim = resnet_backbone(arch, small_images=image_size <= 64)
+        else:
+            raise InstretError(f"unknown architecture {arch!r}")
+        self.head = nn.Linear(dim, low_dim)
+        self.arch, self.low_dim, self.image_size = arch, low_dim, image_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(x)), dim=1)
+
+
+def resolve_arch(arch: str, device: torch.device) -> str:
+    if arch == "auto":
+        return "resnet18" if device.type == "cuda" else "small"
+    return arch
+
+
+def fingerprint(state_dict: dict) -> str:
+    """A short content hash of the weights: the index refuses queries from another encoder."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def export_encoder(model: Encoder, path: str | Path, mean, std) -> str:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    fp = fingerprint(state)
+    atomic_torch_save(
+        {
+            "format_version": ENCODER_FORMAT_VERSION,
+            "arch": model.arch,
+            "low_dim": model.low_dim,
+            "image_size": model.image_size,
+            "mean": list(mean),
+            "std": list(std),
+            "fingerprint": fp,
+            "state_dict": state,
+        },
+        path,
+    )
+    return fp
+
+
+class LoadedEncoder:
+    """An exported encoder ready for inference: model in eval mode plus its preprocessing."""
+
+    def __init__(self, model: Encoder, mean, std, fingerprint: str):
+        self.model, self.mean, self.std, self.fingerprint = model, tuple(mean), tuple(std), fingerprint
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    @property
+    def dim(self) -> int:
+        return self.model.low_dim
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> LoadedEncoder:
+    """Load `encoder.pt`, or the one inside a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "encoder.pt"
+    if not path.is_file():
+        raise InstretError(f"{path}: no such encoder file")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InstretError(f"{path}: not a readable encoder file ({type(e).__name__})") from None
+    if not isinstance(blob, dict) or "state_dict" not in blob or "arch" not in blob:
+        raise InstretError(f"{path}: not an instret encoder file")
+    if blob.get("format_version", 0) > ENCODER_FORMAT_VERSION:
+        raise InstretError(
+            f"{path}: encoder format version {blob['format_version']} is newer than this instret reads "
+            f"({ENCODER_FORMAT_VERSION})"
+        )
+    model = Encoder(blob["arch"], blob["low_dim"], blob["image_size"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError:
+        raise InstretError(f"{path}: weights do not fit a {blob['arch']} encoder") from None
+    model.to(device).eval()
+    return LoadedEncoder(model, blob["mean"], blob["std"], blob.get("fingerprint") or fingerprint(blob["state_dict"]))
+
+
+@torch.no_grad()
+def embed_images(model: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 512) -> torch.Tensor:
+    """Features of resident uint8 images under the test transform, on the images' device."""
+    from instret.augment import eval_transform
+
+    was_training = model.training
+    model.eval()
+    out = [model(eval_transform(images[i:i + batch_size], mean, std)) for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, model.low_dim, device=images.device)

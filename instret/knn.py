@@ -1,0 +1,122 @@
+"""Weighted kNN (METHOD.md, "Evaluation") over a FAISS view of a feature table.
+
+The vote is one pure function of neighbour similarities and labels; the search that finds
+the neighbours is separate: FAISS (a GPU index where faiss-gpu sees a GPU), or a chunked
+torch matmul for CUDA tensors when only faiss-cpu is installed, so a bank on the GPU is
+searched in place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def faiss_gpu_count() -> int:
+    """GPUs faiss can use; 0 for faiss-cpu. index_cpu_to_all_gpus with none gives an empty index."""
+    try:
+        import faiss
+    except ImportError:
+        return 0
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def knn_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, sigma: float) -> torch.Tensor:
+    """Class scores Q x C: sum over the k neighbours of exp(s / sigma), per neighbour label."""
+    weights = torch.exp(sims / sigma)  # Q x k
+    scores = torch.zeros(sims.shape[0], num_classes, device=sims.device, dtype=weights.dtype)
+    return scores.scatter_add_(1, neighbour_labels, weights)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
+    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # Q x k
+    hits = ranked == labels.view(-1, 1)
+    return {k: float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
+
+
+def torch_search(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 1024):
+    """Exact inner-product top-k by chunked matmul: (sims Q x k, ids Q x k)."""
+    sims, ids = [], []
+    for start in range(0, len(queries), chunk):
+        s, i = (queries[start:start + chunk] @ keys.T).topk(k, dim=1)  # c x D @ D x n -> c x n -> c x k
+        sims.append(s)
+        ids.append(i)
+    return torch.cat(sims), torch.cat(ids)
+
+
+class FeatureIndex:
+    """A FAISS inner-product view of an n x D feature table (e.g. the memory bank).
+
+    `sync(table)` refreshes the view; `search(queries, k)` returns torch (sims, ids) on the
+    queries' device. CUDA tables are searched by faiss-gpu when present, else by torch.
+    """
+
+    def __init__(self):
+        self._index = None
+        self._table = None  # the CUDA tensor searched in place when faiss-gpu is absent
+
+    def sync(self, table: torch.Tensor) -> None:
+        if table.is_cuda and faiss_gpu_count() == 0:
+            self._table, self._index = table, None
+            return
+        import faiss
+
+        keys = np.ascontiguousarray(table.detach().float().cpu().numpy())
+        index = faiss.IndexFlatIP(keys.shape[1])
+        if table.is_cuda:  # faiss-gpu sees a GPU (checked above)
+            index = faiss.index_cpu_to_all_gpus(index)
+        index.add(keys)
+        self._table, self._index = None, index
+
+    @property
+    def ntotal(self) -> int:
+        return self._index.ntotal if self._index is not None else len(self._table)
+
+    def search(self, queries: torch.Tensor, k: int):
+        k = min(k, self.ntotal)
+        if self._index is None:
+            return torch_search(queries.to(self._table.dtype), self._table, k)
+        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+        sims, ids = self._index.search(q, k)
+        return torch.from_numpy(sims).to(queries.device), torch.from_numpy(ids).to(queries.device)
+
+
+def drop_self(sims: torch.Tensor, ids: torch.Tensor, query_ids: torch.Tensor):
+    """From k+1 neighbours, keep k that are not the query itself (leave-one-out)."""
+    is_self = ids == query_ids.view(-1, 1)
+    keep = ~is_self
+    keep[:, -1] &= is_self.any(dim=1)  # rows without self lose their last neighbour instead
+    k = ids.shape[1] - 1
+    return sims[keep].view(-1, k), ids[keep].view(-1, k)
+
+
+def knn_evaluate(
+    index: FeatureIndex,
+    key_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    sigma: float = 0.1,
+    leave_one_out: bool = False,
+    chunk: int = 4096,
+) -> dict[str, float]:
+    """Weighted kNN top-1/top-5 of queries against the indexed keys.
+
+    leave_one_out: the queries are the keys themselves (row i is key i) and each excludes itself.
+    """
+    key_labels = key_labels.to(queries.device)
+    k = min(k, index.ntotal - (1 if leave_one_out else 0))
+    hits = {1: 0.0, 5: 0.0}
+    for start in range(0, len(queries), chunk):
+        q = queries[start:start + chunk]
+        if leave_one_out:
+            sims, ids = index.search(q, k + 1)
+            sims, ids = drop_self(sims, ids, torch.arange(start, start + len(q), device=q.device))
+        else:
+            sims, ids = index.search(q, k)
+        scores = knn_vote(sims.float(), key_labels[ids], num_classes, sigma)
+        for kk, acc in topk_accuracy(scores, query_labels[start:start + chunk].to(q.device)).items():
+            hits[kk] += acc * len(q)
+    return {"knn_top1": hits[1] / len(queries), "knn_top5": hits[5] / len(queries)}

@@ -1,0 +1,43 @@
+"""Instance discrimination losses as pure functions of tensors (METHOD.md, "Objective").
+
+Shapes: B the batch, D the feature dimension, n the bank size, m the NCE noise samples.
+Each returns the mean over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def softmax_loss(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, tau: float) -> torch.Tensor:
+    """Exact non-parametric softmax: -log P(i | f_i), P over all n bank rows."""
+    logits = f @ bank.T / tau  # B x D @ D x n -> B x n
+    return F.cross_entropy(logits, idx)
+
+
+def estimate_nce_z(f: torch.Tensor, bank: torch.Tensor, noise: torch.Tensor, tau: float) -> float:
+    """Monte-Carlo normaliser Z ~= n * mean_j exp(v_j . f / tau) over the noise rows of a batch."""
+    sims = torch.einsum("bd,bmd->bm", f.detach(), bank[noise])  # B x m
+    return float(torch.exp(sims / tau).mean() * bank.shape[0])
+
+
+def nce_loss(
+    f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, noise: torch.Tensor, tau: float, z: float
+) -> torch.Tensor:
+    """NCE with uniform noise P_n = 1/n: -log h(i, f) - sum_k log(1 - h(j_k, f)).
+
+    h = P / (P + m P_n) = sigmoid(log P - log(m / n)), computed in log space for stability.
+    """
+    n, m = bank.shape[0], noise.shape[1]
+    pos = (f * bank[idx]).sum(dim=1)  # B
+    neg = torch.einsum("bd,bmd->bm", f, bank[noise])  # B x D, B x m x D -> B x m
+    shift = math.log(z) + math.log(m / n)
+    return (F.softplus(shift - pos / tau) + F.softplus(neg / tau - shift).sum(dim=1)).mean()
+
+
+def proximal_term(f: torch.Tensor, previous: torch.Tensor, lam: float) -> torch.Tensor:
+    """lambda * ||v_i(t) - v_i(t-1)||^2, previous = the bank rows from the last visit (B x D)."""
+    return lam * (f - previous.detach()).pow(2).sum(dim=1).mean()

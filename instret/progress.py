@@ -1,0 +1,39 @@
+"""A minimal progress line on stderr (results go to stdout; logs and progress never do)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """`\\r`-redrawn bar on a terminal, throttled; silent when stderr is not a terminal."""
+
+    def __init__(self, total: int, label: str, enabled: bool | None = None, min_interval: float = 0.25):
+        self.total, self.label, self.done = total, label, 0
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.min_interval, self._last = min_interval, 0.0
+
+    def due(self) -> bool:
+        """Whether a redraw would show now: callers skip costly status (a GPU sync) otherwise."""
+        return self.enabled and time.perf_counter() - self._last >= self.min_interval
+
+    def update(self, n: int = 1, status: str | None = None) -> None:
+        self.done += n
+        if status is None or not self.enabled:
+            return
+        self._last = time.perf_counter()
+        width = 24
+        filled = int(width * self.done / max(1, self.total))
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {status}\x1b[K")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()

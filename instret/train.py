@@ -1,0 +1,297 @@
+"""The Instance Discrimination training loop, with checkpoints, exact resume and metrics.
+
+    images -> augment -> encoder -> f;  f, bank -> loss -> backward -> step;  bank.update(idx, f)
+    epoch end: bank -> FeatureIndex -> weighted kNN -> metrics row -> checkpoint, encoder.pt
+
+A run folder holds config.json, checkpoint.pt (everything needed to continue bit-for-bit),
+metrics.jsonl (rewritten from the checkpoint's history, so the two never disagree),
+encoder.pt (the slim export) and, after the last epoch, final.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from instret import losses
+from instret.atomic import atomic_torch_save, atomic_write_text
+from instret.augment import Augment, channel_stats
+from instret.bank import MemoryBank
+from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, TrainConfig, with_presets
+from instret.data import TrainData, load_train_data
+from instret.encoder import Encoder, embed_images, export_encoder, resolve_arch
+from instret.errors import InstretError
+from instret.knn import FeatureIndex, knn_evaluate
+from instret.progress import Progress, log
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def lr_at(epoch: int, cfg: TrainConfig) -> float:
+    """Step schedule: lr * gamma^(number of milestones passed); milestones are fractions of epochs."""
+    passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.lr_milestones)
+    return cfg.lr * cfg.lr_gamma**passed
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise InstretError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InstretError(f"--device {spec}: no CUDA GPU is available here (try --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InstretError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) present")
+    elif device.type != "cpu":
+        raise InstretError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def batches(perm: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Consecutive slices of a permutation; a trailing batch of one joins the one before (BatchNorm)."""
+    parts = list(perm.split(batch_size))
+    if len(parts) > 1 and len(parts[-1]) < 2:
+        last = parts.pop()
+        parts[-1] = torch.cat([parts[-1], last])
+    return parts
+
+
+class Trainer:
+    """Holds the state of one run; `fit()` trains to cfg.epochs, saving after every epoch."""
+
+    def __init__(self, cfg: TrainConfig, data: TrainData, out: Path, device: torch.device):
+        self.cfg, self.data, self.out, self.device = cfg, data, out, device
+        torch.manual_seed(cfg.seed)
+        # channels_last: faster convolutions on CPUs and on tensor-core GPUs alike.
+        self.model = Encoder(cfg.arch, cfg.low_dim, cfg.image_size).to(device, memory_format=torch.channels_last)
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        n = len(data.train)
+        self.bank = MemoryBank(n, cfg.low_dim, device, generator=self.generator)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.mean, self.std = channel_stats(data.train.images)
+        self.augment = Augment(
+            cfg.image_size, self.mean, self.std, scale=cfg.crop_scale, jitter=cfg.jitter,
+            grayscale_p=cfg.grayscale_p, flip=cfg.flip,
+        )  # fmt: skip
+        self.images = data.train.images.to(device)
+        self.eval_images = data.eval.images.to(device) if data.eval is not None else None
+        self.epoch = 0  # epochs finished
+        self.nce_z: float | None = None
+        self.history: list[dict] = []
+
+    # --- one step and one epoch -----------------------------------------------------
+
+    def loss(self, f: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        cfg, bank = self.cfg, self.bank.features
+        if cfg.loss == "softmax":
+            loss = losses.softmax_loss(f, bank, idx, cfg.tau)
+        else:
+            noise = torch.randint(0, len(bank), (len(idx), cfg.nce_k), generator=self.generator, device=self.device)
+            if self.nce_z is None:  # estimated once, from the first batch, then frozen
+                self.nce_z = losses.estimate_nce_z(f, bank, noise, cfg.tau)
+            loss = losses.nce_loss(f, bank, idx, noise, cfg.tau, self.nce_z)
+        if cfg.prox_lambda > 0:
+            loss = loss + losses.proximal_term(f, bank[idx], cfg.prox_lambda)
+        return loss
+
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.augment(self.images[idx], self.generator).contiguous(memory_format=torch.channels_last)
+        f = self.model(x)
+        loss = self.loss(f, idx)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.bank.update(idx, f.detach(), self.cfg.bank_momentum)
+        return loss.detach()
+
+    def train_epoch(self) -> dict:
+        cfg = self.cfg
+        lr = lr_at(self.epoch, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        perm = torch.randperm(len(self.images), generator=self.generator, device=self.device)
+        parts = batches(perm, cfg.batch_size)
+        progress = Progress(len(parts), f"epoch {self.epoch + 1}/{cfg.epochs}")
+        start = time.perf_counter()
+        total = torch.zeros((), device=self.device)  # accumulated on the device: no per-step sync
+        for idx in parts:
+            loss = self.step(idx)
+            total += loss * len(idx)
+            progress.update(1, f"loss {loss.item():.4f}" if progress.due() else None)
+        mean_loss = float(total) / len(perm)
+        seconds = time.perf_counter() - start
+        progress.close()
+        if not math.isfinite(mean_loss):
+            raise InstretError(
+                f"the loss became {mean_loss} in epoch {self.epoch + 1}; try a lower --lr "
+                f"(the last checkpoint is kept)"
+            )
+        return {"epoch": self.epoch + 1, "loss": mean_loss, "lr": lr, "seconds": round(seconds, 3),
+                "images_per_s": round(len(perm) / seconds, 1)}  # fmt: skip
+
+    # --- evaluation -------------------------------------------------------------------
+
+    def knn(self, keys: torch.Tensor) -> dict:
+        """Weighted kNN top-1/top-5 against `keys` (the bank, or re-embedded training images)."""
+        train = self.data.train
+        index = FeatureIndex()
+        index.sync(keys)
+        num_classes = len(train.classes)
+        common = dict(num_classes=num_classes, k=self.cfg.knn_k, sigma=self.cfg.tau)
+        if self.eval_images is None:
+            return knn_evaluate(index, train.labels, keys, train.labels, leave_one_out=True, **common)
+        queries = embed_images(self.model, self.eval_images, self.mean, self.std)
+        return knn_evaluate(index, train.labels, queries, self.data.eval.labels, **common)
+
+    def final_eval(self) -> dict:
+        """Re-embed the training images with the test transform, then kNN (METHOD.md)."""
+        keys = embed_images(self.model, self.images, self.mean, self.std)
+        return self.knn(keys)
+
+    # --- persistence ------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "bank": self.bank.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "nce_z": self.nce_z,
+            "history": self.history,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def load_state(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.bank.load_state_dict(ckpt["bank"])
+        self.generator.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        self.epoch, self.nce_z, self.history = ckpt["epoch"], ckpt["nce_z"], list(ckpt["history"])
+        self.mean, self.std = tuple(ckpt["mean"]), tuple(ckpt["std"])
+        self.augment.mean, self.augment.std = self.mean, self.std
+
+    def save(self) -> None:
+        # Checkpoint first: metrics.jsonl and encoder.pt are derived from what it holds.
+        atomic_torch_save(self.state(), self.out / CHECKPOINT)
+        atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        export_encoder(self.model, self.out / "encoder.pt", self.mean, self.std)
+
+    def fit(self) -> dict:
+        labelled = self.data.labelled
+        while self.epoch < self.cfg.epochs:
+            row = self.train_epoch()
+            if labelled:
+                t = time.perf_counter()
+                row.update({k: round(v, 4) for k, v in self.knn(self.bank.features).items()})
+                row["knn_seconds"] = round(time.perf_counter() - t, 3)
+            self.epoch += 1
+            self.history.append(row)
+            self.save()
+            log(_format_row(row, self.cfg.epochs))
+        final = {"epochs": self.epoch, "train_seconds": round(sum(r["seconds"] for r in self.history), 1)}
+        if labelled:
+            final.update({k: round(v, 4) for k, v in self.final_eval().items()})
+        atomic_write_text(self.out / "final.json", json.dumps(final, indent=2) + "\n")
+        return final
+
+
+def _format_row(row: dict, epochs: int) -> str:
+    text = f"epoch {row['epoch']}/{epochs}  loss {row['loss']:.4f}  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s"
+    if "knn_top1" in row:
+        text += f"  kNN top-1 {row['knn_top1']:.4f} top-5 {row['knn_top5']:.4f}"
+    return text
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InstretError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise InstretError(f"{path}: not an instret checkpoint")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise InstretError(f"{path}: written by a newer instret (format {ckpt['format_version']})")
+    return ckpt
+
+
+def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """Fill in what `auto` and `None` mean, so config.json records what actually ran."""
+    d = cfg.to_dict()
+    d["arch"] = resolve_arch(cfg.arch, device)
+    if cfg.epochs is None:
+        d["epochs"] = DEFAULT_EPOCHS.get(cfg.dataset if cfg.data is None else "", 200)
+    if cfg.out is None:
+        d["out"] = str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return TrainConfig.from_dict(d)
+
+
+# Options that may differ when a run is resumed: they change where and how long, not what.
+RESUMABLE = {"epochs", "device", "workers", "out"}
+
+
+def train(options: TrainConfig | dict, resume: bool = False) -> dict:
+    """Train (or resume) a run; returns final.json's content. The library entry of `instret train`.
+
+    options: a TrainConfig, or a dict of the options given (with resume: those to change);
+    a dict gets its dataset's preset (config.DATASET_PRESETS) under it.
+    """
+    given = options.to_dict() if isinstance(options, TrainConfig) else dict(options)
+    cfg = _resumed_config(given) if resume else TrainConfig.from_dict(with_presets(given))
+    device = resolve_device(cfg.device)
+    cfg = resolve(cfg, device)
+    out = Path(cfg.out)
+    if not resume and (out / CHECKPOINT).exists():
+        raise InstretError(f"{out} already holds a run; add --resume to continue it, or choose another --out")
+    data = load_train_data(cfg)
+    if len(data.train) < 2:
+        raise InstretError("need at least 2 training images")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    trainer = Trainer(cfg, data, out, device)
+    if resume and (out / CHECKPOINT).exists():
+        ckpt = load_checkpoint(out / CHECKPOINT)
+        if ckpt["bank"]["features"].shape[0] != len(data.train):
+            raise InstretError(
+                f"{out}: the checkpoint's bank has {ckpt['bank']['features'].shape[0]} rows but the data "
+                f"now has {len(data.train)} images; the data changed since the run began"
+            )
+        trainer.load_state(ckpt)
+        log(f"resuming {out} after epoch {trainer.epoch}/{cfg.epochs}")
+    log(f"training {cfg.arch} on {data.name}: {len(data.train)} images, {cfg.epochs} epochs, "
+        f"{cfg.loss} loss, device {device}, run folder {out}")  # fmt: skip
+    return trainer.fit()
+
+
+def _resumed_config(given: dict) -> TrainConfig:
+    out = given.get("out")
+    if out is None:
+        raise InstretError("--resume needs --out RUN_DIR (the run folder to continue)")
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        raise InstretError(f"--resume: {out} is not a run folder (no config.json)")
+    try:
+        saved = TrainConfig.from_dict(json.loads(path.read_text())).to_dict()
+    except ValueError as e:
+        raise InstretError(f"--resume: cannot read {path}: {e}") from None
+    ignored = sorted(k for k, v in given.items() if k not in RESUMABLE and k in saved and v != saved[k])
+    if ignored:
+        log(f"resume keeps the run's saved configuration; ignoring: {', '.join(ignored)}")
+    saved.update({k: v for k, v in given.items() if k in RESUMABLE and v is not None})
+    return TrainConfig.from_dict(saved)

@@ -1,0 +1,147 @@
+import math
+
+import pytest
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+
+from instret import augment as A
+
+
+def smooth_images(n, size=32, seed=0):
+    """Random colourful images with some spatial structure, uint8."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(n, 3, 4, 4, generator=g)
+    x = torch.nn.functional.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
+    return (x * 255).round().to(torch.uint8)
+
+
+def crop_box_loop(u_area, u_ratio, u_pos, height, width, scale, ratio):
+    """torchvision's RandomResizedCrop.get_params, written per sample with given uniforms."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for a in range(len(u_area)):
+        target = area * (scale[0] + (scale[1] - scale[0]) * float(u_area[a]))
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * float(u_ratio[a]))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = math.floor(float(u_pos[0]) * (height - h + 1))
+            left = math.floor(float(u_pos[1]) * (width - w + 1))
+            return [top, left, h, w]
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return [(height - h) // 2, (width - w) // 2, h, w]
+
+
+@pytest.mark.parametrize("hw,scale", [((32, 32), (0.2, 1.0)), ((20, 50), (0.2, 1.0)), ((32, 32), (0.9, 1.0))])
+def test_crop_boxes_equal_per_sample_reference(hw, scale):
+    g = torch.Generator().manual_seed(1)
+    n = 400
+    ua, ur, up = torch.rand(n, 10, generator=g, dtype=torch.float64), torch.rand(n, 10, generator=g, dtype=torch.float64), torch.rand(n, 2, generator=g, dtype=torch.float64)
+    boxes = A.crop_boxes(ua, ur, up, *hw, scale, (3 / 4, 4 / 3))
+    for i in range(n):
+        assert boxes[i].long().tolist() == crop_box_loop(ua[i], ur[i], up[i], *hw, scale, (3 / 4, 4 / 3))
+
+
+def test_crop_box_distribution_matches_torchvision():
+    torch.manual_seed(0)
+    tv = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(3, 32, 32), [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    ours = A.crop_boxes(torch.rand(4000, 10, generator=g), torch.rand(4000, 10, generator=g), torch.rand(4000, 2, generator=g), 32, 32, (0.2, 1.0), (3 / 4, 4 / 3)).double()
+    for boxes in (tv, ours):  # every box inside the image, area fraction inside the range (+ rounding)
+        top, left, h, w = boxes.unbind(1)
+        assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
+    frac_tv, frac_ours = tv[:, 2] * tv[:, 3] / 1024, ours[:, 2] * ours[:, 3] / 1024
+    assert abs(frac_tv.mean() - frac_ours.mean()) < 0.02
+    assert abs(frac_tv.std() - frac_ours.std()) < 0.02
+    ratio_tv, ratio_ours = (tv[:, 3] / tv[:, 2]).log(), (ours[:, 3] / ours[:, 2]).log()
+    assert abs(ratio_tv.mean() - ratio_ours.mean()) < 0.02
+
+
+def test_crop_resize_flip_equals_torchvision_resized_crop():
+    x = smooth_images(6, 32).float() / 255
+    boxes = torch.tensor([[0, 0, 32, 32], [4, 6, 20, 14], [10, 0, 22, 30], [3, 3, 9, 12], [0, 16, 16, 16], [5, 5, 27, 27]], dtype=torch.float32)
+    flip = torch.tensor([False, True, False, True, False, True])
+    ours = A.crop_resize_flip(x, boxes, flip, 32)
+    for i in range(6):
+        top, left, h, w = boxes[i].long().tolist()
+        ref = TF.resized_crop(x[i], top, left, h, w, [32, 32], antialias=False)
+        if flip[i]:
+            ref = TF.horizontal_flip(ref)
+        # Inside the box the two agree; at its border grid_sample may blend in the next pixel.
+        assert torch.allclose(ours[i, :, 2:-2, 2:-2], ref[:, 2:-2, 2:-2], atol=1e-4)
+
+
+@pytest.mark.parametrize("op,tv_op,factor", [
+    (A.adjust_brightness, TF.adjust_brightness, 1.3),
+    (A.adjust_contrast, TF.adjust_contrast, 0.7),
+    (A.adjust_saturation, TF.adjust_saturation, 1.4),
+    (A.adjust_hue, TF.adjust_hue, 0.3),
+    (A.adjust_hue, TF.adjust_hue, -0.45),
+])
+def test_each_jitter_op_equals_torchvision(op, tv_op, factor):
+    x = smooth_images(4, 16, seed=2).float() / 255
+    factors = torch.tensor([factor, 1.0 if op is not A.adjust_hue else 0.0, factor / 2, factor])
+    ours = op(x, factors)
+    for i in range(4):
+        assert torch.allclose(ours[i], tv_op(x[i], float(factors[i])), atol=1e-5)
+
+
+def test_color_jitter_applies_each_samples_order():
+    x = smooth_images(3, 16, seed=3).float() / 255
+    factors = torch.tensor([[1.3, 0.7, 1.2, 0.1], [0.8, 1.3, 0.6, -0.2], [1.1, 1.1, 1.4, 0.35]])
+    order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]])
+    ours = A.color_jitter(x, factors, order)
+    tv_ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for i in range(3):
+        ref = x[i]
+        for op in order[i].tolist():
+            ref = tv_ops[op](ref, float(factors[i, op]))
+        assert torch.allclose(ours[i], ref, atol=1e-5)
+
+
+def test_parameter_ranges():
+    aug = A.Augment(32, (0.5,) * 3, (0.25,) * 3)
+    p = aug.sample_params(5000, 32, 32, torch.Generator().manual_seed(4), "cpu")
+    lo, hi = p.factors.min(dim=0).values, p.factors.max(dim=0).values
+    assert torch.all(lo[:3] >= 0.6) and torch.all(hi[:3] <= 1.4) and lo[3] >= -0.4 and hi[3] <= 0.4
+    assert torch.all(hi[:3] > 1.38) and torch.all(lo[:3] < 0.62)  # the whole range is used
+    assert abs(p.gray.float().mean() - 0.2) < 0.02 and abs(p.flip.float().mean() - 0.5) < 0.03
+    assert torch.equal(p.order.sort(dim=1).values, torch.arange(4).expand(5000, 4))
+
+
+def test_output_statistics_match_torchvision_pipeline():
+    images = smooth_images(64, 32, seed=5)
+    tv = T.Compose([
+        T.RandomResizedCrop(32, scale=(0.2, 1.0), antialias=False), T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+        T.RandomGrayscale(0.2), T.RandomHorizontalFlip(), T.ToDtype(torch.float32, scale=True),
+    ])
+    torch.manual_seed(0)
+    ref = torch.stack([tv(images[i % 64]) for i in range(3000)])
+    aug = A.Augment(32, (0.0,) * 3, (1.0,) * 3)
+    ours = aug(images.repeat(47, 1, 1, 1)[:3000], torch.Generator().manual_seed(0))
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    for stat in (lambda t: t.mean(dim=(0, 2, 3)), lambda t: t.std(dim=(0, 2, 3)),
+                 lambda t: t.std(dim=(1, 2, 3)).mean(), lambda t: (t.amax(1) - t.amin(1)).mean()):
+        assert torch.allclose(stat(ours), stat(ref), atol=0.01)
+
+
+def test_same_generator_state_same_output():
+    images = smooth_images(8)
+    aug = A.Augment(32, (0.5,) * 3, (0.25,) * 3)
+    a = aug(images, torch.Generator().manual_seed(7))
+    b = aug(images, torch.Generator().manual_seed(7))
+    c = aug(images, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_channel_stats_of_constant_images():
+    images = torch.full((10, 3, 4, 4), 51, dtype=torch.uint8)
+    mean, std = A.channel_stats(images)
+    assert mean == (0.2, 0.2, 0.2) and std == (0.001,) * 3

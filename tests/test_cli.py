@@ -1,0 +1,68 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from instret.cli.main import main
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def test_train_on_synthetic_folder_writes_every_run_file(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["train", "--data", str(image_folder), "--out", str(out), "--epochs", "2",
+                                 "--image-size", "16", "--batch-size", "8", "--knn-k", "5", "--workers", "0"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "encoder.pt", "final.json", "metrics.jsonl"]
+    assert json.loads(stdout) == json.loads((out / "final.json").read_text())
+    assert "epoch 2/2" in err
+
+
+def test_config_file_sets_defaults_and_flags_override(image_folder, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {image_folder}\nepochs: 3\nimage-size: 16\nbatch-size: 8\nknn-k: 5\nworkers: 0\nlr: 0.5\n")
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--config", str(cfg), "--epochs", "1", "--out", str(out)], capsys)
+    assert code == 0, err
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["epochs"] == 1 and saved["lr"] == 0.5 and saved["image_size"] == 16
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--data", "/no/such/folder"], "no such folder"),
+    (["train", "--frobnicate"], "No such option"),
+    (["train", "--epochs", "0"], "--epochs must be at least 1"),
+    (["train", "--resume"], "--resume needs --out"),
+    (["train", "--device", "cuda:7"], "--device"),
+])
+def test_bad_input_gives_one_line_error(args, needle, capsys):
+    code, out, err = run_cli(args, capsys)
+    assert code != 0
+    assert err.count("\n") == 1 and err.startswith("instret: error:") and needle in err
+    assert "Traceback" not in err
+
+
+def test_empty_folder_gives_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    code, _, err = run_cli(["train", "--data", str(tmp_path / "empty")], capsys)
+    assert code == 1 and err.count("\n") == 1 and "no image files" in err
+
+
+def test_bad_files_among_good_ones_are_skipped_and_listed(image_folder, tmp_path, capsys):
+    (image_folder / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    code, _, err = run_cli(["train", "--data", str(image_folder), "--out", str(tmp_path / "r"), "--epochs", "1",
+                            "--image-size", "16", "--batch-size", "8", "--knn-k", "5", "--workers", "0"], capsys)  # fmt: skip
+    assert code == 0 and "skipped 1 unreadable file" in err and "broken.png" in err
+
+
+def test_console_script_runs_as_module():
+    proc = subprocess.run([sys.executable, "-m", "instret", "train", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--nce-k" in proc.stdout and "--resume" in proc.stdout

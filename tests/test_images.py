@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from instret.images import ImageReadError, list_image_files, read_image, square_tensor
+
+
+def test_square_tensor_resizes_shorter_side_and_centre_crops():
+    img = Image.fromarray(np.zeros((20, 40, 3), dtype=np.uint8))
+    t = square_tensor(img, 10)
+    assert t.shape == (3, 10, 10) and t.dtype == torch.uint8
+
+
+def test_read_image_of_several_modes(tmp_path):
+    Image.new("L", (30, 30), 128).save(tmp_path / "grey.png")
+    Image.new("RGBA", (30, 30), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    Image.new("P", (30, 30)).save(tmp_path / "pal.gif")
+    for name in ("grey.png", "clear.png", "pal.gif"):
+        assert read_image(tmp_path / name, 16).shape == (3, 16, 16)
+    # Transparent pixels are composited on white, not black.
+    assert read_image(tmp_path / "clear.png", 16).float().mean() == 255
+
+
+def test_unreadable_files_raise_with_a_reason(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.png").write_text("<html>not an image</html>")
+    for name in ("empty.jpg", "text.png"):
+        with pytest.raises(ImageReadError):
+            read_image(tmp_path / name, 16)
+
+
+def test_pixel_limit(tmp_path):
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
+    with pytest.raises(ImageReadError, match="over the limit"):
+        read_image(tmp_path / "big.png", 16, max_pixels=5000)
+
+
+def test_listing_is_recursive_sorted_and_filters_extensions(tmp_path):
+    (tmp_path / "b").mkdir()
+    for p in ("b/2.JPG", "a.png", "b/1.png", "notes.txt"):
+        (tmp_path / p).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in list_image_files(tmp_path)] == ["a.png", "b/1.png", "b/2.JPG"]

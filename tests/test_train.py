@@ -1,0 +1,181 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from instret.config import TrainConfig
+from instret.errors import InstretError
+from instret.train import Trainer, batches, load_checkpoint, lr_at, train
+
+TINY = dict(image_size=16, batch_size=8, knn_k=5, workers=0, nce_k=16)
+
+
+def test_lr_schedule_steps_at_60_and_80_percent():
+    cfg = TrainConfig(epochs=200, lr=0.03)
+    assert [lr_at(e, cfg) for e in (0, 119, 120, 159, 160, 199)] == pytest.approx(
+        [0.03, 0.03, 0.003, 0.003, 0.0003, 0.0003]
+    )
+
+
+def test_batches_cover_the_permutation_without_a_batch_of_one():
+    perm = torch.randperm(17)
+    parts = batches(perm, 8)
+    assert [len(p) for p in parts] == [8, 9]
+    assert torch.equal(torch.cat(parts), perm)
+    assert [len(p) for p in batches(torch.arange(16), 8)] == [8, 8]
+
+
+def test_one_step_updates_only_the_batch_rows_of_the_bank(image_folder):
+    cfg = TrainConfig(data=str(image_folder), arch="small", epochs=1, **TINY)
+    from instret.data import load_train_data
+
+    trainer = Trainer(cfg, load_train_data(cfg), image_folder, torch.device("cpu"))
+    before = trainer.bank.features.clone()
+    weights = [p.clone() for p in trainer.model.parameters()]
+    idx = torch.tensor([0, 3, 5, 30])
+    loss = trainer.step(idx)
+    assert torch.isfinite(loss)
+    changed = (trainer.bank.features != before).any(dim=1).nonzero().flatten()
+    assert changed.tolist() == idx.tolist()
+    assert torch.allclose(trainer.bank.features.norm(dim=1), torch.ones(len(before)), atol=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(weights, trainer.model.parameters()))
+
+
+@pytest.mark.parametrize("loss,prox", [("softmax", 0.0), ("nce", 0.0), ("softmax", 0.1)])
+def test_training_run_writes_the_run_folder(image_folder, tmp_path, loss, prox):
+    out = tmp_path / "run"
+    final = train({"data": str(image_folder), "epochs": 2, "out": str(out), "loss": loss, "prox_lambda": prox, **TINY})
+    assert {p.name for p in out.iterdir()} == {"checkpoint.pt", "encoder.pt", "config.json", "metrics.jsonl", "final.json"}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert {"epoch", "loss", "lr", "seconds", "images_per_s", "knn_top1", "knn_top5"} <= set(r)
+        assert 0 <= r["knn_top1"] <= r["knn_top5"] <= 1
+    assert final == json.loads((out / "final.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["arch"] == "small" and config["epochs"] == 2 and config["loss"] == loss
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["epoch"] == 2 and ckpt["bank"]["features"].shape == (36, 128)
+    assert (ckpt["nce_z"] is not None) == (loss == "nce")
+
+
+def test_unlabelled_folder_trains_without_accuracy(tmp_path):
+    from tests.conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "flat", classes=("a",), per_class=20)
+    out = tmp_path / "run"
+    final = train({"data": str(folder), "epochs": 1, "out": str(out), **TINY})
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert "knn_top1" not in row and "knn_top1" not in final
+
+
+def test_split_folder_evaluates_on_the_held_out_side(tmp_path):
+    from tests.conftest import make_image_folder
+
+    make_image_folder(tmp_path / "d" / "train", per_class=10, seed=1)
+    make_image_folder(tmp_path / "d" / "val", per_class=4, seed=2)
+    from instret.data import load_folder
+
+    data = load_folder(tmp_path / "d", 16)
+    assert len(data.train) == 30 and len(data.eval) == 12 and data.eval.classes == data.train.classes
+
+
+def _state(out):
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    return ckpt["model"], ckpt["bank"]["features"], ckpt["history"]
+
+
+def _assert_same_run(a, b):
+    (wa, ba, ha), (wb, bb, hb) = _state(a), _state(b)
+    assert [r["epoch"] for r in ha] == [r["epoch"] for r in hb]
+    assert [r["loss"] for r in ha] == [r["loss"] for r in hb]
+    assert torch.equal(ba, bb)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert (a / "metrics.jsonl").read_text().count("\n") == (b / "metrics.jsonl").read_text().count("\n")
+
+
+@pytest.mark.parametrize("loss", ["softmax", "nce"])
+def test_interrupt_and_resume_equals_uninterrupted(image_folder, tmp_path, monkeypatch, loss):
+    opts = {"data": str(image_folder), "epochs": 4, "loss": loss, **TINY}
+    train({**opts, "out": str(tmp_path / "a")})
+    saves = {"n": 0}
+    real_save = Trainer.save
+
+    def save_then_die(self):
+        real_save(self)
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train({**opts, "out": str(tmp_path / "b")})
+    monkeypatch.setattr(Trainer, "save", real_save)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 2
+    train({"out": str(tmp_path / "b")}, resume=True)
+    _assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def _instret(*args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "instret", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)  # fmt: skip
+
+
+def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path):
+    from tests.conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "img", per_class=40, size=24)
+    args = ["train", "--data", str(folder), "--epochs", "5", "--image-size", "24", "--batch-size", "8",
+            "--knn-k", "5", "--workers", "0"]  # fmt: skip
+    ref = _instret(*args, "--out", str(tmp_path / "ref"))
+    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()
+    for kill_after in (1, 3):  # epochs finished when the kill is sent
+        out = tmp_path / f"killed{kill_after}"
+        proc = _instret(*args, "--out", str(out))
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and metrics.read_text().count("\n") >= kill_after:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert load_checkpoint(out / "checkpoint.pt")["epoch"] >= kill_after
+        resumed = _instret(*args, "--out", str(out), "--resume")
+        assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
+        _assert_same_run(tmp_path / "ref", out)
+        final, ref_final = json.loads(resumed.stdout.read()), json.loads((tmp_path / "ref" / "final.json").read_text())
+        assert {k: v for k, v in final.items() if k != "train_seconds"} == {k: v for k, v in ref_final.items() if k != "train_seconds"}
+
+
+def test_existing_run_is_not_overwritten_without_resume(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train({"data": str(image_folder), "epochs": 1, "out": str(out), **TINY})
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(InstretError, match="--resume"):
+        train({"data": str(image_folder), "epochs": 1, "out": str(out), **TINY})
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_can_extend_epochs(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train({"data": str(image_folder), "epochs": 1, "out": str(out), **TINY})
+    train({"out": str(out), "epochs": 2}, resume=True)
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    assert (out / "metrics.jsonl").read_text().count("\n") == 2
+
+
+def test_digits_preset_and_default_epochs(tmp_path):
+    from instret.config import with_presets
+
+    d = with_presets({"epochs": 1})
+    assert d["batch_size"] == 32 and d["flip"] is False and d["epochs"] == 1
+    assert with_presets({"batch_size": 64})["batch_size"] == 64
+    assert "flip" not in with_presets({"data": "x"})
