@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from instret.atomic import atomic_torch_save
+from instret.storage import atomic_torch_save, load_torch_file
 from instret.errors import InstretError
 
 ENCODER_FORMAT_VERSION = 1
@@ -126,17 +126,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Loaded
         path = path / "encoder.pt"
     if not path.is_file():
         raise InstretError(f"{path}: no such encoder file")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InstretError(f"{path}: not a readable encoder file ({type(e).__name__})") from None
-    if not isinstance(blob, dict) or "state_dict" not in blob or "arch" not in blob:
-        raise InstretError(f"{path}: not an instret encoder file")
-    if blob.get("format_version", 0) > ENCODER_FORMAT_VERSION:
-        raise InstretError(
-            f"{path}: encoder format version {blob['format_version']} is newer than this instret reads "
-            f"({ENCODER_FORMAT_VERSION})"
-        )
+    blob = load_torch_file(path, "encoder", ("state_dict", "arch", "low_dim", "image_size"), ENCODER_FORMAT_VERSION)
     model = Encoder(blob["arch"], blob["low_dim"], blob["image_size"])
     try:
         model.load_state_dict(blob["state_dict"])

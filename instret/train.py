@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from instret import losses
-from instret.atomic import atomic_torch_save, atomic_write_text
+from instret.storage import atomic_torch_save, atomic_write_text, load_torch_file
 from instret.augment import Augment, channel_stats
 from instret.bank import MemoryBank
 from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, TrainConfig, with_presets
@@ -220,15 +220,7 @@ def _format_row(row: dict, epochs: int) -> str:
 
 
 def load_checkpoint(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InstretError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise InstretError(f"{path}: not an instret checkpoint")
-    if ckpt.get("format_version", 0) > FORMAT_VERSION:
-        raise InstretError(f"{path}: written by a newer instret (format {ckpt['format_version']})")
-    return ckpt
+    return load_torch_file(path, "checkpoint", ("config", "model", "bank", "epoch"), FORMAT_VERSION)
 
 
 def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:

@@ -1,4 +1,5 @@
-"""Atomic writes: a reader sees the old file or the new one, never half of either."""
+"""Files that matter: atomic writes (a reader sees the old file or the new one, never half of
+either) and safe loads of instret's own torch files (weights_only, checked, one-line errors)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import io
 import os
 import tempfile
 from pathlib import Path
+
+from instret.errors import InstretError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -57,3 +60,20 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def load_torch_file(path: str | Path, kind: str, required: tuple[str, ...], max_version: int) -> dict:
+    """torch.load with weights_only=True (no code runs), then check it is an instret `kind` file."""
+    import torch
+
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InstretError(f"{path}: not a readable {kind} file ({type(e).__name__})") from None
+    if not isinstance(blob, dict) or any(k not in blob for k in required):
+        raise InstretError(f"{path}: not an instret {kind} file")
+    if blob.get("format_version", 0) > max_version:
+        raise InstretError(
+            f"{path}: {kind} format version {blob['format_version']} is newer than this instret reads ({max_version})"
+        )
+    return blob
