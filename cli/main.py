@@ -16,9 +16,11 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from instret.cli.search import COMMANDS
     from instret.cli.train import train
 
-    cli.add_command(train)
+    for command in [train, *COMMANDS]:
+        cli.add_command(command)
 
 
 _register()

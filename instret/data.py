@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from instret.errors import InstretError
-from instret.images import ImageReadError, is_image_file, list_image_files, read_image
+from instret.images import is_image_file, iter_decoded, list_image_files
 
 
 @dataclass
@@ -156,34 +156,10 @@ def read_folder(root: Path, size: int, workers: int = 0, classes: list[str] | No
     )
 
 
-class _DecodeDataset(torch.utils.data.Dataset):
-    def __init__(self, paths, size):
-        self.paths, self.size = paths, size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            return i, read_image(self.paths[i], self.size), None
-        except ImageReadError as e:
-            return i, None, str(e)
-
-
-def _collate(batch):
-    # Stacked in the worker: one shared tensor per batch, not one file descriptor per image.
-    good = [(i, img) for i, img, _ in batch if img is not None]
-    images = torch.stack([img for _, img in good]) if good else None
-    return [i for i, _ in good], images, [(i, reason) for i, img, reason in batch if img is None]
-
-
 def decode_files(paths, size: int, workers: int = 0, batch_size: int = 256):
     """Decode image files in worker processes: (uint8 tensor of the good ones, their positions, skipped)."""
-    loader = torch.utils.data.DataLoader(
-        _DecodeDataset(paths, size), batch_size=batch_size, num_workers=workers, collate_fn=_collate
-    )
     chunks, ok, skipped = [], [], []
-    for good, images, bad in loader:
+    for good, images, _, bad in iter_decoded(paths, size, workers, batch_size):
         ok += good
         if images is not None:
             chunks.append(images)

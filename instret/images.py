@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import warnings
 from pathlib import Path
@@ -82,3 +84,56 @@ def square_tensor(img: Image.Image, size: int) -> torch.Tensor:
 def read_image(path: str | Path, size: int, max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:
     """One image file as a uint8 tensor 3 x size x size; raises ImageReadError."""
     return square_tensor(open_rgb(path, max_pixels=max_pixels, draft=size), size)
+
+
+def read_image_and_hash(path: str | Path, size: int, max_pixels: int | None = MAX_IMAGE_PIXELS):
+    """(uint8 tensor, sha256 hex of the file's bytes): the file is read once for both."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ImageReadError(e.strerror or type(e).__name__) from None
+    digest = hashlib.sha256(data).hexdigest()
+    return square_tensor(open_rgb(io.BytesIO(data), max_pixels=max_pixels, draft=size), size), digest
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _DecodeDataset(torch.utils.data.Dataset):
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            img, digest = read_image_and_hash(self.paths[i], self.size)
+            return i, img, digest, None
+        except ImageReadError as e:
+            return i, None, None, str(e)
+
+
+def _collate(batch):
+    # Stacked in the worker: one shared tensor per batch, not one file descriptor per image.
+    good = [(i, img, digest) for i, img, digest, _ in batch if img is not None]
+    images = torch.stack([img for _, img, _ in good]) if good else None
+    bad = [(i, reason) for i, img, _, reason in batch if img is None]
+    return [i for i, _, _ in good], images, [d for _, _, d in good], bad
+
+
+def iter_decoded(paths, size: int, workers: int = 0, batch_size: int = 256):
+    """Decode files in worker processes, in order, a batch at a time.
+
+    Yields (positions of the readable files, uint8 tensor B x 3 x size x size or None,
+    their sha256 digests, [(position, reason)] for the unreadable ones).
+    """
+    loader = torch.utils.data.DataLoader(
+        _DecodeDataset(list(paths), size), batch_size=batch_size, num_workers=workers, collate_fn=_collate
+    )
+    yield from loader

@@ -24,7 +24,7 @@ from instret.augment import Augment, channel_stats
 from instret.bank import MemoryBank
 from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, TrainConfig, with_presets
 from instret.data import TrainData, load_train_data
-from instret.encoder import Encoder, embed_images, export_encoder, resolve_arch
+from instret.encoder import Encoder, calibrated_copy, embed_images, export_encoder, resolve_arch
 from instret.errors import InstretError
 from instret.knn import FeatureIndex, knn_evaluate
 from instret.progress import Progress, log
@@ -142,7 +142,11 @@ class Trainer:
 
     # --- evaluation -------------------------------------------------------------------
 
-    def knn(self, keys: torch.Tensor) -> dict:
+    def eval_model(self) -> torch.nn.Module:
+        """The model as evaluated and exported: BatchNorm statistics of clean training images."""
+        return calibrated_copy(self.model, self.images, self.mean, self.std)
+
+    def knn(self, keys: torch.Tensor, model: torch.nn.Module) -> dict:
         """Weighted kNN top-1/top-5 against `keys` (the bank, or re-embedded training images)."""
         train = self.data.train
         index = FeatureIndex()
@@ -151,13 +155,13 @@ class Trainer:
         common = dict(num_classes=num_classes, k=self.cfg.knn_k, sigma=self.cfg.tau)
         if self.eval_images is None:
             return knn_evaluate(index, train.labels, keys, train.labels, leave_one_out=True, **common)
-        queries = embed_images(self.model, self.eval_images, self.mean, self.std)
+        queries = embed_images(model, self.eval_images, self.mean, self.std)
         return knn_evaluate(index, train.labels, queries, self.data.eval.labels, **common)
 
     def final_eval(self) -> dict:
         """Re-embed the training images with the test transform, then kNN (METHOD.md)."""
-        keys = embed_images(self.model, self.images, self.mean, self.std)
-        return self.knn(keys)
+        model = self.eval_model()
+        return self.knn(embed_images(model, self.images, self.mean, self.std), model)
 
     # --- persistence ------------------------------------------------------------------
 
@@ -187,23 +191,24 @@ class Trainer:
         self.mean, self.std = tuple(ckpt["mean"]), tuple(ckpt["std"])
         self.augment.mean, self.augment.std = self.mean, self.std
 
-    def save(self) -> None:
+    def save(self, eval_model: torch.nn.Module) -> None:
         # Checkpoint first: metrics.jsonl and encoder.pt are derived from what it holds.
         atomic_torch_save(self.state(), self.out / CHECKPOINT)
         atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
-        export_encoder(self.model, self.out / "encoder.pt", self.mean, self.std)
+        export_encoder(eval_model, self.out / "encoder.pt", self.mean, self.std)
 
     def fit(self) -> dict:
         labelled = self.data.labelled
         while self.epoch < self.cfg.epochs:
             row = self.train_epoch()
+            t = time.perf_counter()
+            eval_model = self.eval_model()
             if labelled:
-                t = time.perf_counter()
-                row.update({k: round(v, 4) for k, v in self.knn(self.bank.features).items()})
+                row.update({k: round(v, 4) for k, v in self.knn(self.bank.features, eval_model).items()})
                 row["knn_seconds"] = round(time.perf_counter() - t, 3)
             self.epoch += 1
             self.history.append(row)
-            self.save()
+            self.save(eval_model)
             log(_format_row(row, self.cfg.epochs))
         final = {"epochs": self.epoch, "train_seconds": round(sum(r["seconds"] for r in self.history), 1)}
         if labelled:
@@ -268,7 +273,13 @@ def train(options: TrainConfig | dict, resume: bool = False) -> dict:
         log(f"resuming {out} after epoch {trainer.epoch}/{cfg.epochs}")
     log(f"training {cfg.arch} on {data.name}: {len(data.train)} images, {cfg.epochs} epochs, "
         f"{cfg.loss} loss, device {device}, run folder {out}")  # fmt: skip
-    return trainer.fit()
+    final = trainer.fit()
+    if cfg.data is not None:  # train then query, with no extra step
+        from instret.indexer import build_index
+
+        # rebuild: the run's own index always follows the run's latest encoder.
+        build_index(cfg.data, out, out / "index", workers=cfg.workers, device=str(device), rebuild=True)
+    return final
 
 
 def _resumed_config(given: dict) -> TrainConfig:

@@ -34,3 +34,34 @@ def _quiet_threads():
     # Tests compare runs bit for bit: keep the thread count fixed within the suite.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+def make_photos(root: Path, groups=("a", "b", "c"), per_group=8, size=48, seed=0) -> Path:
+    """Varied synthetic 'photos': smooth random colour fields with a few bright blobs, as JPEG."""
+    rng = np.random.default_rng(seed)
+    for g in groups:
+        (root / g).mkdir(parents=True, exist_ok=True)
+        tint = rng.uniform(0.3, 1.0, 3)
+        for i in range(per_group):
+            low = rng.uniform(0, 1, (6, 6, 3)) * tint
+            img = np.asarray(Image.fromarray((low * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC))
+            img = img.copy()
+            for _ in range(3):
+                y, x = rng.integers(0, size - 10, 2)
+                img[y:y + 8, x:x + 8] = rng.integers(0, 256, 3)
+            Image.fromarray(img).save(root / g / f"{i:03d}.jpg", quality=92)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A run folder whose encoder has trained briefly on synthetic photos (shared by search tests)."""
+    from instret.train import train
+
+    base = tmp_path_factory.mktemp("trained")
+    photos = make_photos(base / "photos", per_group=10, seed=42)
+    out = base / "run"
+    # Mild augmentation: the paper's hue jitter and 20 % crops erase what tells these photos apart.
+    train({"data": str(photos), "out": str(out), "epochs": 30, "image_size": 32, "batch_size": 10, "knn_k": 5,
+           "workers": 0, "crop_scale": (0.6, 1.0), "jitter": 0.1, "grayscale_p": 0.0})  # fmt: skip
+    return out

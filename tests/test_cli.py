@@ -20,7 +20,7 @@ def test_train_on_synthetic_folder_writes_every_run_file(image_folder, tmp_path,
     code, stdout, err = run_cli(["train", "--data", str(image_folder), "--out", str(out), "--epochs", "2",
                                  "--image-size", "16", "--batch-size", "8", "--knn-k", "5", "--workers", "0"], capsys)  # fmt: skip
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "encoder.pt", "final.json", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "encoder.pt", "final.json", "index", "metrics.jsonl"]
     assert json.loads(stdout) == json.loads((out / "final.json").read_text())
     assert "epoch 2/2" in err
 

@@ -50,7 +50,7 @@ def test_one_step_updates_only_the_batch_rows_of_the_bank(image_folder):
 def test_training_run_writes_the_run_folder(image_folder, tmp_path, loss, prox):
     out = tmp_path / "run"
     final = train({"data": str(image_folder), "epochs": 2, "out": str(out), "loss": loss, "prox_lambda": prox, **TINY})
-    assert {p.name for p in out.iterdir()} == {"checkpoint.pt", "encoder.pt", "config.json", "metrics.jsonl", "final.json"}
+    assert {p.name for p in out.iterdir()} == {"checkpoint.pt", "encoder.pt", "config.json", "metrics.jsonl", "final.json", "index"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     for r in rows:
@@ -107,8 +107,8 @@ def test_interrupt_and_resume_equals_uninterrupted(image_folder, tmp_path, monke
     saves = {"n": 0}
     real_save = Trainer.save
 
-    def save_then_die(self):
-        real_save(self)
+    def save_then_die(self, eval_model):
+        real_save(self, eval_model)
         saves["n"] += 1
         if saves["n"] == 2:
             raise KeyboardInterrupt

@@ -1,0 +1,125 @@
+"""`instret index`, `query`, `dups`, `eval-retrieval`, `info`, `env`: each calls one library function."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from instret.storage import atomic_write_text
+
+
+def _write_html(path: str, page: str) -> None:
+    atomic_write_text(Path(path), page)
+    click.echo(f"wrote {path}", err=True)
+
+
+@click.command("index")
+@click.argument("images_dir")
+@click.option("--model", required=True, help="encoder.pt, or a run folder holding one.")
+@click.option("--out", required=True, help="Index folder (created, or updated incrementally).")
+@click.option("--index-type", default=None, help="FAISS factory string, e.g. Flat, IVF256,Flat, HNSW32, IVF256,PQ16 [Flat].")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--rebuild", is_flag=True, help="Re-encode everything (e.g. with a new encoder).")
+def index_cmd(images_dir, model, out, index_type, batch_size, workers, device, rebuild):
+    """Build or update the search index of a folder of images."""
+    from instret.indexer import build_index
+
+    summary = build_index(images_dir, model, out, index_type, batch_size, workers, device, rebuild)
+    click.echo(json.dumps(summary))
+
+
+@click.command("query")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--index", "index_dir", required=True, help="Index folder.")
+@click.option("-k", default=10, show_default=True, type=int, help="Results per query.")
+@click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per query on stdout.")
+@click.option("--html", "html_file", help="Also write a self-contained HTML page of thumbnails.")
+@click.option("--exclude-self", is_flag=True, help="Leave out the query image itself.")
+@click.option("--model", help="Refuse unless the index was built with this encoder.")
+@click.option("--device", default="cpu", show_default=True)
+def query_cmd(images, index_dir, k, min_score, as_json, html_file, exclude_self, model, device):
+    """Find the indexed images most similar to each IMAGE, best first."""
+    from instret import report
+    from instret.search import query
+
+    results = query(index_dir, images, k, min_score, exclude_self, model, device)
+    click.echo(report.json_lines(results) if as_json else report.query_text(results, len(images) > 1))
+    if html_file:
+        _write_html(html_file, report.query_html(results))
+
+
+@click.command("dups")
+@click.argument("index_dir")
+@click.option("--threshold", default=0.95, show_default=True, type=float, help="Cosine similarity for a duplicate.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--html", "html_file")
+def dups_cmd(index_dir, threshold, as_json, html_file):
+    """Groups of near-duplicate images in an index."""
+    from instret import report
+    from instret.search import find_duplicates
+
+    groups = find_duplicates(index_dir, threshold)
+    text = json.dumps({"threshold": threshold, "groups": groups}) if as_json else report.dups_text(groups)
+    if text:
+        click.echo(text)
+    click.echo(f"{len(groups)} group(s) at similarity >= {threshold}", err=True)
+    if html_file:
+        _write_html(html_file, report.dups_html(groups))
+
+
+@click.command("eval-retrieval")
+@click.argument("images_dir")
+@click.option("--model", help="Encoder to index the folder with (a temporary index).")
+@click.option("--index", "index_dir", help="An existing index of this folder.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
+@click.option("--device", default="auto", show_default=True)
+def eval_retrieval_cmd(images_dir, model, index_dir, as_json, workers, device):
+    """Each image queries all others; a hit shares its sub-folder. Prints mAP, recall@k, precision@10."""
+    from instret.search import eval_retrieval
+
+    metrics = eval_retrieval(images_dir, model, index_dir, workers, device)
+    if as_json:
+        click.echo(json.dumps(metrics))
+    else:
+        click.echo("\n".join(f"{k}\t{v}" for k, v in metrics.items()))
+
+
+@click.command("info")
+@click.argument("index_dir")
+@click.option("--json", "as_json", is_flag=True)
+def info_cmd(index_dir, as_json):
+    """What an index holds: vectors, dimension, type, encoder, sizes on disk, skipped files."""
+    from instret.info import index_info
+
+    info = index_info(index_dir)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    for key, value in info.items():
+        if key == "skipped_files":
+            for f in value:
+                click.echo(f"  skipped\t{f['path']}\t{f['reason']}")
+        elif key == "bytes":
+            for name, size in value.items():
+                click.echo(f"  {name}\t{size}")
+        else:
+            click.echo(f"{key}\t{value}")
+
+
+@click.command("env")
+@click.option("--json", "as_json", is_flag=True)
+def env_cmd(as_json):
+    """Versions of Python, torch, torchvision, faiss, and whether each sees a GPU."""
+    from instret.info import environment
+
+    env = environment()
+    click.echo(json.dumps(env) if as_json else "\n".join(f"{k}\t{v}" for k, v in env.items()))
+
+
+COMMANDS = [index_cmd, query_cmd, dups_cmd, eval_retrieval_cmd, info_cmd, env_cmd]

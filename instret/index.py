@@ -1,0 +1,282 @@
+"""The FAISS boundary and the on-disk search index.
+
+    INDEX_DIR/
+      CURRENT              name of the live generation (replaced atomically: the commit point)
+      encoder.pt           the encoder the vectors came from (queries use it)
+      gen-000007/
+        manifest.json      format version, dim, metric, factory, encoder fingerprint, counts
+        index.faiss        inner product on L2-normalised vectors, ids = metadata ids
+        vectors.npy        float32 n x dim, rows in id order (rebuilds need no re-encoding)
+        ids.npy            int64 n, ascending
+        meta.sqlite        files(id, path, size, mtime_ns, sha256), skipped(path, reason)
+      staging.sqlite       vectors encoded by an unfinished run (resume without re-encoding)
+      .lock                held by the one writer
+
+A writer builds a whole new generation folder, then swaps CURRENT; readers open CURRENT's
+generation, so they see the old index or the new one, never a mix. The previous generation is
+kept so that a reader who read CURRENT just before the swap can still open it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from instret.errors import InstretError
+from instret.knn import faiss_gpu_count
+from instret.storage import atomic_write_text
+
+INDEX_FORMAT_VERSION = 1
+METRIC = "inner_product"
+DEFAULT_FACTORY = "Flat"
+TRAIN_SAMPLE = 100_000  # vectors used to train IVF / PQ layouts
+
+
+def as_float32(x) -> np.ndarray:
+    """Contiguous float32 rows, L2-normalised: what every FAISS call here takes."""
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12))
+
+
+def make_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str, seed: int = 0):
+    """A FAISS index of `factory` layout over the vectors, with the given ids."""
+    import faiss
+
+    dim = vectors.shape[1] if vectors.ndim == 2 else 0
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise InstretError(f"--index-type {factory!r} is not a FAISS factory string FAISS accepts: "
+                           f"{str(e).strip().splitlines()[-1]}") from None  # fmt: skip
+    if not index.is_trained:
+        if len(vectors) == 0:
+            raise InstretError(f"--index-type {factory!r} needs training vectors, and there are none")
+        rng = np.random.default_rng(seed)
+        sample = vectors[rng.choice(len(vectors), min(len(vectors), TRAIN_SAMPLE), replace=False)]
+        try:
+            index.train(sample)
+        except RuntimeError as e:
+            raise InstretError(f"--index-type {factory!r} could not be trained on {len(sample)} vectors: "
+                               f"{str(e).strip().splitlines()[-1]}") from None  # fmt: skip
+    index = faiss.IndexIDMap2(index)
+    if len(vectors):
+        index.add_with_ids(vectors, ids.astype(np.int64))
+    return index
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+@dataclass
+class Hit:
+    id: int
+    path: str
+    score: float
+
+
+class SearchIndex:
+    """A committed generation opened for queries: FAISS index (memory-mapped) plus metadata."""
+
+    def __init__(self, index_dir: str | Path, generation: str | None = None):
+        self.dir = Path(index_dir)
+        if not self.dir.is_dir():
+            raise InstretError(f"{self.dir}: no such index folder")
+        generation = generation or read_current(self.dir)
+        if generation is None:
+            raise InstretError(f"{self.dir}: not an instret index (no CURRENT file); build one with `instret index`")
+        self.generation = generation
+        self.gen_dir = self.dir / generation
+        self.manifest = read_manifest(self.gen_dir)
+        self.meta = open_metadata(self.gen_dir / "meta.sqlite", readonly=True)
+        self._faiss = None
+        self._vectors = None
+
+    @property
+    def dim(self) -> int:
+        return self.manifest["dim"]
+
+    @property
+    def ntotal(self) -> int:
+        return self.manifest["count"]
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 n x dim memory-mapped vectors, int64 ids)."""
+        if self._vectors is None:
+            try:
+                self._vectors = (
+                    np.load(self.gen_dir / "vectors.npy", mmap_mode="r"),
+                    np.load(self.gen_dir / "ids.npy"),
+                )
+            except (OSError, ValueError) as e:
+                raise InstretError(f"{self.gen_dir}: index vectors unreadable ({e})") from None
+        return self._vectors
+
+    def faiss_index(self):
+        if self._faiss is None:
+            import faiss
+
+            path = str(self.gen_dir / "index.faiss")
+            try:
+                index = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+            except RuntimeError:
+                try:
+                    index = faiss.read_index(path)
+                except RuntimeError:
+                    raise InstretError(f"{path}: FAISS index unreadable (truncated or corrupted?)") from None
+            if index.ntotal != self.ntotal or index.d != self.dim:
+                raise InstretError(f"{path}: holds {index.ntotal} x {index.d}, the manifest says "
+                                   f"{self.ntotal} x {self.dim}; the index is damaged, rebuild it")  # fmt: skip
+            if faiss_gpu_count() > 0:  # only then: with no GPU this would give an empty index
+                index = faiss.index_cpu_to_all_gpus(index)
+            self._faiss = index
+        return self._faiss
+
+    def search(self, queries, k: int) -> list[list[Hit]]:
+        """Best-first hits for each query vector (k at most)."""
+        q = as_float32(queries)
+        if q.shape[1] != self.dim:
+            raise InstretError(f"query vectors have dimension {q.shape[1]}, the index {self.dim}")
+        k = min(k, self.ntotal)
+        if k <= 0:
+            return [[] for _ in range(len(q))]
+        scores, ids = self.faiss_index().search(q, k)
+        paths = self.paths_of({int(i) for i in ids.ravel() if i >= 0})
+        return [
+            [Hit(int(i), paths[int(i)], float(s)) for s, i in zip(srow, irow) if i >= 0]
+            for srow, irow in zip(scores, ids)
+        ]
+
+    def paths_of(self, ids) -> dict[int, str]:
+        ids = list(ids)
+        out = {}
+        for start in range(0, len(ids), 900):  # SQLite's limit on bound parameters
+            chunk = ids[start:start + 900]
+            rows = self.meta.execute(
+                f"SELECT id, path FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            )
+            out.update(rows)
+        return {i: str(Path(self.manifest["root"]) / p) for i, p in out.items()}
+
+    def files(self) -> list[tuple[int, str, int, int, str]]:
+        return self.meta.execute("SELECT id, path, size, mtime_ns, sha256 FROM files ORDER BY id").fetchall()
+
+    def skipped(self) -> list[tuple[str, str]]:
+        return self.meta.execute("SELECT path, reason FROM skipped ORDER BY path").fetchall()
+
+    def close(self) -> None:
+        self.meta.close()
+
+
+def read_current(index_dir: Path) -> str | None:
+    try:
+        name = (index_dir / "CURRENT").read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise InstretError(f"{index_dir}/CURRENT: unreadable ({e.strerror})") from None
+    if not name.startswith("gen-") or not (index_dir / name).is_dir():
+        raise InstretError(f"{index_dir}: CURRENT names {name!r}, which is not a generation here; the index is damaged")
+    return name
+
+
+def read_manifest(gen_dir: Path) -> dict:
+    path = gen_dir / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise InstretError(f"{path}: missing or not valid JSON; the index is damaged, rebuild it") from None
+    if manifest.get("format_version", 0) > INDEX_FORMAT_VERSION:
+        raise InstretError(f"{path}: index format version {manifest['format_version']} is newer than "
+                           f"this instret reads ({INDEX_FORMAT_VERSION})")  # fmt: skip
+    for key in ("dim", "count", "factory", "encoder_fingerprint", "root"):
+        if key not in manifest:
+            raise InstretError(f"{path}: manifest lacks {key!r}; the index is damaged, rebuild it")
+    return manifest
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS skipped (path TEXT PRIMARY KEY, reason TEXT NOT NULL);
+"""
+
+
+def open_metadata(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    try:
+        if readonly:
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            con.execute("SELECT count(*) FROM files").fetchone()
+        else:
+            con = sqlite3.connect(path)
+            con.executescript(SCHEMA)
+    except sqlite3.Error as e:
+        raise InstretError(f"{path}: metadata unreadable ({e}); the index is damaged, rebuild it") from None
+    return con
+
+
+# --- writing ---------------------------------------------------------------------------
+
+
+@contextmanager
+def writer_lock(index_dir: Path):
+    """One writer per index folder; a second one is refused at once with a clear message."""
+    index_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(index_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InstretError(f"{index_dir}: another `instret index` is updating this index; "
+                               f"wait for it to finish") from None  # fmt: skip
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_generation(index_dir: Path, generation: int, manifest: dict, vectors: np.ndarray, ids: np.ndarray,
+                     files: list[tuple], skipped: list[tuple[str, str]], encoder_file: Path) -> str:  # fmt: skip
+    """Write a complete generation folder, then make it current (the atomic step)."""
+    name = f"gen-{generation:06d}"
+    gen_dir = index_dir / name
+    if gen_dir.exists():
+        shutil.rmtree(gen_dir)
+    gen_dir.mkdir()
+    import faiss
+
+    faiss.write_index(make_faiss_index(vectors, ids, manifest["factory"]), str(gen_dir / "index.faiss"))
+    np.save(gen_dir / "vectors.npy", vectors)
+    np.save(gen_dir / "ids.npy", ids)
+    con = open_metadata(gen_dir / "meta.sqlite")
+    with con:
+        con.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?)", files)
+        con.executemany("INSERT INTO skipped VALUES (?, ?)", skipped)
+    con.close()
+    shutil.copyfile(encoder_file, gen_dir / "encoder.pt")
+    atomic_write_text(gen_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    for f in gen_dir.iterdir():
+        _fsync(f)
+    previous = read_current(index_dir)
+    atomic_write_text(index_dir / "CURRENT", name + "\n")
+    for old in index_dir.glob("gen-*"):  # keep the live and the previous generation
+        if old.name not in (name, previous):
+            shutil.rmtree(old, ignore_errors=True)
+    return name
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,210 @@
+"""Building and updating a search index from a folder of images.
+
+    folder -> scan (path, size, mtime) -> compare with the live generation -> encode what is
+    new or changed (staged batch by batch) -> new generation with stable ids -> CURRENT
+
+Unchanged files keep their id and vector; a file whose size or mtime changed but whose
+content hash did not is unchanged too. Every encoded batch is committed to staging.sqlite
+first, so an interrupted run resumes without encoding it again.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from instret.data import report_skipped
+from instret.encoder import LoadedEncoder, embed_images, load_encoder
+from instret.errors import InstretError
+from instret.images import file_sha256, iter_decoded, list_image_files
+from instret.index import (
+    DEFAULT_FACTORY, INDEX_FORMAT_VERSION, METRIC, SearchIndex, as_float32, read_current, write_generation,
+    writer_lock,
+)  # fmt: skip
+from instret.progress import Progress, log
+
+
+@dataclass
+class FileState:
+    rel: str  # path relative to the indexed folder, posix form
+    size: int
+    mtime_ns: int
+
+
+def scan(root: Path) -> tuple[list[FileState], list[tuple[str, str]]]:
+    files, skipped = [], []
+    for path in list_image_files(root):
+        rel = path.relative_to(root).as_posix()
+        try:
+            st = path.stat()
+        except OSError as e:
+            skipped.append((rel, e.strerror or type(e).__name__))
+            continue
+        files.append(FileState(rel, st.st_size, st.st_mtime_ns))
+    return files, skipped
+
+
+class Staging:
+    """Vectors encoded by this (or an interrupted earlier) run, committed batch by batch."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        self.con = sqlite3.connect(path)
+        self.con.execute("CREATE TABLE IF NOT EXISTS staged (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
+                         " sha256 TEXT, fingerprint TEXT, vector BLOB)")  # fmt: skip
+        self.con.execute("DELETE FROM staged WHERE fingerprint != ?", (fingerprint,))
+        self.con.commit()
+        self.fingerprint = fingerprint
+
+    def lookup(self, f: FileState):
+        row = self.con.execute(
+            "SELECT sha256, vector FROM staged WHERE path = ? AND size = ? AND mtime_ns = ?", (f.rel, f.size, f.mtime_ns)
+        ).fetchone()
+        return None if row is None else (row[0], np.frombuffer(row[1], dtype=np.float32))
+
+    def add(self, rows: list[tuple[FileState, str, np.ndarray]]) -> None:
+        with self.con:
+            self.con.executemany(
+                "INSERT OR REPLACE INTO staged VALUES (?, ?, ?, ?, ?, ?)",
+                [(f.rel, f.size, f.mtime_ns, h, self.fingerprint, v.astype(np.float32).tobytes()) for f, h, v in rows],
+            )
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def encode_files(encoder: LoadedEncoder, root: Path, files: list[FileState], staging: Staging,
+                 batch_size: int, workers: int, device: torch.device):  # fmt: skip
+    """Encode files (in worker-decoded batches), staging each batch; returns ({rel: (sha, vec)}, skipped)."""
+    done, skipped = {}, []
+    paths = [root / f.rel for f in files]
+    progress = Progress(len(files), "encoding")
+    for positions, images, digests, bad in iter_decoded(paths, encoder.image_size, workers, batch_size):
+        skipped += [(files[i].rel, reason) for i, reason in bad]
+        if images is not None:
+            vectors = as_float32(embed_images(encoder.model, images.to(device), encoder.mean, encoder.std))
+            rows = [(files[i], h, v) for i, h, v in zip(positions, digests, vectors)]
+            staging.add(rows)
+            done.update({f.rel: (h, v) for f, h, v in rows})
+        progress.update(len(positions) + len(bad), "")
+    progress.close()
+    return done, skipped
+
+
+def build_index(images_dir: str | Path, model: str | Path, out: str | Path, factory: str | None = None,
+                batch_size: int = 256, workers: int = 2, device: str = "auto", rebuild: bool = False) -> dict:  # fmt: skip
+    """Create or incrementally update the index of a folder; returns a summary of what was done."""
+    from instret.train import resolve_device
+
+    root, out = Path(images_dir), Path(out)
+    if not root.is_dir():
+        raise InstretError(f"{root}: no such folder")
+    torch_device = resolve_device(device)
+    encoder = load_encoder(model, torch_device)
+    start = time.perf_counter()
+    with writer_lock(out):
+        previous = SearchIndex(out) if read_current(out) and not rebuild else None
+        if previous is not None and previous.manifest["encoder_fingerprint"] != encoder.fingerprint:
+            raise InstretError(
+                f"{out} was built with encoder {previous.manifest['encoder_fingerprint']}, not {encoder.fingerprint} "
+                f"({model}); add --rebuild to re-encode everything with the new encoder, or choose another --out"
+            )
+        factory = factory or (previous.manifest["factory"] if previous else DEFAULT_FACTORY)
+        files, skipped = scan(root)
+        if not files:
+            raise InstretError(f"{root}: no image files found")
+        old = {}  # rel -> (id, size, mtime_ns, sha256, vector)
+        if previous is not None:
+            vectors, ids = previous.vectors()
+            row_of = {int(i): r for r, i in enumerate(ids)}
+            for i, rel, size, mtime, sha in previous.files():
+                old[rel] = (i, size, mtime, sha, np.asarray(vectors[row_of[i]]))
+        kept, todo = {}, []
+        for f in files:
+            prev = old.get(f.rel)
+            if prev is not None and (prev[1], prev[2]) == (f.size, f.mtime_ns):
+                kept[f.rel] = (prev[3], prev[4])
+            elif prev is not None and _same_content(root / f.rel, prev[3]):
+                kept[f.rel] = (prev[3], prev[4])
+            else:
+                todo.append(f)
+        staging = Staging(out / "staging.sqlite", encoder.fingerprint)
+        resumed = {}
+        for f in todo:
+            hit = staging.lookup(f)
+            if hit is not None:
+                resumed[f.rel] = hit
+        to_encode = [f for f in todo if f.rel not in resumed]
+        log(f"indexing {root}: {len(files)} files; {len(kept)} unchanged, {len(resumed)} staged earlier, "
+            f"{len(to_encode)} to encode")  # fmt: skip
+        encode_start = time.perf_counter()
+        encoded, bad = encode_files(encoder, root, to_encode, staging, batch_size, workers, torch_device)
+        encode_seconds = time.perf_counter() - encode_start
+        skipped += bad
+        report_skipped(skipped)
+        have = {**kept, **resumed, **encoded}
+        next_id = max((v[0] for v in old.values()), default=-1) + 1
+        rows, vecs = [], []
+        for f in files:
+            if f.rel not in have:
+                continue
+            if f.rel in old:
+                fid = old[f.rel][0]
+            else:
+                fid, next_id = next_id, next_id + 1
+            sha, vec = have[f.rel]
+            rows.append((fid, f.rel, f.size, f.mtime_ns, sha))
+            vecs.append(vec)
+        if not rows:
+            raise InstretError(f"{root}: none of the {len(files)} image files could be read")
+        order = np.argsort([r[0] for r in rows], kind="stable")
+        rows = [rows[i] for i in order]
+        vectors = np.ascontiguousarray(np.stack(vecs)[order], dtype=np.float32)
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        manifest = {
+            "format_version": INDEX_FORMAT_VERSION,
+            "dim": int(vectors.shape[1]),
+            "metric": METRIC,
+            "factory": factory,
+            "encoder_fingerprint": encoder.fingerprint,
+            "encoder_arch": encoder.model.arch,
+            "image_size": encoder.image_size,
+            "root": str(root.resolve()),
+            "count": len(rows),
+            "skipped": len(skipped),
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        generation = int(previous.generation[4:]) + 1 if previous is not None else _next_generation(out)
+        if previous is not None:
+            previous.close()
+        src = Path(model) / "encoder.pt" if Path(model).is_dir() else Path(model)
+        name = write_generation(out, generation, manifest, vectors, ids, rows, skipped, src)
+        staging.close()
+        (out / "staging.sqlite").unlink(missing_ok=True)
+    seconds = time.perf_counter() - start
+    summary = {
+        "index": str(out), "generation": name, "vectors": len(rows), "encoded": len(encoded),
+        "resumed": len(resumed), "unchanged": len(kept), "removed": len(set(old) - {r[1] for r in rows}),
+        "skipped": len(skipped), "seconds": round(seconds, 3),
+        "images_per_s": round(len(encoded) / encode_seconds, 1) if encoded else None,
+    }  # fmt: skip
+    log(f"index {out}: {len(rows)} vectors ({len(encoded)} encoded, {summary['removed']} removed, "
+        f"{len(skipped)} skipped) in {seconds:.1f} s")  # fmt: skip
+    return summary
+
+
+def _same_content(path: Path, sha: str) -> bool:
+    try:
+        return file_sha256(path) == sha
+    except OSError:
+        return False
+
+
+def _next_generation(out: Path) -> int:
+    numbers = [int(p.name[4:]) for p in out.glob("gen-*") if p.name[4:].isdigit()]
+    return max(numbers, default=0) + 1

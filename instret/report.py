@@ -1,0 +1,82 @@
+"""Showing results: tab-separated text, JSON lines, and one self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+
+from PIL import Image
+
+from instret.images import ImageReadError, open_rgb
+
+
+def query_text(results: list[dict], show_query: bool) -> str:
+    lines = []
+    for r in results:
+        if show_query:
+            lines.append(f"# {r['query']}")
+        lines += [f"{h['rank']}\t{h['score']:.4f}\t{h['path']}" for h in r["results"]]
+    return "\n".join(lines)
+
+
+def json_lines(objects) -> str:
+    return "\n".join(json.dumps(o, ensure_ascii=False) for o in objects)
+
+
+def dups_text(groups: list[dict]) -> str:
+    blocks = [f"# group {n} ({g['size']} images, min score {g['min_score']:.4f})\n" + "\n".join(g["paths"])
+              for n, g in enumerate(groups, 1)]  # fmt: skip
+    return "\n".join(blocks)
+
+
+def thumbnail_uri(path: str, size: int = 128) -> str | None:
+    """A data: URI of a small JPEG of the image, or None if it cannot be read."""
+    try:
+        img = open_rgb(path, draft=size)
+    except (ImageReadError, OSError):
+        return None
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(path: str, caption: str) -> str:
+    uri = thumbnail_uri(path)
+    img = f'<img src="{uri}" alt="">' if uri else '<div class="missing">unreadable</div>'
+    return (f'<figure title="{html.escape(path, quote=True)}">{img}'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")  # fmt: skip
+
+
+PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; }}
+.row {{ display: flex; flex-wrap: wrap; gap: 6px; align-items: flex-start; margin-bottom: 1.5em; }}
+figure {{ margin: 0; width: 132px; }} img {{ max-width: 128px; max-height: 128px; }}
+figcaption {{ font-size: 11px; word-break: break-all; }}
+.query {{ border-right: 3px solid #c33; padding-right: 6px; }}
+.missing {{ width: 128px; height: 64px; background: #eee; }}
+</style></head><body><h1>{title}</h1>
+{body}
+</body></html>
+"""
+
+
+def query_html(results: list[dict]) -> str:
+    rows = []
+    for r in results:
+        cells = [f'<div class="query">{_figure(r["query"], "query: " + r["query"])}</div>']
+        cells += [_figure(h["path"], f"#{h['rank']} {h['score']:.4f} {h['path']}") for h in r["results"]]
+        rows.append(f'<div class="row">{"".join(cells)}</div>')
+    return PAGE.format(title="instret query results", body="\n".join(rows))
+
+
+def dups_html(groups: list[dict]) -> str:
+    rows = []
+    for n, g in enumerate(groups, 1):
+        head = f"<h2>group {n}: {g['size']} images, min score {g['min_score']:.4f}</h2>"
+        rows.append(head + '<div class="row">' + "".join(_figure(p, p) for p in g["paths"]) + "</div>")
+    return PAGE.format(title="instret near-duplicates", body="\n".join(rows))

@@ -1,0 +1,207 @@
+"""Queries against an index, near-duplicate groups, and retrieval metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from instret.encoder import LoadedEncoder, embed_images, load_encoder
+from instret.errors import InstretError
+from instret.images import ImageReadError, file_sha256, read_image
+from instret.index import SearchIndex, as_float32
+
+
+class Searcher:
+    """An open index plus the encoder it was built with: image files in, ranked hits out."""
+
+    def __init__(self, index_dir: str | Path, model: str | Path | None = None, device: str = "cpu"):
+        from instret.train import resolve_device
+
+        self.index = SearchIndex(index_dir)
+        self.device = resolve_device(device)
+        self.encoder = load_encoder(self.index.gen_dir / "encoder.pt", self.device)
+        expected = self.index.manifest["encoder_fingerprint"]
+        if self.encoder.fingerprint != expected:
+            raise InstretError(f"{self.index.gen_dir}/encoder.pt has fingerprint {self.encoder.fingerprint} but the "
+                               f"index was built with {expected}; the index is damaged, rebuild it")  # fmt: skip
+        if model is not None:
+            other = load_encoder(model)
+            if other.fingerprint != expected:
+                raise InstretError(f"{model} (encoder {other.fingerprint}) is not the encoder {index_dir} was built "
+                                   f"with ({expected}); query without --model, or rebuild the index with it")  # fmt: skip
+        if self.encoder.dim != self.index.dim:
+            raise InstretError(f"encoder dimension {self.encoder.dim} != index dimension {self.index.dim}")
+
+    def embed_files(self, paths) -> np.ndarray:
+        """Feature rows of image files; a bad file stops with one line naming it."""
+        images = []
+        for p in paths:
+            try:
+                images.append(read_image(p, self.encoder.image_size))
+            except ImageReadError as e:
+                raise InstretError(f"{p}: cannot read image: {e}") from None
+            except OSError as e:
+                raise InstretError(f"{p}: {e.strerror or e}") from None
+        batch = torch.stack(images).to(self.device)
+        return as_float32(embed_images(self.encoder.model, batch, self.encoder.mean, self.encoder.std))
+
+    def query(self, paths, k: int = 10, min_score: float | None = None, exclude_self: bool = False) -> list[dict]:
+        """One {"query", "results": [{"rank", "path", "score"}]} per query image, best first."""
+        if k < 1:
+            raise InstretError(f"-k must be at least 1, not {k}")
+        paths = [str(p) for p in paths]
+        vectors = self.embed_files(paths)
+        extra = 1 if exclude_self else 0
+        out = []
+        for path, hits in zip(paths, self.index.search(vectors, k + extra)):
+            if exclude_self:
+                hits = _without_self(path, hits)
+            hits = [h for h in hits if min_score is None or h.score >= min_score][:k]
+            out.append({"query": path, "results": [
+                {"rank": r, "path": h.path, "score": round(h.score, 6)} for r, h in enumerate(hits, 1)
+            ]})  # fmt: skip
+        return out
+
+
+def _without_self(query: str, hits):
+    """Drop the query image itself: the same file, or a file with the same bytes."""
+    me = Path(query).resolve()
+    digest = None
+    kept = []
+    for h in hits:
+        if Path(h.path).resolve() == me:
+            continue
+        if h.score > 0.9999:  # only a near-perfect match can be a byte copy: hash just those
+            digest = digest or file_sha256(me)
+            try:
+                if file_sha256(h.path) == digest:
+                    continue
+            except OSError:
+                pass
+        kept.append(h)
+    return kept
+
+
+def query(index_dir, images, k=10, min_score=None, exclude_self=False, model=None, device="cpu") -> list[dict]:
+    return Searcher(index_dir, model, device).query(images, k, min_score, exclude_self)
+
+
+# --- near-duplicates --------------------------------------------------------------------
+
+
+def find_duplicates(index_dir: str | Path, threshold: float = 0.95, k: int = 20) -> list[dict]:
+    """Groups of images whose cosine similarity is >= threshold (connected through such pairs)."""
+    index = SearchIndex(index_dir)
+    vectors, ids = index.vectors()
+    n = len(ids)
+    parent = list(range(n))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    best: dict[tuple[int, int], float] = {}
+    chunk = 4096
+    for start in range(0, n, chunk):
+        q = np.asarray(vectors[start:start + chunk])
+        hits = index.search(q, min(k + 1, n))
+        for r, row_hits in enumerate(hits, start):
+            for h in row_hits:
+                j = row_of[h.id]
+                if j != r and h.score >= threshold:
+                    a, b = sorted((r, j))
+                    best[(a, b)] = max(best.get((a, b), -1.0), h.score)
+                    parent[find(a)] = find(b)
+    groups: dict[int, list[int]] = {}
+    for a, b in best:
+        for x in (a, b):
+            groups.setdefault(find(x), [])
+    for x in range(n):
+        if find(x) in groups:
+            groups[find(x)].append(x)
+    paths = index.paths_of(int(ids[x]) for g in groups.values() for x in g)
+    out = []
+    for members in groups.values():
+        member_set = set(members)
+        sims = [s for (a, _), s in best.items() if a in member_set]
+        out.append({"size": len(members), "min_score": round(min(sims), 6),
+                    "paths": sorted(paths[int(ids[x])] for x in members)})  # fmt: skip
+    return sorted(out, key=lambda g: (-g["size"], g["paths"]))
+
+
+# --- retrieval metrics ------------------------------------------------------------------
+
+
+def retrieval_metrics(vectors: np.ndarray, labels: np.ndarray, ks=(1, 5, 10), chunk: int = 1024) -> dict:
+    """Each item queries all the others: mAP, recall@k (a relevant item in the top k), precision@10."""
+    x = torch.from_numpy(as_float32(vectors))
+    y = torch.from_numpy(np.asarray(labels))
+    n = len(x)
+    if n < 2:
+        raise InstretError("retrieval needs at least 2 images")
+    aps, recall, prec10 = [], {k: [] for k in ks}, []
+    for start in range(0, n, chunk):
+        sims = x[start:start + chunk] @ x.T  # c x n
+        rows = torch.arange(start, min(start + chunk, n))
+        sims[torch.arange(len(rows)), rows] = -float("inf")  # never retrieve the query itself
+        order = sims.argsort(dim=1, descending=True)[:, : n - 1]
+        rel = (y[order] == y[rows].view(-1, 1)).float()  # c x (n-1), relevance in rank order
+        total = rel.sum(dim=1)
+        hits_so_far = rel.cumsum(dim=1)
+        ranks = torch.arange(1, n, dtype=torch.float32)
+        ap = (rel * hits_so_far / ranks).sum(dim=1) / total.clamp_min(1)
+        aps.append(ap[total > 0])
+        for k in ks:
+            recall[k].append((rel[:, :k].sum(dim=1) > 0).float()[total > 0])
+        prec10.append(rel[:, :10].sum(dim=1)[total > 0] / 10)
+    result = {"mAP": float(torch.cat(aps).mean())}
+    result.update({f"recall@{k}": float(torch.cat(recall[k]).mean()) for k in ks})
+    result["precision@10"] = float(torch.cat(prec10).mean())
+    result["queries"] = int(sum(len(a) for a in aps))
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def eval_retrieval(images_dir: str | Path, model: str | Path | None = None, index_dir: str | Path | None = None,
+                   workers: int = 2, device: str = "auto") -> dict:  # fmt: skip
+    """Retrieval metrics on a folder of group sub-folders, from an encoder or an existing index."""
+    from instret.data import find_classes
+
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise InstretError(f"{root}: no such folder")
+    classes = find_classes(root)
+    if classes is None:
+        raise InstretError(f"{root}: needs one sub-folder per group (object, scene or class), at least two")
+    if (model is None) == (index_dir is None):
+        raise InstretError("give exactly one of --model or --index")
+    if index_dir is None:
+        import tempfile
+
+        from instret.indexer import build_index
+
+        with tempfile.TemporaryDirectory() as tmp:
+            build_index(root, model, tmp, workers=workers, device=device)
+            return _metrics_of_index(tmp, root, classes)
+    return _metrics_of_index(index_dir, root, classes)
+
+
+def _metrics_of_index(index_dir, root: Path, classes: list[str]) -> dict:
+    index = SearchIndex(index_dir)
+    vectors, ids = index.vectors()
+    base = Path(index.manifest["root"])
+    if base.resolve() != root.resolve():
+        raise InstretError(f"{index_dir} indexes {base}, not {root}")
+    rel_of = {i: p for i, p, *_ in index.files()}
+    label_of = {c: n for n, c in enumerate(classes)}
+    keep, labels = [], []
+    for r, i in enumerate(ids):
+        group = Path(rel_of[int(i)]).parts[0]
+        if group in label_of:
+            keep.append(r)
+            labels.append(label_of[group])
+    return retrieval_metrics(np.asarray(vectors)[keep], np.array(labels))

@@ -1,0 +1,119 @@
+import html
+import json
+import re
+import shutil
+
+import pytest
+
+from instret.indexer import build_index
+from tests.test_cli import run_cli
+
+
+@pytest.fixture
+def indexed(trained_run, tmp_path):
+    photos = shutil.copytree(trained_run.parent / "photos", tmp_path / "photos")
+    build_index(photos, trained_run, tmp_path / "ix", workers=0, device="cpu")
+    return photos, tmp_path / "ix"
+
+
+def test_query_text_output_is_rank_score_path(indexed, capsys):
+    photos, ix = indexed
+    code, out, err = run_cli(["query", str(photos / "a" / "001.jpg"), "--index", str(ix), "-k", "4"], capsys)
+    assert code == 0, err
+    lines = out.strip().split("\n")
+    assert len(lines) == 4
+    ranks = [line.split("\t") for line in lines]
+    assert [r[0] for r in ranks] == ["1", "2", "3", "4"] and ranks[0][2].endswith("a/001.jpg")
+    assert float(ranks[0][1]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_query_json_schema_one_object_per_query(indexed, capsys):
+    photos, ix = indexed
+    queries = [str(photos / "a" / "001.jpg"), str(photos / "b" / "003.jpg")]
+    code, out, err = run_cli(["query", *queries, "--index", str(ix), "-k", "3", "--json"], capsys)
+    assert code == 0
+    objects = [json.loads(line) for line in out.strip().split("\n")]
+    assert [o["query"] for o in objects] == queries
+    for o in objects:
+        assert set(o) == {"query", "results"}
+        assert [r["rank"] for r in o["results"]] == [1, 2, 3]
+        for r in o["results"]:
+            assert set(r) == {"rank", "path", "score"} and isinstance(r["score"], float)
+    assert "indexing" not in out  # logs stay on stderr
+
+
+def test_html_page_holds_every_thumbnail_and_escapes_paths(indexed, tmp_path, capsys):
+    photos, ix = indexed
+    evil = photos / "a" / "<script>alert(1).jpg"
+    shutil.copy(photos / "a" / "002.jpg", evil)
+    build_index(photos, _run_of(ix), ix, workers=0, device="cpu")
+    page = tmp_path / "out.html"
+    code, out, err = run_cli(["query", str(photos / "a" / "002.jpg"), str(photos / "b" / "001.jpg"), "--index", str(ix),
+                              "-k", "5", "--html", str(page)], capsys)  # fmt: skip
+    assert code == 0, err
+    text = page.read_text()
+    assert text.count('src="data:image/jpeg;base64,') == 2 * (1 + 5)
+    assert "<script>" not in text and html.escape("<script>") in text
+
+
+def _run_of(ix):
+    # the encoder a test index was built with travels inside it
+    from instret.index import SearchIndex
+
+    return SearchIndex(ix).gen_dir / "encoder.pt"
+
+
+def test_dups_json_and_info_and_env(indexed, capsys):
+    photos, ix = indexed
+    shutil.copy(photos / "c" / "004.jpg", photos / "c" / "copy.jpg")
+    build_index(photos, _run_of(ix), ix, workers=0, device="cpu")
+    code, out, _ = run_cli(["dups", str(ix), "--threshold", "0.99999", "--json"], capsys)
+    groups = json.loads(out)["groups"]
+    assert code == 0 and len(groups) == 1 and groups[0]["size"] == 2
+    code, out, _ = run_cli(["info", str(ix), "--json"], capsys)
+    info = json.loads(out)
+    assert info["vectors"] == 31 and info["dim"] == 128 and info["index_type"] == "Flat" and info["bytes_total"] > 0
+    code, out, _ = run_cli(["env", "--json"], capsys)
+    env = json.loads(out)
+    assert {"python", "torch", "torchvision", "faiss", "faiss_gpus", "torch_cuda"} <= set(env)
+
+
+def test_eval_retrieval_json(trained_run, capsys):
+    photos = trained_run.parent / "photos"
+    code, out, err = run_cli(["eval-retrieval", str(photos), "--model", str(trained_run), "--json",
+                              "--workers", "0", "--device", "cpu"], capsys)  # fmt: skip
+    assert code == 0, err
+    m = json.loads(out)
+    assert set(m) == {"mAP", "recall@1", "recall@5", "recall@10", "precision@10", "queries"} and m["queries"] == 30
+    assert 0 <= m["mAP"] <= 1 and m["recall@1"] <= m["recall@5"] <= m["recall@10"]
+
+
+@pytest.mark.parametrize("make_args,needle", [
+    (lambda p, ix: ["query", str(p / "nope.jpg"), "--index", str(ix)], "nope.jpg"),
+    (lambda p, ix: ["query", str(p / "bad.jpg"), "--index", str(ix)], "bad.jpg: cannot read image"),
+    (lambda p, ix: ["query", str(p / "a" / "001.jpg"), "--index", str(ix), "-k", "0"], "-k must be at least 1"),
+    (lambda p, ix: ["query", str(p / "a" / "001.jpg"), "--index", str(p)], "not an instret index"),
+    (lambda p, ix: ["info", str(p / "missing")], "no such index folder"),
+    (lambda p, ix: ["index", str(p), "--model", str(p / "a" / "001.jpg"), "--out", str(ix)], "encoder"),
+])
+def test_bad_input_one_line_error(indexed, capsys, make_args, needle):
+    photos, ix = indexed
+    (photos / "bad.jpg").write_text("this is text, not a JPEG")
+    code, out, err = run_cli(make_args(photos, ix), capsys)
+    assert code != 0 and err.count("\n") == 1 and needle in err, err
+    assert "Traceback" not in err
+
+
+def test_k_larger_than_index_returns_everything(indexed, capsys):
+    photos, ix = indexed
+    code, out, _ = run_cli(["query", str(photos / "a" / "001.jpg"), "--index", str(ix), "-k", "1000"], capsys)
+    assert code == 0 and len(out.strip().split("\n")) == 30
+
+
+def test_train_with_data_leaves_a_queryable_index(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--data", str(image_folder), "--out", str(out), "--epochs", "1", "--image-size", "16",
+                            "--batch-size", "8", "--knn-k", "5", "--workers", "0"], capsys)  # fmt: skip
+    assert code == 0, err
+    code, stdout, err = run_cli(["query", str(image_folder / "red" / "000.png"), "--index", str(out / "index"), "-k", "1"], capsys)
+    assert code == 0 and stdout.split("\t")[2].strip().endswith("red/000.png")
