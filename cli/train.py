@@ -6,7 +6,7 @@ import json
 
 import click
 
-from instret.config import ARCHS, DATASETS, LOSSES, read_config_file
+from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, read_config_file
 
 
 @click.command()
@@ -24,6 +24,7 @@ from instret.config import ARCHS, DATASETS, LOSSES, read_config_file
 @click.option("--tau", type=float, help="Temperature, also the kNN sigma [0.1].")
 @click.option("--bank-momentum", type=float, help="Memory bank momentum [0.5].")
 @click.option("--prox-lambda", type=float, help="Weight of the proximal term; 0 turns it off [0].")
+@click.option("--bank-init", type=click.Choice(BANK_INITS), help="Memory bank start: random (paper) or features [random].")
 @click.option("--knn-k", type=int, help="Neighbours in the weighted kNN [200].")
 @click.option("--low-dim", type=int, help="Feature dimension [128].")
 @click.option("--image-size", type=int, help="Side of the square training images [32].")

@@ -13,6 +13,7 @@ FORMAT_VERSION = 1
 
 ARCHS = ("auto", "small", "resnet18", "resnet50")
 LOSSES = ("softmax", "nce")
+BANK_INITS = ("random", "features")
 DATASETS = ("digits", "cifar10")
 
 
@@ -41,6 +42,7 @@ class TrainConfig:
     tau: float = 0.1
     bank_momentum: float = 0.5
     prox_lambda: float = 0.0
+    bank_init: str = "random"  # random: the paper's; features: the untrained network's features
     # augmentation (the paper's)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     jitter: float = 0.4
@@ -83,6 +85,7 @@ class TrainConfig:
                 raise InstretError(msg)
 
         need(self.arch in ARCHS, f"--arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
+        need(self.bank_init in BANK_INITS, f"--bank-init must be one of {', '.join(BANK_INITS)}")
         need(self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
         need(self.data is not None or self.dataset in DATASETS,
              f"--dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}")

@@ -85,9 +85,25 @@ class Trainer:
         )  # fmt: skip
         self.images = data.train.images.to(device)
         self.eval_images = data.eval.images.to(device) if data.eval is not None else None
+        if cfg.bank_init == "features":
+            self.init_bank_from_features()
         self.epoch = 0  # epochs finished
         self.nce_z: float | None = None
         self.history: list[dict] = []
+
+    @torch.no_grad()
+    def init_bank_from_features(self, batch_size: int = 512) -> None:
+        """Start the bank at the untrained network's features of one augmented view per image.
+
+        With random rows, the first epoch pulls every feature towards an unrelated random
+        target while the rows already visited all look alike; the features then chase their
+        own mean and learn little (measured on 10k CIFAR images, 4 epochs: kNN 0.36 random,
+        0.50 features). Not in the paper, hence not the default.
+        """
+        for start in range(0, len(self.images), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(self.images)), device=self.device)
+            x = self.augment(self.images[idx], self.generator).contiguous(memory_format=torch.channels_last)
+            self.bank.features[idx] = self.model(x)
 
     # --- one step and one epoch -----------------------------------------------------
 
@@ -142,9 +158,10 @@ class Trainer:
 
     # --- evaluation -------------------------------------------------------------------
 
-    def eval_model(self) -> torch.nn.Module:
-        """The model as evaluated and exported: BatchNorm statistics of clean training images."""
-        return calibrated_copy(self.model, self.images, self.mean, self.std)
+    def eval_model(self, sample: int = 512) -> torch.nn.Module:
+        """The model as evaluated and exported: BatchNorm statistics of clean training images
+        (a 512-image sample every epoch keeps the monitor cheap; the final export uses more)."""
+        return calibrated_copy(self.model, self.images, self.mean, self.std, sample=sample)
 
     def knn(self, keys: torch.Tensor, model: torch.nn.Module) -> dict:
         """Weighted kNN top-1/top-5 against `keys` (the bank, or re-embedded training images)."""
@@ -159,8 +176,11 @@ class Trainer:
         return knn_evaluate(index, train.labels, queries, self.data.eval.labels, **common)
 
     def final_eval(self) -> dict:
-        """Re-embed the training images with the test transform, then kNN (METHOD.md)."""
-        model = self.eval_model()
+        """Export the final encoder; re-embed the training images with the test transform, then kNN (METHOD.md)."""
+        model = self.eval_model(sample=4096)
+        export_encoder(model, self.out / "encoder.pt", self.mean, self.std)
+        if not self.data.labelled:
+            return {}
         return self.knn(embed_images(model, self.images, self.mean, self.std), model)
 
     # --- persistence ------------------------------------------------------------------
@@ -211,8 +231,7 @@ class Trainer:
             self.save(eval_model)
             log(_format_row(row, self.cfg.epochs))
         final = {"epochs": self.epoch, "train_seconds": round(sum(r["seconds"] for r in self.history), 1)}
-        if labelled:
-            final.update({k: round(v, 4) for k, v in self.final_eval().items()})
+        final.update({k: round(v, 4) for k, v in self.final_eval().items()})
         atomic_write_text(self.out / "final.json", json.dumps(final, indent=2) + "\n")
         return final
 

@@ -179,3 +179,16 @@ def test_digits_preset_and_default_epochs(tmp_path):
     assert d["batch_size"] == 32 and d["flip"] is False and d["epochs"] == 1
     assert with_presets({"batch_size": 64})["batch_size"] == 64
     assert "flip" not in with_presets({"data": "x"})
+
+
+def test_bank_init_from_features_matches_the_networks_output(image_folder):
+    from instret.data import load_train_data
+
+    cfg = TrainConfig(data=str(image_folder), arch="small", epochs=1, bank_init="features", **TINY)
+    trainer = Trainer(cfg, load_train_data(cfg), image_folder, torch.device("cpu"))
+    bank = trainer.bank.features
+    assert torch.allclose(bank.norm(dim=1), torch.ones(len(bank)), atol=1e-5)
+    # Rows are the network's features, so nearby in feature space, unlike random unit vectors.
+    random_bank = Trainer(TrainConfig(data=str(image_folder), arch="small", epochs=1, **TINY),
+                          load_train_data(cfg), image_folder, torch.device("cpu")).bank.features  # fmt: skip
+    assert (bank @ bank.T).mean() > (random_bank @ random_bank.T).mean() + 0.1
