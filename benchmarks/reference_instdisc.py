@@ -17,6 +17,26 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 
 
+class SmallCNN(nn.Module):
+    """The same layers as instret's `small` backbone + head, written out here (no instret code)."""
+
+    def __init__(self, low_dim: int = 128, w: int = 32):
+        super().__init__()
+
+        def block(cin, cout, relu=True):
+            layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)]
+            return layers + [nn.ReLU(inplace=True)] if relu else layers
+
+        self.net = nn.Sequential(
+            *block(3, w // 2), *block(w // 2, w), nn.MaxPool2d(2), *block(w, 2 * w), nn.MaxPool2d(2),
+            *block(2 * w, 4 * w), nn.MaxPool2d(2), *block(4 * w, 4 * w, relu=False),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, low_dim),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return F.normalize(self.net(x), dim=1)
+
+
 class IndexedImages(torch.utils.data.Dataset):
     """uint8 N x 3 x H x W images -> (augmented view, index)."""
 
@@ -43,14 +63,25 @@ def paper_transform(size: int, mean, std, flip: bool = True):
 
 
 def dense_knn_predict(queries, bank, bank_labels, num_classes, k=200, sigma=0.1, batch=100):
-    """The authors' kNN: per query batch, a dense product with the whole bank, topk, weighted vote."""
+    """The authors' kNN (lemniscate.pytorch, test.py `kNN`), step for step: per batch of 100
+    test features, a dense product with the transposed bank, topk, a one-hot of the
+    neighbours' labels weighted by exp(s / sigma), summed per class, sorted."""
+    train_features = bank.t().contiguous()  # D x n, as the authors keep it
+    one_hot = torch.zeros(batch * k, num_classes)
     preds = []
     for start in range(0, len(queries), batch):
-        sims = queries[start:start + batch] @ bank.T  # b x n
-        top_sims, top_ids = sims.topk(k, dim=1)
-        weights = (top_sims / sigma).exp()
-        votes = torch.zeros(len(weights), num_classes).scatter_add_(1, bank_labels[top_ids], weights)
-        preds.append(votes.argmax(dim=1))
+        features = queries[start:start + batch]
+        b = len(features)
+        dist = torch.mm(features, train_features)  # b x n
+        yd, yi = dist.topk(k, dim=1, largest=True, sorted=True)
+        candidates = bank_labels.view(1, -1).expand(b, -1)
+        retrieval = torch.gather(candidates, 1, yi)
+        one_hot.resize_(b * k, num_classes).zero_()
+        one_hot.scatter_(1, retrieval.view(-1, 1), 1)
+        yd_transform = yd.clone().div_(sigma).exp_()
+        probs = torch.sum(torch.mul(one_hot.view(b, -1, num_classes), yd_transform.view(b, -1, 1)), 1)
+        _, predictions = probs.sort(1, True)
+        preds.append(predictions[:, 0])
     return torch.cat(preds)
 
 

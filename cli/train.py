@@ -26,6 +26,7 @@ from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, read_config_file
 @click.option("--prox-lambda", type=float, help="Weight of the proximal term; 0 turns it off [0].")
 @click.option("--bank-init", type=click.Choice(BANK_INITS), help="Memory bank start: random (paper) or features [random].")
 @click.option("--knn-k", type=int, help="Neighbours in the weighted kNN [200].")
+@click.option("--monitor-size", type=int, help="Held-out images the per-epoch kNN embeds; 0: all [5000].")
 @click.option("--low-dim", type=int, help="Feature dimension [128].")
 @click.option("--image-size", type=int, help="Side of the square training images [32].")
 @click.option("--device", type=str, help="auto, cpu, cuda or cuda:N [auto].")

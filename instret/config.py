@@ -50,6 +50,7 @@ class TrainConfig:
     flip: bool = True
     # evaluation
     knn_k: int = 200
+    monitor_size: int = 5000  # held-out images the per-epoch kNN monitor embeds (0: all); the final evaluation uses all
     # run
     out: str | None = None
     device: str = "auto"
@@ -97,6 +98,7 @@ class TrainConfig:
         need(0.0 <= self.bank_momentum < 1.0, "--bank-momentum must be in [0, 1)")
         need(self.prox_lambda >= 0, "--prox-lambda must be non-negative")
         need(self.knn_k >= 1, "--knn-k must be at least 1")
+        need(self.monitor_size >= 0, "--monitor-size must be non-negative")
         need(self.low_dim >= 1, "--low-dim must be at least 1")
         need(8 <= self.image_size <= 1024, "--image-size must be between 8 and 1024")
         need(self.workers >= 0, "--workers must be non-negative")

@@ -147,7 +147,10 @@ def embed_images(model: nn.Module, images: torch.Tensor, mean, std, batch_size: 
 
     was_training = model.training
     model.eval()
-    out = [model(eval_transform(images[i:i + batch_size], mean, std)) for i in range(0, len(images), batch_size)]
+    out = [
+        model(eval_transform(images[i:i + batch_size], mean, std).contiguous(memory_format=torch.channels_last))
+        for i in range(0, len(images), batch_size)
+    ]
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, model.low_dim, device=images.device)
 

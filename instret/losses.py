@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 def softmax_loss(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, tau: float) -> torch.Tensor:
     """Exact non-parametric softmax: -log P(i | f_i), P over all n bank rows."""
-    logits = f @ bank.T / tau  # B x D @ D x n -> B x n
+    logits = (f / tau) @ bank.T  # B x D @ D x n -> B x n; dividing f, not the B x n logits, is cheaper
     return F.cross_entropy(logits, idx)
 
 

@@ -163,8 +163,9 @@ class Trainer:
         (a 512-image sample every epoch keeps the monitor cheap; the final export uses more)."""
         return calibrated_copy(self.model, self.images, self.mean, self.std, sample=sample)
 
-    def knn(self, keys: torch.Tensor, model: torch.nn.Module) -> dict:
-        """Weighted kNN top-1/top-5 against `keys` (the bank, or re-embedded training images)."""
+    def knn(self, keys: torch.Tensor, model: torch.nn.Module, limit: int = 0) -> dict:
+        """Weighted kNN top-1/top-5 against `keys` (the bank, or re-embedded training images),
+        for the held-out images (evenly spaced `limit` of them, when limit > 0)."""
         train = self.data.train
         index = FeatureIndex()
         index.sync(keys)
@@ -172,8 +173,13 @@ class Trainer:
         common = dict(num_classes=num_classes, k=self.cfg.knn_k, sigma=self.cfg.tau)
         if self.eval_images is None:
             return knn_evaluate(index, train.labels, keys, train.labels, leave_one_out=True, **common)
-        queries = embed_images(model, self.eval_images, self.mean, self.std)
-        return knn_evaluate(index, train.labels, queries, self.data.eval.labels, **common)
+        images, labels = self.eval_images, self.data.eval.labels
+        if 0 < limit < len(images):
+            # Embedding the held-out images is most of the monitor's cost: a sample keeps it small.
+            pick = torch.linspace(0, len(images) - 1, limit).long()
+            images, labels = images[pick.to(images.device)], labels[pick]
+        queries = embed_images(model, images, self.mean, self.std)
+        return knn_evaluate(index, train.labels, queries, labels, **common)
 
     def final_eval(self) -> dict:
         """Export the final encoder; re-embed the training images with the test transform, then kNN (METHOD.md)."""
@@ -224,7 +230,8 @@ class Trainer:
             t = time.perf_counter()
             eval_model = self.eval_model()
             if labelled:
-                row.update({k: round(v, 4) for k, v in self.knn(self.bank.features, eval_model).items()})
+                monitor = self.knn(self.bank.features, eval_model, limit=self.cfg.monitor_size)
+                row.update({k: round(v, 4) for k, v in monitor.items()})
                 row["knn_seconds"] = round(time.perf_counter() - t, 3)
             self.epoch += 1
             self.history.append(row)

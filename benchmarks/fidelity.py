@@ -1,0 +1,115 @@
+"""Fidelity on CIFAR-10: instret's trainer against a reference loop, and accuracy on a time budget.
+
+    python benchmarks/fidelity.py [--data ../shared/datasets/cifar10] [--epochs 2] [--minutes 15]
+
+(a) The reference loop (benchmarks/reference_instdisc.py: plain PyTorch straight from
+    METHOD.md, per-sample PIL transforms, the same CNN written out again) and instret's
+    trainer, with the same backbone, seed and the authors' hyper-parameters, for the same
+    number of epochs: test kNN top-1 of each after re-embedding, and seconds per epoch.
+(b) instret's default CPU configuration (README: "CPU configuration") trained for a
+    wall-clock budget: the epochs that fit are estimated from timed steps, then run with the
+    step schedule; test kNN top-1 after re-embedding (`budget_top1`).
+Skip a part with --epochs 0 or --minutes 0. Last stdout line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_instdisc import SmallCNN, train_reference  # noqa: E402
+
+from instret.augment import channel_stats  # noqa: E402
+from instret.config import TrainConfig  # noqa: E402
+from instret.data import load_folder  # noqa: E402
+from instret.train import Trainer  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+# The default CPU configuration: the authors' recipe with the CPU backbone, and the bank
+# started from the network's own features (README: "CPU configuration").
+CPU_CONFIG = {"arch": "small", "bank_init": "features"}
+
+
+def run_instret(data, cfg: dict, out: Path) -> tuple[dict, list[dict]]:
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(TrainConfig.from_dict({**cfg, "out": str(out)}), data, out, torch.device("cpu"))
+    while trainer.epoch < trainer.cfg.epochs:
+        row = trainer.train_epoch()
+        trainer.epoch += 1
+        trainer.history.append(row)
+        print(f"instret epoch {row['epoch']}/{trainer.cfg.epochs} loss {row['loss']:.4f} "
+              f"{row['images_per_s']:.0f} img/s", flush=True)  # fmt: skip
+    return trainer.final_eval(), trainer.history
+
+
+def epochs_in_budget(data, cfg: dict, seconds: float, out: Path, steps: int = 40) -> int:
+    """How many epochs of `cfg` fit in `seconds`, from timed steps (the final evaluation aside)."""
+    trainer = Trainer(TrainConfig.from_dict({**cfg, "epochs": 1, "out": str(out)}), data, out, torch.device("cpu"))
+    b = trainer.cfg.batch_size
+    perm = torch.randperm(len(data.train))
+    trainer.step(perm[:b])
+    start = time.perf_counter()
+    for i in range(1, steps + 1):
+        trainer.step(perm[i * b:(i + 1) * b])
+    per_image = (time.perf_counter() - start) / (steps * b)
+    setup = 20.0  # bank init, per-epoch bookkeeping and the final re-embedding, measured ~15-25 s
+    return max(1, int((seconds - setup) / (per_image * len(data.train) * 1.03)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(SHARED / "cifar10"))
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of part (a); 0 skips it")
+    ap.add_argument("--minutes", type=float, default=15, help="budget of part (b); 0 skips it")
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    if not Path(args.data).is_dir():
+        sys.exit(f"fidelity: {args.data} not found (pass --data, a folder with train/ and test/)")
+    t = time.perf_counter()
+    data = load_folder(args.data, 32, args.workers)
+    print(f"decoded {len(data.train)} + {len(data.eval)} images in {time.perf_counter() - t:.1f} s", flush=True)
+    result = {}
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        if args.epochs > 0:
+            mean, std = channel_stats(data.train.images)
+            torch.manual_seed(0)
+            t = time.perf_counter()
+            rows, ref_top1 = train_reference(
+                SmallCNN(), data.train.images, data.train.labels, data.eval.images, data.eval.labels,
+                epochs=args.epochs, mean=mean, std=std, workers=args.workers, flip=True,
+            )  # fmt: skip
+            ref_s = sum(r["seconds"] for r in rows) / len(rows)
+            print(f"reference: kNN top-1 {ref_top1:.4f}, {ref_s:.1f} s/epoch ({time.perf_counter() - t:.0f} s)", flush=True)
+            final, hist = run_instret(data, {"arch": "small", "epochs": args.epochs, "workers": args.workers}, tmp / "a")
+            ours_s = sum(r["seconds"] for r in hist) / len(hist)
+            print(f"instret:   kNN top-1 {final['knn_top1']:.4f}, {ours_s:.1f} s/epoch", flush=True)
+            result.update({"epochs": args.epochs, "ref_top1": round(ref_top1, 4), "instret_top1": round(final["knn_top1"], 4),
+                           "ref_s_per_epoch": round(ref_s, 2), "instret_s_per_epoch": round(ours_s, 2),
+                           "fidelity_met": final["knn_top1"] >= ref_top1 - 0.01})  # fmt: skip
+        if args.minutes > 0:
+            budget = args.minutes * 60
+            epochs = epochs_in_budget(data, CPU_CONFIG, budget, tmp / "probe")
+            print(f"budget {args.minutes} min: {epochs} epochs of {CPU_CONFIG}", flush=True)
+            t = time.perf_counter()
+            final, hist = run_instret(data, {**CPU_CONFIG, "epochs": epochs, "workers": args.workers}, tmp / "b")
+            wall = time.perf_counter() - t
+            print(f"budget run: kNN top-1 {final['knn_top1']:.4f} after {epochs} epochs, {wall / 60:.1f} min", flush=True)
+            result.update({"budget_minutes": args.minutes, "budget_epochs": epochs, "budget_wall_minutes": round(wall / 60, 2),
+                           "budget_top1": round(final["knn_top1"], 4), "budget_config": CPU_CONFIG})  # fmt: skip
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""kNN monitor benchmark: instret's FAISS-mirrored weighted kNN against the authors' procedure.
+
+    python benchmarks/knn_monitor.py [--bank 50000] [--queries 10000] [--k 200]
+
+Same vectors for both: a 50,000 x 128 bank and 10,000 queries in 10 clusters. The authors'
+procedure (METHOD.md; lemniscate.pytorch's test.py, step for step) is a dense product of each
+batch of 100 queries with the whole bank, topk and a one-hot weighted vote
+(benchmarks/reference_instdisc.py). Predictions must agree (ties aside). Also
+reports the search's cost as a share of one CIFAR-10 training epoch, timed here with the
+default CPU backbone on random images (`monitor_share`); the whole monitor (embedding the
+test images too) is `knn_seconds` in a run's metrics.jsonl. Last stdout line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_instdisc import dense_knn_predict  # noqa: E402
+
+from instret.knn import FeatureIndex, knn_vote  # noqa: E402
+
+
+def clustered(n, d, classes, g):
+    centres = torch.randn(classes, d, generator=g)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    return F.normalize(centres[labels] + 2.0 * torch.randn(n, d, generator=g), dim=1), labels
+
+
+def instret_predict(bank, labels, queries, k, sigma, num_classes):
+    index = FeatureIndex()
+    index.sync(bank)  # the per-epoch mirror of the bank is part of the cost
+    preds = []
+    for start in range(0, len(queries), 4096):
+        sims, ids = index.search(queries[start:start + 4096], k)
+        preds.append(knn_vote(sims, labels[ids], num_classes, sigma).argmax(dim=1))
+    return torch.cat(preds)
+
+
+def epoch_seconds(images: int = 50000, batch: int = 128, steps: int = 20) -> float:
+    """One CIFAR-10 epoch of the default CPU configuration (50,000-row bank), from timed steps."""
+    from instret.config import TrainConfig
+    from instret.data import ImageSet, TrainData
+    from instret.train import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    data = TrainData(ImageSet(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=g)), None, "random")
+    cfg = TrainConfig.from_dict({"arch": "small", "epochs": 1, "out": "/tmp/unused", "batch_size": batch})
+    trainer = Trainer(cfg, data, Path("/tmp"), torch.device("cpu"))
+    perm = torch.randperm(images, generator=g)
+    for i in range(3):
+        trainer.step(perm[i * batch:(i + 1) * batch])
+    start = time.perf_counter()
+    for i in range(3, steps + 3):
+        trainer.step(perm[i * batch:(i + 1) * batch])
+    return (time.perf_counter() - start) / (steps * batch) * images
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bank", type=int, default=50000)
+    ap.add_argument("--queries", type=int, default=10000)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--k", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    g = torch.Generator().manual_seed(0)
+    bank, labels = clustered(args.bank, args.dim, 10, g)
+    queries, _ = clustered(args.queries, args.dim, 10, g)
+    sigma = 0.1
+    times = {"instret": [], "authors": []}
+    for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
+        t = time.perf_counter()
+        ours = instret_predict(bank, labels, queries, args.k, sigma, 10)
+        times["instret"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        theirs = dense_knn_predict(queries, bank, labels, 10, k=args.k, sigma=sigma)
+        times["authors"].append(time.perf_counter() - t)
+    agree = float((ours == theirs).float().mean())
+    instret_s, authors_s = min(times["instret"]), min(times["authors"])
+    print(f"instret (FAISS mirror + vote): {instret_s:.3f} s   authors (dense product + topk): {authors_s:.3f} s", flush=True)
+    print(f"speedup {authors_s / instret_s:.2f}x; predictions agree on {agree:.4%} of queries", flush=True)
+    assert agree > 0.999, "predictions differ beyond ties"
+    epoch = epoch_seconds()
+    print(f"one CIFAR-10 epoch of the default CPU configuration: {epoch:.1f} s; "
+          f"monitor share {instret_s / epoch:.4f}", flush=True)  # fmt: skip
+    print(json.dumps({"instret_s": round(instret_s, 4), "authors_s": round(authors_s, 4),
+                      "speedup": round(authors_s / instret_s, 3), "agreement": agree,
+                      "epoch_s": round(epoch, 2), "monitor_share": round(instret_s / epoch, 4),
+                      "bank": args.bank, "queries": args.queries, "k": args.k}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

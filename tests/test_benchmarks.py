@@ -1,0 +1,44 @@
+"""The benchmark scripts run (a few steps, on tiny data); their figures are not asserted here."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def last_json_line(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_gpu_cifar10_script_runs_a_few_steps_on_cpu(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", train_x=rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8),
+             train_y=rng.integers(0, 10, 300), test_x=rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8),
+             test_y=rng.integers(0, 10, 50))  # fmt: skip
+    proc = subprocess.run([sys.executable, BENCH / "gpu_cifar10.py", "--npz", tmp_path / "c.npz", "--arch", "small",
+                           "--device", "cpu", "--max-steps", "2", "--out", tmp_path / "run"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = last_json_line(proc.stdout)
+    assert {"device", "images_per_s", "seconds_per_epoch", "epochs", "knn_top1", "projected_200_epoch_minutes"} <= set(result)
+    assert result["images_per_s"] > 0 and result["device"] == "cpu"
+
+
+def test_scripts_without_data_exit_with_a_clear_message(tmp_path):
+    for script, args in (("train_throughput.py", ["--data", str(tmp_path / "none")]),
+                         ("fidelity.py", ["--data", str(tmp_path / "none")]),
+                         ("search.py", ["--model", "x", "--cifar", str(tmp_path / "none")])):  # fmt: skip
+        proc = subprocess.run([sys.executable, BENCH / script, *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "not found" in proc.stderr and "Traceback" not in proc.stderr, script
+
+
+def test_knn_monitor_script_small(tmp_path):
+    proc = subprocess.run([sys.executable, BENCH / "knn_monitor.py", "--bank", "3000", "--queries", "500", "--k", "50",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = last_json_line(proc.stdout)
+    assert result["agreement"] > 0.999 and result["speedup"] > 0
