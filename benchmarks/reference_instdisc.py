@@ -123,7 +123,7 @@ def train_reference(model: nn.Module, images, labels, test_images, test_labels, 
                 mixed = bank[idx] * bank_momentum + f.detach() * (1 - bank_momentum)
                 bank[idx] = F.normalize(mixed, dim=1)
             seen += len(idx)
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         seconds = time.perf_counter() - start
         row = {"epoch": epoch + 1, "loss": total / seen, "seconds": seconds, "images_per_s": seen / seconds}
         rows.append(row)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -63,12 +62,22 @@ def latency_ms(index_dir, paths, n: int, seed: int = 0) -> tuple[float, float]:
     return float(np.percentile(times, 50)), float(np.percentile(times, 95))
 
 
+RSS_PROBE = """
+import resource, sys
+from instret.cli.main import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
 def query_rss_mb(index_dir, image) -> float:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-m", "instret", "query", str(image), "--index", str(index_dir)],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(before, after) / 1024  # ru_maxrss is in KiB on Linux
+    """Peak resident memory of a fresh process running `instret query IMAGE --index DIR`."""
+    proc = subprocess.run([sys.executable, "-c", RSS_PROBE, "query", str(image), "--index", str(index_dir)],
+                          check=True, capture_output=True, text=True)  # fmt: skip
+    return int(proc.stderr.strip().splitlines()[-1]) / 1024  # ru_maxrss is in KiB on Linux
 
 
 def bench_collection(name, folder, model, workers, queries, tmp) -> dict:

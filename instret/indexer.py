@@ -55,6 +55,9 @@ class Staging:
 
     def __init__(self, path: Path, fingerprint: str):
         self.con = sqlite3.connect(path)
+        # WAL: a commit per batch survives the process being killed without an fsync per batch.
+        self.con.execute("PRAGMA journal_mode=WAL")
+        self.con.execute("PRAGMA synchronous=NORMAL")
         self.con.execute("CREATE TABLE IF NOT EXISTS staged (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
                          " sha256 TEXT, fingerprint TEXT, vector BLOB)")  # fmt: skip
         self.con.execute("DELETE FROM staged WHERE fingerprint != ?", (fingerprint,))

@@ -195,3 +195,24 @@ def test_bank_init_from_features_matches_the_networks_output(image_folder):
         expected = trainer.model(x)
     assert torch.allclose(trainer.bank.features, expected, atol=1e-5)
     assert torch.allclose(trainer.bank.features.norm(dim=1), torch.ones(len(expected)), atol=1e-5)
+
+
+def test_monitor_sample_equals_knn_on_those_images(tmp_path):
+    from tests.conftest import make_image_folder
+    from instret.data import load_folder
+    from instret.knn import FeatureIndex, knn_evaluate
+
+    make_image_folder(tmp_path / "d" / "train", per_class=8, seed=1)
+    make_image_folder(tmp_path / "d" / "test", per_class=5, seed=2)
+    data = load_folder(tmp_path / "d", 16)
+    cfg = TrainConfig(data=str(tmp_path / "d"), arch="small", epochs=1, **TINY)
+    trainer = Trainer(cfg, data, tmp_path, torch.device("cpu"))
+    model = trainer.eval_model()
+    got = trainer.knn(trainer.bank.features, model, limit=6)
+    pick = torch.linspace(0, 14, 6).long()
+    from instret.encoder import embed_images
+
+    index = FeatureIndex()
+    index.sync(trainer.bank.features)
+    queries = embed_images(model, data.eval.images[pick], trainer.mean, trainer.std)
+    assert got == knn_evaluate(index, data.train.labels, queries, data.eval.labels[pick], 3, k=5, sigma=cfg.tau)
