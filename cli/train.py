@@ -32,6 +32,10 @@ from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, read_config_file
 @click.option("--device", type=str, help="auto, cpu, cuda or cuda:N [auto].")
 @click.option("--workers", type=int, help="Processes decoding image files [2].")
 @click.option("--seed", type=int, help="Random seed [0].")
+@click.option("--amp/--no-amp", default=None, help="bf16 autocast [on where the GPU supports bf16].")
+@click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the encoder [off].")
+@click.option("--fused-optimizer/--no-fused-optimizer", default=None, help="Fused SGD [on on a GPU].")
+@click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format [on].")
 @click.option("--config", "config_file", type=str, help="YAML or JSON file of defaults; flags override it.")
 @click.option("--resume", is_flag=True, help="Continue the run folder given by --out from its last epoch.")
 def train(config_file, resume, **options) -> None:

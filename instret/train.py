@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from instret import losses
 from instret.storage import atomic_torch_save, atomic_write_text, load_torch_file
@@ -55,6 +56,18 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def speed_options(cfg: TrainConfig, device: torch.device) -> dict:
+    """What `None` means for each speed option on this device (README: "Speed options")."""
+    cuda = device.type == "cuda"
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return {
+        "amp": bf16 if cfg.amp is None else cfg.amp,
+        "compile": cfg.compile,
+        "fused_optimizer": cuda if cfg.fused_optimizer is None else cfg.fused_optimizer,
+        "channels_last": cfg.channels_last,
+    }
+
+
 def batches(perm: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Consecutive slices of a permutation; a trailing batch of one joins the one before (BatchNorm)."""
     parts = list(perm.split(batch_size))
@@ -70,14 +83,18 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: TrainData, out: Path, device: torch.device):
         self.cfg, self.data, self.out, self.device = cfg, data, out, device
         torch.manual_seed(cfg.seed)
+        self.speed = speed_options(cfg, device)
         # channels_last: faster convolutions on CPUs and on tensor-core GPUs alike.
-        self.model = Encoder(cfg.arch, cfg.low_dim, cfg.image_size).to(device, memory_format=torch.channels_last)
+        self.memory_format = torch.channels_last if self.speed["channels_last"] else torch.contiguous_format
+        self.model = Encoder(cfg.arch, cfg.low_dim, cfg.image_size).to(device, memory_format=self.memory_format)
+        self.forward = torch.compile(self.model) if self.speed["compile"] else self.model
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         n = len(data.train)
         self.bank = MemoryBank(n, cfg.low_dim, device, generator=self.generator)
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
+            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            fused=self.speed["fused_optimizer"],
+        )  # fmt: skip
         self.mean, self.std = channel_stats(data.train.images)
         self.augment = Augment(
             cfg.image_size, self.mean, self.std, scale=cfg.crop_scale, jitter=cfg.jitter,
@@ -102,8 +119,7 @@ class Trainer:
         """
         for start in range(0, len(self.images), batch_size):
             idx = torch.arange(start, min(start + batch_size, len(self.images)), device=self.device)
-            x = self.augment(self.images[idx], self.generator).contiguous(memory_format=torch.channels_last)
-            self.bank.features[idx] = self.model(x)
+            self.bank.features[idx] = F.normalize(self.encode(self.augment(self.images[idx], self.generator)), dim=1)
 
     # --- one step and one epoch -----------------------------------------------------
 
@@ -120,9 +136,14 @@ class Trainer:
             loss = loss + losses.proximal_term(f, bank[idx], cfg.prox_lambda)
         return loss
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Training-time forward with the speed options; features come back in float32."""
+        x = x.contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.speed["amp"]):
+            return self.forward(x).float()
+
     def step(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.augment(self.images[idx], self.generator).contiguous(memory_format=torch.channels_last)
-        f = self.model(x)
+        f = self.encode(self.augment(self.images[idx], self.generator))
         loss = self.loss(f, idx)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -216,3 +216,41 @@ def test_monitor_sample_equals_knn_on_those_images(tmp_path):
     index.sync(trainer.bank.features)
     queries = embed_images(model, data.eval.images[pick], trainer.mean, trainer.std)
     assert got == knn_evaluate(index, data.train.labels, queries, data.eval.labels[pick], 3, k=5, sigma=cfg.tau)
+
+
+def _first_steps(image_folder, steps=2, **speed):
+    from instret.data import load_train_data
+
+    cfg = TrainConfig(data=str(image_folder), arch="small", epochs=1, **TINY, **speed)
+    trainer = Trainer(cfg, load_train_data(cfg), image_folder, torch.device("cpu"))
+    return [float(trainer.step(torch.arange(i * 8, (i + 1) * 8))) for i in range(steps)], trainer
+
+
+def test_speed_options_give_the_same_loss_as_without(image_folder):
+    plain, t0 = _first_steps(image_folder, amp=False, fused_optimizer=False, channels_last=False)
+    fast, t1 = _first_steps(image_folder, amp=True, fused_optimizer=True, channels_last=True)
+    assert t1.speed == {"amp": True, "compile": False, "fused_optimizer": True, "channels_last": True}
+    # bf16 autocast: same loss to about 1 %; the step after it too, so the update matched.
+    assert fast == pytest.approx(plain, rel=2e-2)
+    assert torch.allclose(t0.bank.features, t1.bank.features, atol=5e-2)
+
+
+def test_fused_optimizer_and_channels_last_alone_are_exact_enough(image_folder):
+    plain, _ = _first_steps(image_folder, amp=False, fused_optimizer=False, channels_last=False)
+    fused, _ = _first_steps(image_folder, amp=False, fused_optimizer=True, channels_last=True)
+    assert fused == pytest.approx(plain, rel=1e-4)
+
+
+def test_speed_defaults_are_off_on_cpu():
+    from instret.train import speed_options
+
+    assert speed_options(TrainConfig(), torch.device("cpu")) == {
+        "amp": False, "compile": False, "fused_optimizer": False, "channels_last": True}
+
+
+def test_compiled_encoder_gives_the_same_loss(image_folder):
+    # torch.compile builds C++ kernels on the CPU (about 40 s here): slow, but the option is real.
+    plain, _ = _first_steps(image_folder, amp=False, fused_optimizer=False, channels_last=False)
+    compiled, trainer = _first_steps(image_folder, amp=False, compile=True)
+    assert trainer.forward is not trainer.model
+    assert compiled == pytest.approx(plain, rel=1e-4)
