@@ -28,6 +28,10 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become `instret: error: ...` with exit status 1 (2 for usage)."""
+    for stream in (sys.stdout, sys.stderr):
+        # File names with bytes that are not UTF-8 are printed as those bytes, not a traceback.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     try:
         cli.main(args=argv, prog_name="instret", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -165,14 +165,15 @@ class SearchIndex:
             rows = self.meta.execute(
                 f"SELECT id, path FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk
             )
-            out.update(rows)
+            out.update((i, from_db(p)) for i, p in rows)
         return {i: str(Path(self.manifest["root"]) / p) for i, p in out.items()}
 
     def files(self) -> list[tuple[int, str, int, int, str]]:
-        return self.meta.execute("SELECT id, path, size, mtime_ns, sha256 FROM files ORDER BY id").fetchall()
+        rows = self.meta.execute("SELECT id, path, size, mtime_ns, sha256 FROM files ORDER BY id")
+        return [(i, from_db(p), *rest) for i, p, *rest in rows]
 
     def skipped(self) -> list[tuple[str, str]]:
-        return self.meta.execute("SELECT path, reason FROM skipped ORDER BY path").fetchall()
+        return [(from_db(p), r) for p, r in self.meta.execute("SELECT path, reason FROM skipped ORDER BY path")]
 
     def close(self) -> None:
         self.meta.close()
@@ -203,6 +204,20 @@ def read_manifest(gen_dir: Path) -> dict:
         if key not in manifest:
             raise InstretError(f"{path}: manifest lacks {key!r}; the index is damaged, rebuild it")
     return manifest
+
+
+def to_db(path: str) -> str | bytes:
+    """A path for SQLite: text when it is valid UTF-8, else its raw bytes (names on Linux may
+    hold any bytes; Python carries them as surrogates, which SQLite's text refuses)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
+def from_db(value: str | bytes) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
 SCHEMA = """
@@ -259,8 +274,8 @@ def write_generation(index_dir: Path, generation: int, manifest: dict, vectors: 
     np.save(gen_dir / "ids.npy", ids)
     con = open_metadata(gen_dir / "meta.sqlite")
     with con:
-        con.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?)", files)
-        con.executemany("INSERT INTO skipped VALUES (?, ?)", skipped)
+        con.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?)", [(i, to_db(p), *rest) for i, p, *rest in files])
+        con.executemany("INSERT INTO skipped VALUES (?, ?)", [(to_db(p), r) for p, r in skipped])
     con.close()
     shutil.copyfile(encoder_file, gen_dir / "encoder.pt")
     atomic_write_text(gen_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")

@@ -24,8 +24,8 @@ from instret.encoder import LoadedEncoder, embed_images, load_encoder
 from instret.errors import InstretError
 from instret.images import file_sha256, iter_decoded, list_image_files
 from instret.index import (
-    DEFAULT_FACTORY, INDEX_FORMAT_VERSION, METRIC, SearchIndex, as_float32, read_current, write_generation,
-    writer_lock,
+    DEFAULT_FACTORY, INDEX_FORMAT_VERSION, METRIC, SearchIndex, as_float32, read_current, to_db,
+    write_generation, writer_lock,
 )  # fmt: skip
 from instret.progress import Progress, log
 
@@ -66,7 +66,7 @@ class Staging:
 
     def lookup(self, f: FileState):
         row = self.con.execute(
-            "SELECT sha256, vector FROM staged WHERE path = ? AND size = ? AND mtime_ns = ?", (f.rel, f.size, f.mtime_ns)
+            "SELECT sha256, vector FROM staged WHERE path = ? AND size = ? AND mtime_ns = ?", (to_db(f.rel), f.size, f.mtime_ns)
         ).fetchone()
         return None if row is None else (row[0], np.frombuffer(row[1], dtype=np.float32))
 
@@ -74,7 +74,7 @@ class Staging:
         with self.con:
             self.con.executemany(
                 "INSERT OR REPLACE INTO staged VALUES (?, ?, ?, ?, ?, ?)",
-                [(f.rel, f.size, f.mtime_ns, h, self.fingerprint, v.astype(np.float32).tobytes()) for f, h, v in rows],
+                [(to_db(f.rel), f.size, f.mtime_ns, h, self.fingerprint, v.astype(np.float32).tobytes()) for f, h, v in rows],
             )
 
     def close(self) -> None:

@@ -22,7 +22,8 @@ def query_text(results: list[dict], show_query: bool) -> str:
 
 
 def json_lines(objects) -> str:
-    return "\n".join(json.dumps(o, ensure_ascii=False) for o in objects)
+    # ASCII escapes keep every path valid JSON, even names whose bytes are not UTF-8.
+    return "\n".join(json.dumps(o) for o in objects)
 
 
 def dups_text(groups: list[dict]) -> str:

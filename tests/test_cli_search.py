@@ -117,3 +117,21 @@ def test_train_with_data_leaves_a_queryable_index(image_folder, tmp_path, capsys
     assert code == 0, err
     code, stdout, err = run_cli(["query", str(image_folder / "red" / "000.png"), "--index", str(out / "index"), "-k", "1"], capsys)
     assert code == 0 and stdout.split("\t")[2].strip().endswith("red/000.png")
+
+
+def test_file_names_with_spaces_non_ascii_and_undecodable_bytes(trained_run, tmp_path, capsys):
+    import os
+
+    photos = shutil.copytree(trained_run.parent / "photos", tmp_path / "photos")
+    odd = [b"with space.jpg", "caf\u00e9 \u65e5\u672c.jpg".encode(), b"bad\xff\xfename.jpg"]
+    for name in odd:
+        shutil.copy(photos / "a" / "001.jpg", os.path.join(os.fsencode(photos / "b"), name))
+    summary = build_index(photos, trained_run, tmp_path / "ix", workers=0, device="cpu")
+    assert summary["vectors"] == 33 and summary["skipped"] == 0
+    again = build_index(photos, trained_run, tmp_path / "ix", workers=0, device="cpu")
+    assert again["unchanged"] == 33 and again["encoded"] == 0
+    query_path = os.fsdecode(os.path.join(os.fsencode(photos / "b"), odd[2]))
+    code, out, err = run_cli(["query", query_path, "--index", str(tmp_path / "ix"), "-k", "5", "--json"], capsys)
+    assert code == 0, err
+    paths = {r["path"] for r in json.loads(out)["results"]}
+    assert query_path in {str(__import__("pathlib").Path(p)) for p in paths}
