@@ -71,7 +71,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2, help="epochs of part (a); 0 skips it")
     ap.add_argument("--minutes", type=float, default=15, help="budget of part (b); 0 skips it")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--set", default="{}", help="JSON of config keys to change in part (b), e.g. '{\"lr\": 0.06}'")
     args = ap.parse_args()
+    cpu_config = {**CPU_CONFIG, **json.loads(args.set)}
     if not Path(args.data).is_dir():
         sys.exit(f"fidelity: {args.data} not found (pass --data, a folder with train/ and test/)")
     t = time.perf_counter()
@@ -98,14 +100,14 @@ def main() -> None:
                            "fidelity_met": final["knn_top1"] >= ref_top1 - 0.01})  # fmt: skip
         if args.minutes > 0:
             budget = args.minutes * 60
-            epochs = epochs_in_budget(data, CPU_CONFIG, budget, tmp / "probe")
-            print(f"budget {args.minutes} min: {epochs} epochs of {CPU_CONFIG}", flush=True)
+            epochs = epochs_in_budget(data, cpu_config, budget, tmp / "probe")
+            print(f"budget {args.minutes} min: {epochs} epochs of {cpu_config}", flush=True)
             t = time.perf_counter()
-            final, hist = run_instret(data, {**CPU_CONFIG, "epochs": epochs, "workers": args.workers}, tmp / "b")
+            final, hist = run_instret(data, {**cpu_config, "epochs": epochs, "workers": args.workers}, tmp / "b")
             wall = time.perf_counter() - t
             print(f"budget run: kNN top-1 {final['knn_top1']:.4f} after {epochs} epochs, {wall / 60:.1f} min", flush=True)
             result.update({"budget_minutes": args.minutes, "budget_epochs": epochs, "budget_wall_minutes": round(wall / 60, 2),
-                           "budget_top1": round(final["knn_top1"], 4), "budget_config": CPU_CONFIG})  # fmt: skip
+                           "budget_top1": round(final["knn_top1"], 4), "budget_config": cpu_config})  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(result))

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, read_config_file
+from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, SCHEDULES, read_config_file
 
 
 @click.command()
@@ -19,6 +19,7 @@ from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, read_config_file
 @click.option("--epochs", type=int, help="Epochs [200; 30 for digits].")
 @click.option("--batch-size", type=int, help="Batch size [128].")
 @click.option("--lr", type=float, help="SGD learning rate [0.03].")
+@click.option("--lr-schedule", type=click.Choice(SCHEDULES), help="step (x0.1 at 60 % and 80 %) or cosine [step].")
 @click.option("--loss", type=click.Choice(LOSSES), help="Exact softmax over the bank, or NCE [softmax].")
 @click.option("--nce-k", type=int, help="NCE noise samples m [4096].")
 @click.option("--tau", type=float, help="Temperature, also the kNN sigma [0.1].")

@@ -14,6 +14,7 @@ FORMAT_VERSION = 1
 ARCHS = ("auto", "small", "resnet18", "resnet50")
 LOSSES = ("softmax", "nce")
 BANK_INITS = ("random", "features")
+SCHEDULES = ("step", "cosine")
 DATASETS = ("digits", "cifar10")
 
 
@@ -36,6 +37,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lr_milestones: tuple[float, ...] = (0.6, 0.8)  # fractions of `epochs`: 120 and 160 of 200
     lr_gamma: float = 0.1
+    lr_schedule: str = "step"  # step: the authors'; cosine: half a cosine from lr to 0 over the epochs
     # instance discrimination
     loss: str = "softmax"
     nce_k: int = 4096
@@ -92,6 +94,7 @@ class TrainConfig:
 
         need(self.arch in ARCHS, f"--arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
         need(self.bank_init in BANK_INITS, f"--bank-init must be one of {', '.join(BANK_INITS)}")
+        need(self.lr_schedule in SCHEDULES, f"--lr-schedule must be one of {', '.join(SCHEDULES)}")
         need(self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
         need(self.data is not None or self.dataset in DATASETS,
              f"--dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}")

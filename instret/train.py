@@ -34,7 +34,10 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def lr_at(epoch: int, cfg: TrainConfig) -> float:
-    """Step schedule: lr * gamma^(number of milestones passed); milestones are fractions of epochs."""
+    """Step schedule: lr * gamma^(number of milestones passed); milestones are fractions of epochs.
+    Cosine: lr * (1 + cos(pi * epoch / epochs)) / 2."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
     passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.lr_milestones)
     return cfg.lr * cfg.lr_gamma**passed
 

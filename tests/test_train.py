@@ -22,6 +22,11 @@ def test_lr_schedule_steps_at_60_and_80_percent():
     )
 
 
+def test_cosine_schedule_closed_form():
+    cfg = TrainConfig(epochs=10, lr=0.1, lr_schedule="cosine")
+    assert [lr_at(e, cfg) for e in (0, 5, 10)] == pytest.approx([0.1, 0.05, 0.0])
+
+
 def test_batches_cover_the_permutation_without_a_batch_of_one():
     perm = torch.randperm(17)
     parts = batches(perm, 8)
