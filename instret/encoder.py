@@ -159,9 +159,9 @@ def embed_images(model: nn.Module, images: torch.Tensor, mean, std, batch_size: 
 def calibrated_copy(model: nn.Module, images: torch.Tensor, mean, std, sample: int = 4096, batch_size: int = 512):
     """A copy of the model whose BatchNorm statistics are re-estimated on clean images.
 
-    Training keeps BatchNorm running statistics of heavily augmented batches; on clean images
-    at test time they are off, and eval-mode features crowd together (measured: an augmented
-    copy finds its original 53 % of the time instead of 100 %). The copy is used for
+    Training keeps BatchNorm running statistics of heavily augmented batches, which are off
+    for clean images at test time. The gain is small but consistent (CIFAR-10, 8 epochs of
+    `small`: kNN top-1 0.4727 -> 0.4745, top-5 0.918 -> 0.923). The copy is used for
     evaluation and export only, so training itself stays as the paper has it.
     """
     import copy
