@@ -7,7 +7,6 @@ import html
 import io
 import json
 
-from PIL import Image
 
 from instret.images import ImageReadError, open_rgb
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from instret.encoder import LoadedEncoder, embed_images, load_encoder
+from instret.encoder import embed_images, load_encoder
 from instret.errors import InstretError
 from instret.images import ImageReadError, file_sha256, read_image
 from instret.index import SearchIndex, as_float32

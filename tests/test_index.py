@@ -1,10 +1,8 @@
-import json
 import shutil
-import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageEnhance
 
 from instret import indexer
@@ -37,7 +35,7 @@ def test_each_indexed_image_finds_itself_first_with_score_one(photos, trained_ru
     results = query(tmp_path / "ix", images, k=3)
     for r in results:
         top = r["results"][0]
-        assert top["path"] == str(__import__("pathlib").Path(r["query"]).resolve())
+        assert top["path"] == str(Path(r["query"]).resolve())
         assert top["score"] == pytest.approx(1.0, abs=1e-5)
         assert [h["rank"] for h in r["results"]] == [1, 2, 3]
         assert all(a["score"] >= b["score"] for a, b in zip(r["results"], r["results"][1:]))
