@@ -26,7 +26,8 @@ import torch
 
 from instret.config import TrainConfig
 from instret.data import ImageSet, TrainData, load_folder
-from instret.train import Trainer, batches, resolve_device
+from instret.device import resolve_device
+from instret.train import Trainer, batches
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CLASSES = [str(i) for i in range(10)]

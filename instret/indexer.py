@@ -21,6 +21,7 @@ import torch
 
 from instret.data import report_skipped
 from instret.encoder import LoadedEncoder, embed_images, load_encoder
+from instret.device import resolve_device
 from instret.errors import InstretError
 from instret.images import file_sha256, iter_decoded, list_image_files
 from instret.index import (
@@ -102,8 +103,6 @@ def encode_files(encoder: LoadedEncoder, root: Path, files: list[FileState], sta
 def build_index(images_dir: str | Path, model: str | Path, out: str | Path, factory: str | None = None,
                 batch_size: int = 256, workers: int = 2, device: str = "auto", rebuild: bool = False) -> dict:  # fmt: skip
     """Create or incrementally update the index of a folder; returns a summary of what was done."""
-    from instret.train import resolve_device
-
     root, out = Path(images_dir), Path(out)
     if not root.is_dir():
         raise InstretError(f"{root}: no such folder")
@@ -182,11 +181,10 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
             "skipped": len(skipped),
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        generation = int(previous.generation[4:]) + 1 if previous is not None else _next_generation(out)
         if previous is not None:
             previous.close()
         src = Path(model) / "encoder.pt" if Path(model).is_dir() else Path(model)
-        name = write_generation(out, generation, manifest, vectors, ids, rows, skipped, src)
+        name = write_generation(out, _next_generation(out), manifest, vectors, ids, rows, skipped, src)
         staging.close()
         (out / "staging.sqlite").unlink(missing_ok=True)
     seconds = time.perf_counter() - start

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from instret.encoder import embed_images, load_encoder
+from instret.device import resolve_device
 from instret.errors import InstretError
 from instret.images import ImageReadError, file_sha256, read_image
 from instret.index import SearchIndex, as_float32
@@ -17,8 +18,6 @@ class Searcher:
     """An open index plus the encoder it was built with: image files in, ranked hits out."""
 
     def __init__(self, index_dir: str | Path, model: str | Path | None = None, device: str = "cpu"):
-        from instret.train import resolve_device
-
         self.index = SearchIndex(index_dir)
         self.device = resolve_device(device)
         self.encoder = load_encoder(self.index.gen_dir / "encoder.pt", self.device)

@@ -25,6 +25,7 @@ from instret.augment import Augment, channel_stats
 from instret.bank import MemoryBank
 from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, TrainConfig, with_presets
 from instret.data import TrainData, load_train_data
+from instret.device import resolve_device
 from instret.encoder import Encoder, calibrated_copy, embed_images, export_encoder, resolve_arch
 from instret.errors import InstretError
 from instret.knn import FeatureIndex, knn_evaluate
@@ -40,23 +41,6 @@ def lr_at(epoch: int, cfg: TrainConfig) -> float:
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
     passed = sum(epoch >= round(m * cfg.epochs) for m in cfg.lr_milestones)
     return cfg.lr * cfg.lr_gamma**passed
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise InstretError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InstretError(f"--device {spec}: no CUDA GPU is available here (try --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InstretError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) present")
-    elif device.type != "cpu":
-        raise InstretError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
-    return device
 
 
 def speed_options(cfg: TrainConfig, device: torch.device) -> dict:
@@ -83,7 +67,8 @@ def batches(perm: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 class Trainer:
     """Holds the state of one run; `fit()` trains to cfg.epochs, saving after every epoch."""
 
-    def __init__(self, cfg: TrainConfig, data: TrainData, out: Path, device: torch.device):
+    def __init__(self, cfg: TrainConfig, data: TrainData, out: Path, device: torch.device,
+                 checkpoint: dict | None = None):  # fmt: skip
         self.cfg, self.data, self.out, self.device = cfg, data, out, device
         torch.manual_seed(cfg.seed)
         self.speed = speed_options(cfg, device)
@@ -105,11 +90,13 @@ class Trainer:
         )  # fmt: skip
         self.images = data.train.images.to(device)
         self.eval_images = data.eval.images.to(device) if data.eval is not None else None
-        if cfg.bank_init == "features":
-            self.init_bank_from_features()
         self.epoch = 0  # epochs finished
         self.nce_z: float | None = None
         self.history: list[dict] = []
+        if checkpoint is not None:
+            self.load_state(checkpoint)
+        elif cfg.bank_init == "features":
+            self.init_bank_from_features()
 
     @torch.no_grad()
     def init_bank_from_features(self, batch_size: int = 512) -> None:
@@ -311,15 +298,14 @@ def train(options: TrainConfig | dict, resume: bool = False) -> dict:
         raise InstretError("need at least 2 training images")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    trainer = Trainer(cfg, data, out, device)
-    if resume and (out / CHECKPOINT).exists():
-        ckpt = load_checkpoint(out / CHECKPOINT)
-        if ckpt["bank"]["features"].shape[0] != len(data.train):
-            raise InstretError(
-                f"{out}: the checkpoint's bank has {ckpt['bank']['features'].shape[0]} rows but the data "
-                f"now has {len(data.train)} images; the data changed since the run began"
-            )
-        trainer.load_state(ckpt)
+    ckpt = load_checkpoint(out / CHECKPOINT) if resume and (out / CHECKPOINT).exists() else None
+    if ckpt is not None and ckpt["bank"]["features"].shape[0] != len(data.train):
+        raise InstretError(
+            f"{out}: the checkpoint's bank has {ckpt['bank']['features'].shape[0]} rows but the data "
+            f"now has {len(data.train)} images; the data changed since the run began"
+        )
+    trainer = Trainer(cfg, data, out, device, checkpoint=ckpt)
+    if ckpt is not None:
         log(f"resuming {out} after epoch {trainer.epoch}/{cfg.epochs}")
     log(f"training {cfg.arch} on {data.name}: {len(data.train)} images, {cfg.epochs} epochs, "
         f"{cfg.loss} loss, device {device}, run folder {out}")  # fmt: skip

@@ -1,0 +1,24 @@
+"""Which torch device a `--device` option names (auto, cpu, cuda, cuda:N), checked."""
+
+from __future__ import annotations
+
+import torch
+
+from instret.errors import InstretError
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise InstretError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InstretError(f"--device {spec}: no CUDA GPU is available here (try --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InstretError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) present")
+    elif device.type != "cpu":
+        raise InstretError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    return device
