@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from instret.cli.options import max_pixels_option
 from instret.storage import atomic_write_text
 
 
@@ -24,30 +25,33 @@ def _write_html(path: str, page: str) -> None:
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
 @click.option("--device", default="auto", show_default=True)
 @click.option("--rebuild", is_flag=True, help="Re-encode everything (e.g. with a new encoder).")
-def index_cmd(images_dir, model, out, index_type, batch_size, workers, device, rebuild):
+@max_pixels_option
+def index_cmd(images_dir, model, out, index_type, batch_size, workers, device, rebuild, max_image_pixels):
     """Build or update the search index of a folder of images."""
     from instret.indexer import build_index
 
-    summary = build_index(images_dir, model, out, index_type, batch_size, workers, device, rebuild)
+    summary = build_index(images_dir, model, out, index_type, batch_size, workers, device, rebuild,
+                          max_image_pixels)  # fmt: skip
     click.echo(json.dumps(summary))
 
 
 @click.command("query")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--index", "index_dir", required=True, help="Index folder.")
-@click.option("-k", default=10, show_default=True, type=int, help="Results per query.")
+@click.option("-k", default=10, show_default=True, type=click.IntRange(1), help="Results per query (all when the index holds fewer).")
 @click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query on stdout.")
 @click.option("--html", "html_file", help="Also write a self-contained HTML page of thumbnails.")
 @click.option("--exclude-self", is_flag=True, help="Leave out the query image itself.")
 @click.option("--model", help="Refuse unless the index was built with this encoder.")
 @click.option("--device", default="cpu", show_default=True)
-def query_cmd(images, index_dir, k, min_score, as_json, html_file, exclude_self, model, device):
+@max_pixels_option
+def query_cmd(images, index_dir, k, min_score, as_json, html_file, exclude_self, model, device, max_image_pixels):
     """Find the indexed images most similar to each IMAGE, best first."""
     from instret import report
     from instret.search import query
 
-    results = query(index_dir, images, k, min_score, exclude_self, model, device)
+    results = query(index_dir, images, k, min_score, exclude_self, model, device, max_image_pixels)
     click.echo(report.json_lines(results) if as_json else report.query_text(results, len(images) > 1))
     if html_file:
         _write_html(html_file, report.query_html(results))
@@ -79,11 +83,12 @@ def dups_cmd(index_dir, threshold, as_json, html_file):
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
 @click.option("--device", default="auto", show_default=True)
-def eval_retrieval_cmd(images_dir, model, index_dir, as_json, workers, device):
+@max_pixels_option
+def eval_retrieval_cmd(images_dir, model, index_dir, as_json, workers, device, max_image_pixels):
     """Each image queries all others; a hit shares its sub-folder. Prints mAP, recall@k, precision@10."""
     from instret.search import eval_retrieval
 
-    metrics = eval_retrieval(images_dir, model, index_dir, workers, device)
+    metrics = eval_retrieval(images_dir, model, index_dir, workers, device, max_image_pixels)
     if as_json:
         click.echo(json.dumps(metrics))
     else:
@@ -96,6 +101,7 @@ def eval_retrieval_cmd(images_dir, model, index_dir, as_json, workers, device):
 def info_cmd(index_dir, as_json):
     """What an index holds: vectors, dimension, type, encoder, sizes on disk, skipped files."""
     from instret.info import index_info
+    from instret.report import one_line
 
     info = index_info(index_dir)
     if as_json:
@@ -104,7 +110,7 @@ def info_cmd(index_dir, as_json):
     for key, value in info.items():
         if key == "skipped_files":
             for f in value:
-                click.echo(f"  skipped\t{f['path']}\t{f['reason']}")
+                click.echo(f"  skipped\t{one_line(f['path'])}\t{f['reason']}")
         elif key == "bytes":
             for name, size in value.items():
                 click.echo(f"  {name}\t{size}")

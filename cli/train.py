@@ -6,6 +6,7 @@ import json
 
 import click
 
+from instret.cli.options import max_pixels_option
 from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, SCHEDULES, read_config_file
 
 
@@ -33,6 +34,7 @@ from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, SCHEDULES, read_
 @click.option("--device", type=str, help="auto, cpu, cuda or cuda:N [auto].")
 @click.option("--workers", type=int, help="Processes decoding image files [2].")
 @click.option("--seed", type=int, help="Random seed [0].")
+@max_pixels_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast [on where the GPU supports bf16].")
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the encoder [off].")
 @click.option("--fused-optimizer/--no-fused-optimizer", default=None, help="Fused SGD [on on a GPU].")

@@ -62,6 +62,7 @@ class TrainConfig:
     out: str | None = None
     device: str = "auto"
     workers: int = 2
+    max_image_pixels: int | None = None  # decompression-bomb limit per image file; None: Pillow's 89 M; 0: none
     seed: int = 0
     extra: dict = field(default_factory=dict)  # room for later options without a format bump
 
@@ -110,6 +111,7 @@ class TrainConfig:
         need(self.low_dim >= 1, "--low-dim must be at least 1")
         need(8 <= self.image_size <= 1024, "--image-size must be between 8 and 1024")
         need(self.workers >= 0, "--workers must be non-negative")
+        need(self.max_image_pixels is None or self.max_image_pixels >= 0, "--max-image-pixels must be non-negative")
         need(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale must satisfy 0 < lo <= hi <= 1")
 
 

@@ -43,7 +43,7 @@ class TrainData:
 
 def load_train_data(cfg) -> TrainData:
     if cfg.data is not None:
-        return load_folder(cfg.data, cfg.image_size, cfg.workers)
+        return load_folder(cfg.data, cfg.image_size, cfg.workers, cfg.max_image_pixels)
     if cfg.dataset == "digits":
         return load_digits(cfg.image_size)
     if cfg.dataset == "cifar10":
@@ -99,7 +99,7 @@ def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 EVAL_SPLIT_NAMES = ("test", "val")
 
 
-def load_folder(root: str | Path, size: int, workers: int = 0) -> TrainData:
+def load_folder(root: str | Path, size: int, workers: int = 0, max_pixels: int | None = None) -> TrainData:
     """A folder of images: flat or one sub-folder per class; `train/` + `test/` (or `val/`) is a split."""
     root = Path(root)
     if not root.exists():
@@ -109,12 +109,12 @@ def load_folder(root: str | Path, size: int, workers: int = 0) -> TrainData:
     train_dir = root / "train"
     eval_dir = next((root / n for n in EVAL_SPLIT_NAMES if (root / n).is_dir()), None)
     if train_dir.is_dir() and eval_dir is not None:
-        train = read_folder(train_dir, size, workers)
-        evalset = read_folder(eval_dir, size, workers, classes=train.classes)
+        train = read_folder(train_dir, size, workers, max_pixels=max_pixels)
+        evalset = read_folder(eval_dir, size, workers, classes=train.classes, max_pixels=max_pixels)
         if (train.labels is None) != (evalset.labels is None):
             evalset = None  # one side labelled and the other not: no held-out accuracy
         return TrainData(train=train, eval=evalset, name=root.name)
-    return TrainData(train=read_folder(root, size, workers), eval=None, name=root.name)
+    return TrainData(train=read_folder(root, size, workers, max_pixels=max_pixels), eval=None, name=root.name)
 
 
 def find_classes(root: Path) -> list[str] | None:
@@ -126,7 +126,8 @@ def find_classes(root: Path) -> list[str] | None:
     return classes if len(classes) >= 2 else None
 
 
-def read_folder(root: Path, size: int, workers: int = 0, classes: list[str] | None = None) -> ImageSet:
+def read_folder(root: Path, size: int, workers: int = 0, classes: list[str] | None = None,
+                max_pixels: int | None = None) -> ImageSet:  # fmt: skip
     found = find_classes(root)
     if found is None:
         paths, labels, classes = list_image_files(root), None, None
@@ -142,7 +143,7 @@ def read_folder(root: Path, size: int, workers: int = 0, classes: list[str] | No
             labels += [index[c]] * len(files)
     if not paths:
         raise InstretError(f"{root}: no image files found (looked for {', '.join(sorted({'.jpg', '.png', '.jpeg'}))}, ...)")
-    images, ok, skipped = decode_files(paths, size, workers)
+    images, ok, skipped = decode_files(paths, size, workers, max_pixels=max_pixels)
     if not ok:
         raise InstretError(f"{root}: none of the {len(paths)} image files could be read")
     report_skipped(skipped)
@@ -156,10 +157,10 @@ def read_folder(root: Path, size: int, workers: int = 0, classes: list[str] | No
     )
 
 
-def decode_files(paths, size: int, workers: int = 0, batch_size: int = 256):
+def decode_files(paths, size: int, workers: int = 0, batch_size: int = 256, max_pixels: int | None = None):
     """Decode image files in worker processes: (uint8 tensor of the good ones, their positions, skipped)."""
     chunks, ok, skipped = [], [], []
-    for good, images, _, bad in iter_decoded(paths, size, workers, batch_size):
+    for good, images, _, bad in iter_decoded(paths, size, workers, batch_size, max_pixels):
         ok += good
         if images is not None:
             chunks.append(images)

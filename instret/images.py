@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
+import stat
 import warnings
 from pathlib import Path
 
@@ -17,7 +19,8 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 # Pillow's own limit (about 89 M pixels) only warns below twice that; instret refuses at it.
-MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+# Every reader takes max_pixels (--max-image-pixels): None means this default, 0 no limit.
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 class ImageReadError(Exception):
@@ -37,30 +40,61 @@ def list_image_files(root: str | Path) -> list[Path]:
     return sorted(found)
 
 
-def open_rgb(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS, draft: int | None = None) -> Image.Image:
-    """An upright RGB image; raises ImageReadError with a short reason for anything unreadable."""
+def open_rgb(path: str | Path | io.BytesIO, max_pixels: int | None = None, draft: int | None = None) -> Image.Image:
+    """An upright RGB image; raises ImageReadError with a short reason for anything unreadable.
+
+    max_pixels: refuse images with more pixels than this (None: MAX_IMAGE_PIXELS; 0: no limit).
+    """
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels or None
+    if max_pixels is None or max_pixels > MAX_IMAGE_PIXELS:
+        # A limit above Pillow's default, asked for explicitly: Pillow's own check must not refuse first.
+        Image.MAX_IMAGE_PIXELS = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
             if max_pixels is not None and img.width * img.height > max_pixels:
-                raise ImageReadError(
-                    f"{img.width}x{img.height} pixels is over the limit of {max_pixels} (decompression bomb?)"
-                )
+                raise ImageReadError(_too_many_pixels(img.width * img.height, max_pixels))
             if draft is not None and img.format == "JPEG":
                 # JPEG can decode at 1/2, 1/4 or 1/8 scale: much faster when shrinking anyway.
                 img.draft("RGB", (draft, draft))
             img = ImageOps.exif_transpose(img)
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+                img = _sixteen_to_eight_bit(img)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 img = _flatten_alpha(img)
             return img.convert("RGB")
     except ImageReadError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageReadError(f"decompression bomb: {e}") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow refused first (at twice its default); say it the same way as above.
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise ImageReadError(_too_many_pixels(int(found.group(1)) if found else None, max_pixels)) from None
+    except Image.UnidentifiedImageError:
+        raise ImageReadError("empty file" if _is_empty(path) else "not an image in any format Pillow reads") from None
+    except (OSError, ValueError, SyntaxError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageReadError(reason) from None
+
+
+def _too_many_pixels(pixels: int | None, limit: int | None) -> str:
+    count = f"{pixels} pixels" if pixels is not None else "too many pixels"
+    return f"{count}, over the limit of {limit} (decompression bomb?; see --max-image-pixels)"
+
+
+def _is_empty(path) -> bool:
+    if isinstance(path, io.BytesIO):
+        return len(path.getbuffer()) == 0
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return False
+
+
+def _sixteen_to_eight_bit(img: Image.Image) -> Image.Image:
+    # Pillow's own conversion clips 16-bit values at 255 (a white image); scale them instead.
+    values = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
 
 
 def _flatten_alpha(img: Image.Image) -> Image.Image:
@@ -81,17 +115,31 @@ def square_tensor(img: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def read_image(path: str | Path, size: int, max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """One image file as a uint8 tensor 3 x size x size; raises ImageReadError."""
-    return square_tensor(open_rgb(path, max_pixels=max_pixels, draft=size), size)
-
-
-def read_image_and_hash(path: str | Path, size: int, max_pixels: int | None = MAX_IMAGE_PIXELS):
-    """(uint8 tensor, sha256 hex of the file's bytes): the file is read once for both."""
+def read_file_bytes(path: str | Path) -> bytes:
+    """A regular file's bytes; raises ImageReadError for anything else (a FIFO would block, a
+    device never end) and for a file that vanished or became unreadable since it was listed."""
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise ImageReadError(e.strerror or type(e).__name__) from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageReadError("not a regular file")
+        try:
+            return f.read()
+        except OSError as e:
+            raise ImageReadError(e.strerror or type(e).__name__) from None
+
+
+def read_image(path: str | Path, size: int, max_pixels: int | None = None) -> torch.Tensor:
+    """One image file as a uint8 tensor 3 x size x size; raises ImageReadError."""
+    data = read_file_bytes(path)
+    return square_tensor(open_rgb(io.BytesIO(data), max_pixels=max_pixels, draft=size), size)
+
+
+def read_image_and_hash(path: str | Path, size: int, max_pixels: int | None = None):
+    """(uint8 tensor, sha256 hex of the file's bytes): the file is read once for both."""
+    data = read_file_bytes(path)
     digest = hashlib.sha256(data).hexdigest()
     return square_tensor(open_rgb(io.BytesIO(data), max_pixels=max_pixels, draft=size), size), digest
 
@@ -105,15 +153,15 @@ def file_sha256(path: str | Path) -> str:
 
 
 class _DecodeDataset(torch.utils.data.Dataset):
-    def __init__(self, paths, size):
-        self.paths, self.size = paths, size
+    def __init__(self, paths, size, max_pixels):
+        self.paths, self.size, self.max_pixels = paths, size, max_pixels
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            img, digest = read_image_and_hash(self.paths[i], self.size)
+            img, digest = read_image_and_hash(self.paths[i], self.size, self.max_pixels)
             return i, img, digest, None
         except ImageReadError as e:
             return i, None, None, str(e)
@@ -127,13 +175,14 @@ def _collate(batch):
     return [i for i, _, _ in good], images, [d for _, _, d in good], bad
 
 
-def iter_decoded(paths, size: int, workers: int = 0, batch_size: int = 256):
+def iter_decoded(paths, size: int, workers: int = 0, batch_size: int = 256,
+                 max_pixels: int | None = None):  # fmt: skip
     """Decode files in worker processes, in order, a batch at a time.
 
     Yields (positions of the readable files, uint8 tensor B x 3 x size x size or None,
     their sha256 digests, [(position, reason)] for the unreadable ones).
     """
     loader = torch.utils.data.DataLoader(
-        _DecodeDataset(list(paths), size), batch_size=batch_size, num_workers=workers, collate_fn=_collate
+        _DecodeDataset(list(paths), size, max_pixels), batch_size=batch_size, num_workers=workers, collate_fn=_collate
     )
     yield from loader

@@ -29,6 +29,7 @@ from instret.index import (
     write_generation, writer_lock,
 )  # fmt: skip
 from instret.progress import Progress, log
+from instret.storage import remove_stale_temps
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Staging:
     """Vectors encoded by this (or an interrupted earlier) run, committed batch by batch."""
 
     def __init__(self, path: Path, fingerprint: str):
+        self.path = path
         self.con = sqlite3.connect(path)
         # WAL: a commit per batch survives the process being killed without an fsync per batch.
         self.con.execute("PRAGMA journal_mode=WAL")
@@ -72,23 +74,28 @@ class Staging:
         return None if row is None else (row[0], np.frombuffer(row[1], dtype=np.float32))
 
     def add(self, rows: list[tuple[FileState, str, np.ndarray]]) -> None:
-        with self.con:
-            self.con.executemany(
-                "INSERT OR REPLACE INTO staged VALUES (?, ?, ?, ?, ?, ?)",
-                [(to_db(f.rel), f.size, f.mtime_ns, h, self.fingerprint, v.astype(np.float32).tobytes()) for f, h, v in rows],
-            )
+        try:
+            with self.con:
+                self.con.executemany(
+                    "INSERT OR REPLACE INTO staged VALUES (?, ?, ?, ?, ?, ?)",
+                    [(to_db(f.rel), f.size, f.mtime_ns, h, self.fingerprint, v.astype(np.float32).tobytes())
+                     for f, h, v in rows],
+                )  # fmt: skip
+        except sqlite3.Error as e:
+            raise InstretError(f"{self.path}: cannot write ({e}; is the disk full?); the batches staged "
+                               f"before are kept, and rerunning `instret index` continues from them") from None  # fmt: skip
 
     def close(self) -> None:
         self.con.close()
 
 
 def encode_files(encoder: LoadedEncoder, root: Path, files: list[FileState], staging: Staging,
-                 batch_size: int, workers: int, device: torch.device):  # fmt: skip
+                 batch_size: int, workers: int, device: torch.device, max_pixels: int | None):  # fmt: skip
     """Encode files (in worker-decoded batches), staging each batch; returns ({rel: (sha, vec)}, skipped)."""
     done, skipped = {}, []
     paths = [root / f.rel for f in files]
     progress = Progress(len(files), "encoding")
-    for positions, images, digests, bad in iter_decoded(paths, encoder.image_size, workers, batch_size):
+    for positions, images, digests, bad in iter_decoded(paths, encoder.image_size, workers, batch_size, max_pixels):
         skipped += [(files[i].rel, reason) for i, reason in bad]
         if images is not None:
             vectors = as_float32(embed_images(encoder.model, images.to(device), encoder.mean, encoder.std))
@@ -101,15 +108,18 @@ def encode_files(encoder: LoadedEncoder, root: Path, files: list[FileState], sta
 
 
 def build_index(images_dir: str | Path, model: str | Path, out: str | Path, factory: str | None = None,
-                batch_size: int = 256, workers: int = 2, device: str = "auto", rebuild: bool = False) -> dict:  # fmt: skip
+                batch_size: int = 256, workers: int = 2, device: str = "auto", rebuild: bool = False,
+                max_pixels: int | None = None) -> dict:  # fmt: skip
     """Create or incrementally update the index of a folder; returns a summary of what was done."""
     root, out = Path(images_dir), Path(out)
     if not root.is_dir():
         raise InstretError(f"{root}: no such folder")
+    _check_out(out)
     torch_device = resolve_device(device)
     encoder = load_encoder(model, torch_device)
     start = time.perf_counter()
     with writer_lock(out):
+        remove_stale_temps(out)
         previous = SearchIndex(out) if read_current(out) and not rebuild else None
         if previous is not None and previous.manifest["encoder_fingerprint"] != encoder.fingerprint:
             raise InstretError(
@@ -145,7 +155,7 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
         log(f"indexing {root}: {len(files)} files; {len(kept)} unchanged, {len(resumed)} staged earlier, "
             f"{len(to_encode)} to encode")  # fmt: skip
         encode_start = time.perf_counter()
-        encoded, bad = encode_files(encoder, root, to_encode, staging, batch_size, workers, torch_device)
+        encoded, bad = encode_files(encoder, root, to_encode, staging, batch_size, workers, torch_device, max_pixels)
         encode_seconds = time.perf_counter() - encode_start
         skipped += bad
         report_skipped(skipped)
@@ -197,6 +207,14 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
     log(f"index {out}: {len(rows)} vectors ({len(encoded)} encoded, {summary['removed']} removed, "
         f"{len(skipped)} skipped) in {seconds:.1f} s")  # fmt: skip
     return summary
+
+
+def _check_out(out: Path) -> None:
+    """--out must be an index folder, an empty folder or a new path: never someone's other files."""
+    if out.exists() and not out.is_dir():
+        raise InstretError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not any((out / n).exists() for n in ("CURRENT", ".lock")):
+        raise InstretError(f"--out {out}: a folder that is neither empty nor an instret index; choose another --out")
 
 
 def _same_content(path: Path, sha: str) -> bool:

@@ -11,12 +11,20 @@ import json
 from instret.images import ImageReadError, open_rgb
 
 
+def one_line(path: str) -> str:
+    """A path for line-based text output: control characters (a newline or tab in a file name)
+    as backslash escapes, so that one hit stays one line. JSON output keeps the exact name."""
+    if not any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return path
+    return "".join(c.encode("unicode_escape").decode("ascii") if ord(c) < 32 or ord(c) == 127 else c for c in path)
+
+
 def query_text(results: list[dict], show_query: bool) -> str:
     lines = []
     for r in results:
         if show_query:
-            lines.append(f"# {r['query']}")
-        lines += [f"{h['rank']}\t{h['score']:.4f}\t{h['path']}" for h in r["results"]]
+            lines.append(f"# {one_line(r['query'])}")
+        lines += [f"{h['rank']}\t{h['score']:.4f}\t{one_line(h['path'])}" for h in r["results"]]
     return "\n".join(lines)
 
 
@@ -26,7 +34,7 @@ def json_lines(objects) -> str:
 
 
 def dups_text(groups: list[dict]) -> str:
-    blocks = [f"# group {n} ({g['size']} images, min score {g['min_score']:.4f})\n" + "\n".join(g["paths"])
+    blocks = [f"# group {n} ({g['size']} images, min score {g['min_score']:.4f})\n" + "\n".join(map(one_line, g["paths"]))
               for n, g in enumerate(groups, 1)]  # fmt: skip
     return "\n".join(blocks)
 

@@ -17,8 +17,10 @@ from instret.index import SearchIndex, as_float32
 class Searcher:
     """An open index plus the encoder it was built with: image files in, ranked hits out."""
 
-    def __init__(self, index_dir: str | Path, model: str | Path | None = None, device: str = "cpu"):
+    def __init__(self, index_dir: str | Path, model: str | Path | None = None, device: str = "cpu",
+                 max_pixels: int | None = None):  # fmt: skip
         self.index = SearchIndex(index_dir)
+        self.max_pixels = max_pixels
         self.device = resolve_device(device)
         self.encoder = load_encoder(self.index.gen_dir / "encoder.pt", self.device)
         expected = self.index.manifest["encoder_fingerprint"]
@@ -38,7 +40,7 @@ class Searcher:
         images = []
         for p in paths:
             try:
-                images.append(read_image(p, self.encoder.image_size))
+                images.append(read_image(p, self.encoder.image_size, self.max_pixels))
             except ImageReadError as e:
                 raise InstretError(f"{p}: cannot read image: {e}") from None
             except OSError as e:
@@ -83,8 +85,9 @@ def _without_self(query: str, hits):
     return kept
 
 
-def query(index_dir, images, k=10, min_score=None, exclude_self=False, model=None, device="cpu") -> list[dict]:
-    return Searcher(index_dir, model, device).query(images, k, min_score, exclude_self)
+def query(index_dir, images, k=10, min_score=None, exclude_self=False, model=None, device="cpu",
+          max_pixels=None) -> list[dict]:  # fmt: skip
+    return Searcher(index_dir, model, device, max_pixels).query(images, k, min_score, exclude_self)
 
 
 # --- near-duplicates --------------------------------------------------------------------
@@ -166,7 +169,7 @@ def retrieval_metrics(vectors: np.ndarray, labels: np.ndarray, ks=(1, 5, 10), ch
 
 
 def eval_retrieval(images_dir: str | Path, model: str | Path | None = None, index_dir: str | Path | None = None,
-                   workers: int = 2, device: str = "auto") -> dict:  # fmt: skip
+                   workers: int = 2, device: str = "auto", max_pixels: int | None = None) -> dict:  # fmt: skip
     """Retrieval metrics on a folder of group sub-folders, from an encoder or an existing index."""
     from instret.data import find_classes
 
@@ -184,7 +187,7 @@ def eval_retrieval(images_dir: str | Path, model: str | Path | None = None, inde
         from instret.indexer import build_index
 
         with tempfile.TemporaryDirectory() as tmp:
-            build_index(root, model, tmp, workers=workers, device=device)
+            build_index(root, model, tmp, workers=workers, device=device, max_pixels=max_pixels)
             return _metrics_of_index(tmp, root, classes)
     return _metrics_of_index(index_dir, root, classes)
 

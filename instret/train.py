@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from instret import losses
-from instret.storage import atomic_torch_save, atomic_write_text, load_torch_file
+from instret.storage import atomic_torch_save, atomic_write_text, load_torch_file, remove_stale_temps
 from instret.augment import Augment, channel_stats
 from instret.bank import MemoryBank
 from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, TrainConfig, with_presets
@@ -296,14 +296,16 @@ def train(options: TrainConfig | dict, resume: bool = False) -> dict:
     data = load_train_data(cfg)
     if len(data.train) < 2:
         raise InstretError("need at least 2 training images")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     ckpt = load_checkpoint(out / CHECKPOINT) if resume and (out / CHECKPOINT).exists() else None
     if ckpt is not None and ckpt["bank"]["features"].shape[0] != len(data.train):
         raise InstretError(
             f"{out}: the checkpoint's bank has {ckpt['bank']['features'].shape[0]} rows but the data "
             f"now has {len(data.train)} images; the data changed since the run began"
         )
+    # Only now, with every refusal behind us, does anything on disk change.
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     trainer = Trainer(cfg, data, out, device, checkpoint=ckpt)
     if ckpt is not None:
         log(f"resuming {out} after epoch {trainer.epoch}/{cfg.epochs}")
@@ -314,7 +316,8 @@ def train(options: TrainConfig | dict, resume: bool = False) -> dict:
         from instret.indexer import build_index
 
         # rebuild: the run's own index always follows the run's latest encoder.
-        build_index(cfg.data, out, out / "index", workers=cfg.workers, device=str(device), rebuild=True)
+        build_index(cfg.data, out, out / "index", workers=cfg.workers, device=str(device), rebuild=True,
+                    max_pixels=cfg.max_image_pixels)  # fmt: skip
     return final
 
 
