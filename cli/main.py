@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import sys
 
 import click
@@ -43,9 +45,18 @@ def main(argv: list[str] | None = None) -> None:
     except InstretError as e:
         _fail(str(e), 1)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        _fail("interrupted; finished epochs are saved (continue with --resume)", 130)
+        _fail("interrupted; finished work is saved (train: rerun with --resume; index: rerun the same command)", 130)
     except BrokenPipeError:
         sys.exit(0)
+    except OSError as e:  # a full disk, a read-only folder, a vanished file: what and where, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(f"{where}{e.strerror or e}; nothing finished was lost", 1)
+    except sqlite3.Error as e:
+        _fail(f"index database: {e}; nothing finished was lost", 1)
+    except Exception as e:
+        if os.environ.get("INSTRET_DEBUG"):
+            raise
+        _fail(f"unexpected {type(e).__name__}: {e} (INSTRET_DEBUG=1 shows the traceback)", 1)
 
 
 def _fail(message: str, code: int) -> None:

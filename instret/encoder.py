@@ -131,13 +131,14 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Loaded
     if not path.is_file():
         raise InstretError(f"{path}: no such encoder file")
     blob = load_torch_file(path, "encoder", ("state_dict", "arch", "low_dim", "image_size"), ENCODER_FORMAT_VERSION)
-    model = Encoder(blob["arch"], blob["low_dim"], blob["image_size"])
     try:
+        model = Encoder(blob["arch"], blob["low_dim"], blob["image_size"])
         model.load_state_dict(blob["state_dict"])
-    except RuntimeError:
-        raise InstretError(f"{path}: weights do not fit a {blob['arch']} encoder") from None
+        mean, std = blob["mean"], blob["std"]
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError):
+        raise InstretError(f"{path}: weights do not fit a {blob['arch']!r} encoder; the file is damaged") from None
     model.to(device).eval()
-    return LoadedEncoder(model, blob["mean"], blob["std"], blob.get("fingerprint") or fingerprint(blob["state_dict"]))
+    return LoadedEncoder(model, mean, std, blob.get("fingerprint") or fingerprint(blob["state_dict"]))
 
 
 @torch.no_grad()

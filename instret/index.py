@@ -92,15 +92,26 @@ class SearchIndex:
         self.dir = Path(index_dir)
         if not self.dir.is_dir():
             raise InstretError(f"{self.dir}: no such index folder")
-        generation = generation or read_current(self.dir)
-        if generation is None:
-            raise InstretError(f"{self.dir}: not an instret index (no CURRENT file); build one with `instret index`")
-        self.generation = generation
-        self.gen_dir = self.dir / generation
-        self.manifest = read_manifest(self.gen_dir)
-        self.meta = open_metadata(self.gen_dir / "meta.sqlite", readonly=True)
         self._faiss = None
         self._vectors = None
+        for attempt in range(3):
+            name = generation or read_current(self.dir)
+            if name is None:
+                raise InstretError(f"{self.dir}: not an instret index (no CURRENT file); build one with `instret index`")
+            try:
+                self._open(name)
+                return
+            except InstretError:
+                # A writer may have committed twice since CURRENT was read (it keeps two
+                # generations): read CURRENT again rather than report a healthy index damaged.
+                if generation is not None or read_current(self.dir) == name or attempt == 2:
+                    raise
+
+    def _open(self, name: str) -> None:
+        self.generation = name
+        self.gen_dir = self.dir / name
+        self.manifest = read_manifest(self.gen_dir)
+        self.meta = open_metadata(self.gen_dir / "meta.sqlite", readonly=True)
 
     @property
     def dim(self) -> int:
@@ -267,6 +278,26 @@ def write_generation(index_dir: Path, generation: int, manifest: dict, vectors: 
     if gen_dir.exists():
         shutil.rmtree(gen_dir)
     gen_dir.mkdir()
+    try:
+        _write_generation_files(gen_dir, manifest, vectors, ids, files, skipped, encoder_file)
+    except BaseException as e:
+        # A full disk or an interrupt: CURRENT still names the previous, complete generation.
+        shutil.rmtree(gen_dir, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError, sqlite3.Error, InstretError)):
+            reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1]
+            raise InstretError(f"{gen_dir}: cannot write the new index ({reason}; is the disk full?); the "
+                               f"previous index is unchanged, and rerunning continues without re-encoding") from None  # fmt: skip
+        raise
+    previous = read_current(index_dir)
+    atomic_write_text(index_dir / "CURRENT", name + "\n")
+    for old in index_dir.glob("gen-*"):  # keep the live and the previous generation
+        if old.name not in (name, previous):
+            shutil.rmtree(old, ignore_errors=True)
+    return name
+
+
+def _write_generation_files(gen_dir: Path, manifest: dict, vectors: np.ndarray, ids: np.ndarray,
+                            files: list[tuple], skipped: list[tuple[str, str]], encoder_file: Path) -> None:  # fmt: skip
     import faiss
 
     faiss.write_index(make_faiss_index(vectors, ids, manifest["factory"]), str(gen_dir / "index.faiss"))
@@ -281,12 +312,6 @@ def write_generation(index_dir: Path, generation: int, manifest: dict, vectors: 
     atomic_write_text(gen_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     for f in gen_dir.iterdir():
         _fsync(f)
-    previous = read_current(index_dir)
-    atomic_write_text(index_dir / "CURRENT", name + "\n")
-    for old in index_dir.glob("gen-*"):  # keep the live and the previous generation
-        if old.name not in (name, previous):
-            shutil.rmtree(old, ignore_errors=True)
-    return name
 
 
 def _fsync(path: Path) -> None:

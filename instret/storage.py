@@ -13,7 +13,10 @@ from instret.errors import InstretError
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise InstretError(f"{path}: cannot write ({e.strerror}); the previous version is kept") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -21,13 +24,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):  # a full disk, most often
+            raise InstretError(f"{path}: cannot write ({e.strerror}); the previous version is kept") from None
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temps(folder: str | Path) -> int:
+    """Delete the temporary files of atomic writes that a killed process left in folder."""
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

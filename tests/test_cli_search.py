@@ -90,7 +90,7 @@ def test_eval_retrieval_json(trained_run, capsys):
 @pytest.mark.parametrize("make_args,needle", [
     (lambda p, ix: ["query", str(p / "nope.jpg"), "--index", str(ix)], "nope.jpg"),
     (lambda p, ix: ["query", str(p / "bad.jpg"), "--index", str(ix)], "bad.jpg: cannot read image"),
-    (lambda p, ix: ["query", str(p / "a" / "001.jpg"), "--index", str(ix), "-k", "0"], "-k must be at least 1"),
+    (lambda p, ix: ["query", str(p / "a" / "001.jpg"), "--index", str(ix), "-k", "0"], "Invalid value for '-k'"),
     (lambda p, ix: ["query", str(p / "a" / "001.jpg"), "--index", str(p)], "not an instret index"),
     (lambda p, ix: ["info", str(p / "missing")], "no such index folder"),
     (lambda p, ix: ["index", str(p), "--model", str(p / "a" / "001.jpg"), "--out", str(ix)], "encoder"),

@@ -1,9 +1,4 @@
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -125,39 +120,6 @@ def test_interrupt_and_resume_equals_uninterrupted(image_folder, tmp_path, monke
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 2
     train({"out": str(tmp_path / "b")}, resume=True)
     _assert_same_run(tmp_path / "a", tmp_path / "b")
-
-
-def _instret(*args, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "instret", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)  # fmt: skip
-
-
-def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path):
-    from tests.conftest import make_image_folder
-
-    folder = make_image_folder(tmp_path / "img", per_class=40, size=24)
-    args = ["train", "--data", str(folder), "--epochs", "5", "--image-size", "24", "--batch-size", "8",
-            "--knn-k", "5", "--workers", "0"]  # fmt: skip
-    ref = _instret(*args, "--out", str(tmp_path / "ref"))
-    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()
-    for kill_after in (1, 3):  # epochs finished when the kill is sent
-        out = tmp_path / f"killed{kill_after}"
-        proc = _instret(*args, "--out", str(out))
-        metrics = out / "metrics.jsonl"
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and metrics.read_text().count("\n") >= kill_after:
-                break
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert load_checkpoint(out / "checkpoint.pt")["epoch"] >= kill_after
-        resumed = _instret(*args, "--out", str(out), "--resume")
-        assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
-        _assert_same_run(tmp_path / "ref", out)
-        final, ref_final = json.loads(resumed.stdout.read()), json.loads((tmp_path / "ref" / "final.json").read_text())
-        assert {k: v for k, v in final.items() if k != "train_seconds"} == {k: v for k, v in ref_final.items() if k != "train_seconds"}
 
 
 def test_existing_run_is_not_overwritten_without_resume(image_folder, tmp_path):
