@@ -42,11 +42,13 @@ def index_cmd(images_dir, model, out, index_type, batch_size, workers, device, r
 @click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query on stdout.")
 @click.option("--html", "html_file", help="Also write a self-contained HTML page of thumbnails.")
+@click.option("--grid", "grid_file", help="Also write a PNG: each query, then its neighbours with scores.")
 @click.option("--exclude-self", is_flag=True, help="Leave out the query image itself.")
 @click.option("--model", help="Refuse unless the index was built with this encoder.")
 @click.option("--device", default="cpu", show_default=True)
 @max_pixels_option
-def query_cmd(images, index_dir, k, min_score, as_json, html_file, exclude_self, model, device, max_image_pixels):
+def query_cmd(images, index_dir, k, min_score, as_json, html_file, grid_file, exclude_self, model, device,
+              max_image_pixels):  # fmt: skip
     """Find the indexed images most similar to each IMAGE, best first."""
     from instret import report
     from instret.search import query
@@ -55,6 +57,10 @@ def query_cmd(images, index_dir, k, min_score, as_json, html_file, exclude_self,
     click.echo(report.json_lines(results) if as_json else report.query_text(results, len(images) > 1))
     if html_file:
         _write_html(html_file, report.query_html(results))
+    if grid_file:
+        from instret.plots import query_grid, save_figure
+
+        click.echo(f"wrote {save_figure(query_grid(results), grid_file)}", err=True)
 
 
 @click.command("dups")
@@ -128,4 +134,15 @@ def env_cmd(as_json):
     click.echo(json.dumps(env) if as_json else "\n".join(f"{k}\t{v}" for k, v in env.items()))
 
 
-COMMANDS = [index_cmd, query_cmd, dups_cmd, eval_retrieval_cmd, info_cmd, env_cmd]
+@click.command("plot")
+@click.argument("run_dir")
+@click.option("--out", "out_file", help="PNG file to write [RUN_DIR/curves.png].")
+def plot_cmd(run_dir, out_file):
+    """Training curves of a run (loss and kNN top-1 per epoch) as a PNG."""
+    from instret.plots import save_figure, training_curves
+
+    path = save_figure(training_curves(run_dir), out_file or Path(run_dir) / "curves.png")
+    click.echo(f"wrote {path}", err=True)
+
+
+COMMANDS = [index_cmd, query_cmd, dups_cmd, eval_retrieval_cmd, info_cmd, env_cmd, plot_cmd]

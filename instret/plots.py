@@ -1,0 +1,142 @@
+"""Pictures of a run and of its features, drawn with matplotlib (imported only here, and only
+when a picture is asked for: `pip install 'instret[plot]'`).
+
+    training_curves(run_dir)        loss and kNN top-1 per epoch, from metrics.jsonl
+    neighbour_grid(rows)            each query, then its neighbours with their scores
+    query_grid(results)             the same for `instret query` results (`--grid`)
+    feature_map(ax, xy, labels)     a 2-D embedding (t-SNE) coloured by class
+    save_figure(fig, path)          PNG, written atomically
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from instret.errors import InstretError
+from instret.storage import atomic_write_bytes
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), or a one-line error."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise InstretError("plots need matplotlib: pip install 'instret[plot]'") from None
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # a notebook has set its own backend already; leave that one
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise InstretError(f"{run_dir}: not a run folder (no metrics.jsonl)") from None
+    except ValueError:
+        raise InstretError(f"{path}: not valid JSON lines") from None
+    if not rows:
+        raise InstretError(f"{path}: no finished epoch yet")
+    return rows
+
+
+def training_curves(run_dir: str | Path):
+    """A figure: training loss (left) and kNN top-1 of the monitor (right) against the epoch."""
+    rows = read_metrics(run_dir)
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
+    epochs = [r["epoch"] for r in rows]
+    left.plot(epochs, [r["loss"] for r in rows], marker=".")
+    left.set(xlabel="epoch", ylabel="training loss", title="loss")
+    knn = [(r["epoch"], r["knn_top1"]) for r in rows if r.get("knn_top1") is not None]
+    if knn:
+        right.plot(*zip(*knn), marker=".", color="tab:green")
+        right.set(xlabel="epoch", ylabel="kNN top-1", title="weighted kNN top-1 (monitor)", ylim=(0, 1))
+    else:
+        right.text(0.5, 0.5, "no labels: no kNN accuracy", ha="center", va="center")
+        right.set_axis_off()
+    fig.suptitle(Path(run_dir).name)
+    return fig
+
+
+def _as_picture(image) -> np.ndarray:
+    """H x W x 3 uint8 from a 3 x H x W uint8 tensor, an array, or a PIL image."""
+    if hasattr(image, "permute"):  # torch tensor, channels first
+        return image.detach().cpu().permute(1, 2, 0).numpy()
+    return np.asarray(image)
+
+
+def neighbour_grid(rows: list[dict], title: str | None = None):
+    """One row per query: the query image, then its neighbours best first.
+
+    rows: [{"query": image, "label": str (optional), "neighbours": [{"image", "score",
+    "match" (optional bool: drawn green when True, red when False)}, ...]}, ...]
+    """
+    plt = pyplot()
+    cols = 1 + max((len(r["neighbours"]) for r in rows), default=0)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.15 * cols, 1.3 * len(rows)), squeeze=False,
+                             layout="constrained")  # fmt: skip
+    for row, r in zip(axes, rows):
+        for ax in row:
+            ax.set_axis_off()
+        row[0].imshow(_as_picture(r["query"]))
+        row[0].set_title(r.get("label", "query"), fontsize=7, fontweight="bold")
+        for ax, n in zip(row[1:], r["neighbours"]):
+            ax.imshow(_as_picture(n["image"]))
+            colour = {True: "tab:green", False: "tab:red"}.get(n.get("match"), "black")
+            ax.set_title(f"{n['score']:.3f}", fontsize=7, color=colour)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def query_grid(results: list[dict], size: int = 96):
+    """neighbour_grid of `instret query` results (image files read again, as thumbnails)."""
+    from instret.images import ImageReadError, open_rgb
+
+    def picture(path):
+        try:
+            img = open_rgb(path, draft=size)
+        except ImageReadError:  # gone since it was indexed: a grey square keeps the layout
+            return np.full((size, size, 3), 128, dtype=np.uint8)
+        img.thumbnail((size, size))
+        return np.asarray(img)
+
+    rows = [{"query": picture(r["query"]), "label": _short(r["query"]),
+             "neighbours": [{"image": picture(h["path"]), "score": h["score"]} for h in r["results"]]}
+            for r in results]  # fmt: skip
+    return neighbour_grid(rows)
+
+
+def _short(path: str, width: int = 22) -> str:
+    """folder/name (the folder often says what the image is), cut to width."""
+    name = "/".join(Path(path).parts[-2:])
+    return name if len(name) <= width else "..." + name[3 - width:]
+
+
+def feature_map(ax, xy: np.ndarray, labels: np.ndarray, classes: list[str], title: str) -> None:
+    """A 2-D embedding on ax, one colour per class."""
+    cmap = pyplot().colormaps["tab10"]
+    for c, name in enumerate(classes):
+        pts = xy[labels == c]
+        ax.scatter(pts[:, 0], pts[:, 1], s=4, color=cmap(c % 10), label=name)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write fig as PNG atomically (a reader never sees half a picture) and close it."""
+    path = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
