@@ -41,11 +41,18 @@ from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, SCHEDULES, read_
 @click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format [on].")
 @click.option("--config", "config_file", type=str, help="YAML or JSON file of defaults; flags override it.")
 @click.option("--resume", is_flag=True, help="Continue the run folder given by --out from its last epoch.")
-def train(config_file, resume, **options) -> None:
+@click.option("--nproc-per-node", type=click.IntRange(1), default=1,
+              help="Train with N processes on this machine (torchrun; one per GPU, or CPU processes) [1].")  # fmt: skip
+def train(config_file, resume, nproc_per_node, **options) -> None:
     """Learn an image encoder without labels by Instance Discrimination."""
-    from instret.train import train as run_train
-
     merged = read_config_file(config_file) if config_file else {}
     merged.update({k: v for k, v in options.items() if v is not None})
+    if nproc_per_node > 1:
+        from instret.launch import launch_local
+
+        raise SystemExit(launch_local(merged, resume, nproc_per_node))
+    from instret.train import train as run_train
+
     final = run_train(merged, resume=resume)
-    click.echo(json.dumps(final))
+    if final is not None:  # None: a process other than rank 0 under torchrun
+        click.echo(json.dumps(final))

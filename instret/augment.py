@@ -9,6 +9,7 @@ which lets tests compare each stage with torchvision's per-sample transforms.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -39,9 +40,15 @@ class Augment:
     grayscale_p: float = 0.2
     flip: bool = True
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """uint8 N x 3 x H x W -> augmented, normalised float N x 3 x size x size."""
+    def __call__(self, images: torch.Tensor, generator: torch.Generator, rows: slice | None = None) -> torch.Tensor:
+        """uint8 N x 3 x H x W -> augmented, normalised float N x 3 x size x size.
+
+        rows: augment only these of the N images, with the parameters the whole batch would
+        give them (one process's share of a global batch: the same random draws everywhere).
+        """
         params = self.sample_params(len(images), images.shape[-2], images.shape[-1], generator, images.device)
+        if rows is not None:
+            images, params = images[rows], AugmentParams(*(getattr(params, f.name)[rows] for f in dataclasses.fields(params)))
         return normalize(self.apply(images, params), self.mean, self.std)
 
     def sample_params(self, n: int, height: int, width: int, generator, device) -> AugmentParams:

@@ -20,8 +20,15 @@ def softmax_loss(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, tau: fl
 
 def estimate_nce_z(f: torch.Tensor, bank: torch.Tensor, noise: torch.Tensor, tau: float) -> float:
     """Monte-Carlo normaliser Z ~= n * mean_j exp(v_j . f / tau) over the noise rows of a batch."""
+    total, count = nce_z_sums(f, bank, noise, tau)
+    return float(total / count * bank.shape[0])
+
+
+def nce_z_sums(f: torch.Tensor, bank: torch.Tensor, noise: torch.Tensor, tau: float):
+    """(sum of exp(v_j . f / tau) over the noise rows, their number): summed over processes
+    first, so that Z is the global batch's estimate."""
     sims = torch.einsum("bd,bmd->bm", f.detach(), bank[noise])  # B x m
-    return float(torch.exp(sims / tau).mean() * bank.shape[0])
+    return torch.exp(sims / tau).sum(), torch.tensor(float(sims.numel()), device=sims.device)
 
 
 def nce_loss(

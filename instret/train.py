@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from instret.bank import MemoryBank
 from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, TrainConfig, with_presets
 from instret.data import TrainData, load_train_data
 from instret.device import resolve_device
+from instret.distributed import SINGLE, World, all_sum, broadcast_object, gather_rows, global_batch_norm, world_from_env
+from instret.distributed import start as start_processes
+from instret.distributed import stop as stop_processes
 from instret.encoder import Encoder, calibrated_copy, embed_images, export_encoder, resolve_arch
 from instret.errors import InstretError
 from instret.knn import FeatureIndex, knn_evaluate
@@ -68,14 +72,24 @@ class Trainer:
     """Holds the state of one run; `fit()` trains to cfg.epochs, saving after every epoch."""
 
     def __init__(self, cfg: TrainConfig, data: TrainData, out: Path, device: torch.device,
-                 checkpoint: dict | None = None):  # fmt: skip
-        self.cfg, self.data, self.out, self.device = cfg, data, out, device
+                 checkpoint: dict | None = None, world: World = SINGLE):  # fmt: skip
+        self.cfg, self.data, self.out, self.device, self.world = cfg, data, out, device, world
         torch.manual_seed(cfg.seed)
         self.speed = speed_options(cfg, device)
         # channels_last: faster convolutions on CPUs and on tensor-core GPUs alike.
         self.memory_format = torch.channels_last if self.speed["channels_last"] else torch.contiguous_format
         self.model = Encoder(cfg.arch, cfg.low_dim, cfg.image_size).to(device, memory_format=self.memory_format)
-        self.forward = torch.compile(self.model) if self.speed["compile"] else self.model
+        forward = self.model
+        if world.distributed:
+            # Statistics of the global batch, and gradients averaged over the processes (DDP);
+            # GlobalBatchNorm keeps the running statistics equal, so DDP need not copy them.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers: still the way
+                forward = torch.nn.parallel.DistributedDataParallel(
+                    global_batch_norm(self.model), device_ids=[device.index] if device.type == "cuda" else None,
+                    broadcast_buffers=False,
+                )  # fmt: skip
+        self.forward = torch.compile(forward) if self.speed["compile"] else forward
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         n = len(data.train)
         self.bank = MemoryBank(n, cfg.low_dim, device, generator=self.generator)
@@ -113,14 +127,18 @@ class Trainer:
 
     # --- one step and one epoch -----------------------------------------------------
 
-    def loss(self, f: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def loss(self, f: torch.Tensor, idx: torch.Tensor, rows: slice, batch: int) -> torch.Tensor:
+        """The loss of this process's rows of a global batch of `batch` (all of it in one process)."""
         cfg, bank = self.cfg, self.bank.features
         if cfg.loss == "softmax":
             loss = losses.softmax_loss(f, bank, idx, cfg.tau)
         else:
-            noise = torch.randint(0, len(bank), (len(idx), cfg.nce_k), generator=self.generator, device=self.device)
+            # Noise for the whole batch from the shared generator, then this process's rows.
+            noise = torch.randint(0, len(bank), (batch, cfg.nce_k), generator=self.generator, device=self.device)[rows]
             if self.nce_z is None:  # estimated once, from the first batch, then frozen
-                self.nce_z = losses.estimate_nce_z(f, bank, noise, cfg.tau)
+                total, count = losses.nce_z_sums(f, bank, noise, cfg.tau)
+                total, count = all_sum(self.world, torch.stack([total, count])).tolist()
+                self.nce_z = len(bank) * total / count
             loss = losses.nce_loss(f, bank, idx, noise, cfg.tau, self.nce_z)
         if cfg.prox_lambda > 0:
             loss = loss + losses.proximal_term(f, bank[idx], cfg.prox_lambda)
@@ -133,13 +151,18 @@ class Trainer:
             return self.forward(x).float()
 
     def step(self, idx: torch.Tensor) -> torch.Tensor:
-        f = self.encode(self.augment(self.images[idx], self.generator))
-        loss = self.loss(f, idx)
+        """One step on the global batch idx; returns this process's share of its mean loss."""
+        rows, batch = self.world.rows(len(idx)), len(idx)
+        f = self.encode(self.augment(self.images[idx], self.generator, rows))
+        loss = self.loss(f, idx[rows], rows, batch)
+        share = (rows.stop - rows.start) / batch
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP averages gradients over the processes: scaled so that the average is the
+        # gradient of the global batch's mean loss (share = 1 in one process).
+        (loss * (share * self.world.size)).backward()
         self.optimizer.step()
-        self.bank.update(idx, f.detach(), self.cfg.bank_momentum)
-        return loss.detach()
+        self.bank.update(idx, gather_rows(self.world, f.detach(), batch), self.cfg.bank_momentum)
+        return loss.detach() * share
 
     def train_epoch(self) -> dict:
         cfg = self.cfg
@@ -149,14 +172,14 @@ class Trainer:
         self.model.train()
         perm = torch.randperm(len(self.images), generator=self.generator, device=self.device)
         parts = batches(perm, cfg.batch_size)
-        progress = Progress(len(parts), f"epoch {self.epoch + 1}/{cfg.epochs}")
+        progress = Progress(len(parts), f"epoch {self.epoch + 1}/{cfg.epochs}", enabled=None if self.world.main else False)
         start = time.perf_counter()
         total = torch.zeros((), device=self.device)  # accumulated on the device: no per-step sync
         for idx in parts:
             loss = self.step(idx)
             total += loss * len(idx)
             progress.update(1, f"loss {loss.item():.4f}" if progress.due() else None)
-        mean_loss = float(total) / len(perm)
+        mean_loss = float(all_sum(self.world, total)) / len(perm)
         seconds = time.perf_counter() - start
         progress.close()
         if not math.isfinite(mean_loss):
@@ -234,10 +257,16 @@ class Trainer:
         atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
         export_encoder(eval_model, self.out / "encoder.pt", self.mean, self.std)
 
-    def fit(self) -> dict:
+    def fit(self) -> dict | None:
+        """Train to cfg.epochs; returns final.json's content. With several processes, only rank 0
+        evaluates and writes; the others return None (their bank and weights are the same)."""
         labelled = self.data.labelled
         while self.epoch < self.cfg.epochs:
             row = self.train_epoch()
+            if not self.world.main:
+                self.epoch += 1
+                self.history.append(row)
+                continue
             t = time.perf_counter()
             eval_model = self.eval_model()
             if labelled:
@@ -248,6 +277,8 @@ class Trainer:
             self.history.append(row)
             self.save(eval_model)
             log(_format_row(row, self.cfg.epochs))
+        if not self.world.main:
+            return None
         final = {"epochs": self.epoch, "train_seconds": round(sum(r["seconds"] for r in self.history), 1)}
         final.update({k: round(v, 4) for k, v in self.final_eval().items()})
         atomic_write_text(self.out / "final.json", json.dumps(final, indent=2) + "\n")
@@ -280,15 +311,30 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
 RESUMABLE = {"epochs", "device", "workers", "out"}
 
 
-def train(options: TrainConfig | dict, resume: bool = False) -> dict:
-    """Train (or resume) a run; returns final.json's content. The library entry of `instret train`.
+def train(options: TrainConfig | dict, resume: bool = False) -> dict | None:
+    """Train (or resume) a run; returns final.json's content (None in processes other than
+    rank 0 of a torchrun job). The library entry of `instret train`.
 
     options: a TrainConfig, or a dict of the options given (with resume: those to change);
     a dict gets its dataset's preset (config.DATASET_PRESETS) under it.
     """
     given = options.to_dict() if isinstance(options, TrainConfig) else dict(options)
+    world = world_from_env()  # one process, or one of several started by torchrun
     cfg = _resumed_config(given) if resume else TrainConfig.from_dict(with_presets(given))
     device = resolve_device(cfg.device)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    start_processes(world, device)
+    try:
+        if world.distributed and cfg.out is None:  # every process must use rank 0's run folder
+            cfg = TrainConfig.from_dict({**cfg.to_dict(), "out": broadcast_object(world, resolve(cfg, device).out)})
+        return _train(cfg, resume, device, world)
+    finally:
+        stop_processes(world)
+
+
+def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World) -> dict | None:
     cfg = resolve(cfg, device)
     out = Path(cfg.out)
     if not resume and (out / CHECKPOINT).exists():
@@ -296,23 +342,28 @@ def train(options: TrainConfig | dict, resume: bool = False) -> dict:
     data = load_train_data(cfg)
     if len(data.train) < 2:
         raise InstretError("need at least 2 training images")
+    if cfg.batch_size < 2 * world.size:
+        raise InstretError(f"--batch-size {cfg.batch_size} is too small for {world.size} processes (2 images each at least)")
     ckpt = load_checkpoint(out / CHECKPOINT) if resume and (out / CHECKPOINT).exists() else None
     if ckpt is not None and ckpt["bank"]["features"].shape[0] != len(data.train):
         raise InstretError(
             f"{out}: the checkpoint's bank has {ckpt['bank']['features'].shape[0]} rows but the data "
             f"now has {len(data.train)} images; the data changed since the run began"
         )
-    # Only now, with every refusal behind us, does anything on disk change.
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    trainer = Trainer(cfg, data, out, device, checkpoint=ckpt)
-    if ckpt is not None:
+    # Only now, with every refusal behind us, does anything on disk change (rank 0 writes).
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
+        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    trainer = Trainer(cfg, data, out, device, checkpoint=ckpt, world=world)
+    if ckpt is not None and world.main:
         log(f"resuming {out} after epoch {trainer.epoch}/{cfg.epochs}")
-    log(f"training {cfg.arch} on {data.name}: {len(data.train)} images, {cfg.epochs} epochs, "
-        f"{cfg.loss} loss, device {device}, run folder {out}")  # fmt: skip
+    if world.main:
+        processes = f", {world.size} processes" if world.distributed else ""
+        log(f"training {cfg.arch} on {data.name}: {len(data.train)} images, {cfg.epochs} epochs, "
+            f"{cfg.loss} loss, device {device}{processes}, run folder {out}")  # fmt: skip
     final = trainer.fit()
-    if cfg.data is not None:  # train then query, with no extra step
+    if cfg.data is not None and world.main:  # train then query, with no extra step
         from instret.indexer import build_index
 
         # rebuild: the run's own index always follows the run's latest encoder.

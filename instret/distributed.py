@@ -1,0 +1,145 @@
+"""Several processes training one run (torchrun): who am I, the collectives the trainer needs,
+and BatchNorm over the global batch.
+
+Every process holds the whole dataset, the whole memory bank and the same random generator,
+so all of them draw the same permutation, the same augmentation parameters and the same NCE
+noise for the global batch; each encodes its own contiguous slice of the batch. Features are
+then gathered in rank order, so every process applies the same bank update as one process
+with the whole batch would: the banks never drift apart, and the result does not depend on
+the number of processes beyond float rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        """The process that writes files and logs (rank 0)."""
+        return self.rank == 0
+
+    def rows(self, n: int) -> slice:
+        """This process's contiguous slice of a global batch of n (sizes differ by at most one)."""
+        base, extra = divmod(n, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
+
+SINGLE = World()
+
+
+def world_from_env() -> World:
+    """The World torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK (one process without them)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return SINGLE
+    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def start(world: World, device: torch.device) -> None:
+    """Join the process group: NCCL between GPUs, gloo on CPUs."""
+    if world.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def stop(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_rows(world: World, local: torch.Tensor, n: int) -> torch.Tensor:
+    """The n x ... global tensor from each process's slice (world.rows order), on every process."""
+    if not world.distributed:
+        return local
+    width = -(-n // world.size)  # slices differ by at most one row: pad to the largest
+    padded = local.new_zeros((width, *local.shape[1:]))
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world.size)]
+    dist.all_gather(parts, padded.contiguous())
+    sizes = [World(r, world.size).rows(n) for r in range(world.size)]
+    return torch.cat([p[: s.stop - s.start] for p, s in zip(parts, sizes)])
+
+
+def all_sum(world: World, x: torch.Tensor) -> torch.Tensor:
+    if world.distributed:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def broadcast_object(world: World, obj):
+    """Rank 0's value of obj on every process (e.g. a run folder name chosen by the clock)."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class GlobalBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are those of the global batch across processes.
+
+    torch's SyncBatchNorm runs on GPUs only; this one runs wherever all_reduce does (gloo on
+    CPUs too). The sums travel through torch.distributed.nn's all_reduce, which carries
+    gradients back across processes, so the backward pass is that of one big batch. Under
+    no_grad (BatchNorm re-estimation, evaluation) each process keeps to its own images.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled() and dist.is_initialized()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        def global_sum(t: torch.Tensor) -> torch.Tensor:
+            with warnings.catch_warnings():
+                # Deprecated in favour of functional collectives, which carry no gradient back.
+                warnings.simplefilter("ignore", FutureWarning)
+                return all_reduce(t)
+
+        dims = [0, 2, 3]
+        c = x.shape[1]
+        xf = x.float()
+        count = torch.tensor([x.numel() / c], device=x.device, dtype=torch.float32)
+        sums = global_sum(torch.cat([xf.sum(dims), count]))
+        n = sums[c]
+        mean = sums[:c] / n
+        # Two passes, as BatchNorm itself computes it: E[(x - mean)^2], not E[x^2] - mean^2.
+        var = global_sum((xf - mean.view(1, c, 1, 1)).pow(2).sum(dims)) / n
+        with torch.no_grad():  # running statistics as nn.BatchNorm keeps them (unbiased variance)
+            self.num_batches_tracked += 1
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)  # no host sync
+        y = (xf - mean.view(1, c, 1, 1)) * torch.rsqrt(var.view(1, c, 1, 1) + self.eps)
+        return (y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)).to(x.dtype)
+
+
+def global_batch_norm(model: nn.Module) -> nn.Module:
+    """The model with every BatchNorm2d replaced by GlobalBatchNorm (weights and buffers kept)."""
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                  child.track_running_stats).to(child.weight.device)  # fmt: skip
+            new.load_state_dict(child.state_dict())
+            setattr(model, name, new)
+        else:
+            global_batch_norm(child)
+    return model
+
