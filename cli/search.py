@@ -26,13 +26,26 @@ def _write_html(path: str, page: str) -> None:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--rebuild", is_flag=True, help="Re-encode everything (e.g. with a new encoder).")
 @max_pixels_option
-def index_cmd(images_dir, model, out, index_type, batch_size, workers, device, rebuild, max_image_pixels):
+@click.option("--shard", help="I/N: index only shard I of N (every N-th file); join them with merge-index.")
+def index_cmd(images_dir, model, out, index_type, batch_size, workers, device, rebuild, max_image_pixels, shard):
     """Build or update the search index of a folder of images."""
     from instret.indexer import build_index
+    from instret.shards import parse_shard
 
     summary = build_index(images_dir, model, out, index_type, batch_size, workers, device, rebuild,
-                          max_image_pixels)  # fmt: skip
+                          max_image_pixels, parse_shard(shard) if shard else None)  # fmt: skip
     click.echo(json.dumps(summary))
+
+
+@click.command("merge-index")
+@click.argument("shard_dirs", nargs=-1, required=True)
+@click.option("--out", required=True, help="Index folder to create or update.")
+@click.option("--index-type", default=None, help="FAISS factory string [the shards'].")
+def merge_index_cmd(shard_dirs, out, index_type):
+    """Join the shard indexes of one folder (built with index --shard I/N) into one index."""
+    from instret.shards import merge_shards
+
+    click.echo(json.dumps(merge_shards(shard_dirs, out, index_type)))
 
 
 @click.command("query")
@@ -47,13 +60,15 @@ def index_cmd(images_dir, model, out, index_type, batch_size, workers, device, r
 @click.option("--model", help="Refuse unless the index was built with this encoder.")
 @click.option("--device", default="cpu", show_default=True)
 @max_pixels_option
+@click.option("--nprobe", type=click.IntRange(1), help="IVF layouts: lists visited per query [16].")
+@click.option("--ef-search", type=click.IntRange(1), help="HNSW layouts: candidate list length [64].")
 def query_cmd(images, index_dir, k, min_score, as_json, html_file, grid_file, exclude_self, model, device,
-              max_image_pixels):  # fmt: skip
+              max_image_pixels, nprobe, ef_search):  # fmt: skip
     """Find the indexed images most similar to each IMAGE, best first."""
     from instret import report
     from instret.search import query
 
-    results = query(index_dir, images, k, min_score, exclude_self, model, device, max_image_pixels)
+    results = query(index_dir, images, k, min_score, exclude_self, model, device, max_image_pixels, nprobe, ef_search)
     click.echo(report.json_lines(results) if as_json else report.query_text(results, len(images) > 1))
     if html_file:
         _write_html(html_file, report.query_html(results))
@@ -145,4 +160,4 @@ def plot_cmd(run_dir, out_file):
     click.echo(f"wrote {path}", err=True)
 
 
-COMMANDS = [index_cmd, query_cmd, dups_cmd, eval_retrieval_cmd, info_cmd, env_cmd, plot_cmd]
+COMMANDS = [index_cmd, merge_index_cmd, query_cmd, dups_cmd, eval_retrieval_cmd, info_cmd, env_cmd, plot_cmd]

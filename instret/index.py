@@ -39,6 +39,9 @@ INDEX_FORMAT_VERSION = 1
 METRIC = "inner_product"
 DEFAULT_FACTORY = "Flat"
 TRAIN_SAMPLE = 100_000  # vectors used to train IVF / PQ layouts
+# Search-time breadth of approximate layouts (README's sizing table measures recall at these):
+DEFAULT_NPROBE = 16  # IVF: inverted lists visited per query
+DEFAULT_EF_SEARCH = 64  # HNSW: candidate list length
 
 
 def as_float32(x) -> np.ndarray:
@@ -75,6 +78,18 @@ def make_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str, seed: i
     return index
 
 
+def set_search_breadth(index, nprobe: int | None = None, ef_search: int | None = None) -> None:
+    """nprobe (IVF) and efSearch (HNSW) where the layout has them; others are left alone."""
+    import faiss
+
+    space = faiss.ParameterSpace()
+    for name, value in (("nprobe", nprobe or DEFAULT_NPROBE), ("efSearch", ef_search or DEFAULT_EF_SEARCH)):
+        try:
+            space.set_index_parameter(index, name, value)
+        except RuntimeError:
+            pass  # not a parameter of this layout (Flat has neither)
+
+
 # --- reading ---------------------------------------------------------------------------
 
 
@@ -88,8 +103,10 @@ class Hit:
 class SearchIndex:
     """A committed generation opened for queries: FAISS index (memory-mapped) plus metadata."""
 
-    def __init__(self, index_dir: str | Path, generation: str | None = None):
+    def __init__(self, index_dir: str | Path, generation: str | None = None, nprobe: int | None = None,
+                 ef_search: int | None = None):  # fmt: skip
         self.dir = Path(index_dir)
+        self.breadth = (nprobe, ef_search)
         if not self.dir.is_dir():
             raise InstretError(f"{self.dir}: no such index folder")
         self._faiss = None
@@ -148,8 +165,12 @@ class SearchIndex:
             if index.ntotal != self.ntotal or index.d != self.dim:
                 raise InstretError(f"{path}: holds {index.ntotal} x {index.d}, the manifest says "
                                    f"{self.ntotal} x {self.dim}; the index is damaged, rebuild it")  # fmt: skip
-            if faiss_gpu_count() > 0:  # only then: with no GPU this would give an empty index
-                index = faiss.index_cpu_to_all_gpus(index)
+            set_search_breadth(index, *self.breadth)
+            gpus = faiss_gpu_count()
+            if gpus > 0:  # only then: with no GPU this would give an empty index
+                options = faiss.GpuMultipleClonerOptions()
+                options.shard = gpus > 1  # split the vectors across the GPUs rather than copy them to each
+                index = faiss.index_cpu_to_all_gpus(index, options)
             self._faiss = index
         return self._faiss
 

@@ -39,9 +39,13 @@ class FileState:
     mtime_ns: int
 
 
-def scan(root: Path) -> tuple[list[FileState], list[tuple[str, str]]]:
+def scan(root: Path, shard: tuple[int, int] | None = None) -> tuple[list[FileState], list[tuple[str, str]]]:
+    """The image files under root (shard (i, n): every n-th of the sorted listing, from the i-th)."""
     files, skipped = [], []
-    for path in list_image_files(root):
+    paths = list_image_files(root)
+    if shard is not None:
+        paths = paths[shard[0]::shard[1]]
+    for path in paths:
         rel = path.relative_to(root).as_posix()
         try:
             st = path.stat()
@@ -109,12 +113,15 @@ def encode_files(encoder: LoadedEncoder, root: Path, files: list[FileState], sta
 
 def build_index(images_dir: str | Path, model: str | Path, out: str | Path, factory: str | None = None,
                 batch_size: int = 256, workers: int = 2, device: str = "auto", rebuild: bool = False,
-                max_pixels: int | None = None) -> dict:  # fmt: skip
-    """Create or incrementally update the index of a folder; returns a summary of what was done."""
+                max_pixels: int | None = None, shard: tuple[int, int] | None = None) -> dict:  # fmt: skip
+    """Create or incrementally update the index of a folder; returns a summary of what was done.
+
+    shard (i, n): index only every n-th file of the sorted listing, from the i-th (one part of a
+    large collection, built on its own machine; `merge_shards` joins the parts)."""
     root, out = Path(images_dir), Path(out)
     if not root.is_dir():
         raise InstretError(f"{root}: no such folder")
-    _check_out(out)
+    check_out(out)
     torch_device = resolve_device(device)
     encoder = load_encoder(model, torch_device)
     start = time.perf_counter()
@@ -126,8 +133,11 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
                 f"{out} was built with encoder {previous.manifest['encoder_fingerprint']}, not {encoder.fingerprint} "
                 f"({model}); add --rebuild to re-encode everything with the new encoder, or choose another --out"
             )
+        if previous is not None and previous.manifest.get("shard") != (list(shard) if shard else None):
+            raise InstretError(f"{out} holds shard {previous.manifest.get('shard')} of a collection, not "
+                               f"{list(shard) if shard else 'the whole folder'}; choose another --out")  # fmt: skip
         factory = factory or (previous.manifest["factory"] if previous else DEFAULT_FACTORY)
-        files, skipped = scan(root)
+        files, skipped = scan(root, shard)
         if not files:
             raise InstretError(f"{root}: no image files found")
         old = {}  # rel -> (id, size, mtime_ns, sha256, vector)
@@ -160,41 +170,16 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
         skipped += bad
         report_skipped(skipped)
         have = {**kept, **resumed, **encoded}
-        next_id = max((v[0] for v in old.values()), default=-1) + 1
-        rows, vecs = [], []
-        for f in files:
-            if f.rel not in have:
-                continue
-            if f.rel in old:
-                fid = old[f.rel][0]
-            else:
-                fid, next_id = next_id, next_id + 1
-            sha, vec = have[f.rel]
-            rows.append((fid, f.rel, f.size, f.mtime_ns, sha))
-            vecs.append(vec)
-        if not rows:
+        entries = [(f.rel, f.size, f.mtime_ns, *have[f.rel]) for f in files if f.rel in have]
+        if not entries:
             raise InstretError(f"{root}: none of the {len(files)} image files could be read")
-        order = np.argsort([r[0] for r in rows], kind="stable")
-        rows = [rows[i] for i in order]
-        vectors = np.ascontiguousarray(np.stack(vecs)[order], dtype=np.float32)
-        ids = np.array([r[0] for r in rows], dtype=np.int64)
-        manifest = {
-            "format_version": INDEX_FORMAT_VERSION,
-            "dim": int(vectors.shape[1]),
-            "metric": METRIC,
-            "factory": factory,
-            "encoder_fingerprint": encoder.fingerprint,
-            "encoder_arch": encoder.model.arch,
-            "image_size": encoder.image_size,
-            "root": str(root.resolve()),
-            "count": len(rows),
-            "skipped": len(skipped),
-            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
+        rows, vectors, ids = with_stable_ids(entries, {rel: v[0] for rel, v in old.items()})
+        manifest = make_manifest(vectors, factory, encoder.fingerprint, encoder.model.arch, encoder.image_size,
+                                 root, len(skipped), shard)  # fmt: skip
         if previous is not None:
             previous.close()
         src = Path(model) / "encoder.pt" if Path(model).is_dir() else Path(model)
-        name = write_generation(out, _next_generation(out), manifest, vectors, ids, rows, skipped, src)
+        name = write_generation(out, next_generation(out), manifest, vectors, ids, rows, skipped, src)
         staging.close()
         (out / "staging.sqlite").unlink(missing_ok=True)
     seconds = time.perf_counter() - start
@@ -209,7 +194,7 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
     return summary
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: Path) -> None:
     """--out must be an index folder, an empty folder or a new path: never someone's other files."""
     if out.exists() and not out.is_dir():
         raise InstretError(f"--out {out}: exists and is not a folder")
@@ -224,6 +209,43 @@ def _same_content(path: Path, sha: str) -> bool:
         return False
 
 
-def _next_generation(out: Path) -> int:
+def with_stable_ids(entries: list[tuple], old_ids: dict[str, int]):
+    """(rows, vectors, ids) in id order from entries (rel, size, mtime_ns, sha256, vector) in
+    listing order: a path indexed before keeps its id, a new one gets the next free id."""
+    next_id = max(old_ids.values(), default=-1) + 1
+    rows, vecs = [], []
+    for rel, size, mtime_ns, sha, vec in entries:
+        fid = old_ids.get(rel)
+        if fid is None:
+            fid, next_id = next_id, next_id + 1
+        rows.append((fid, rel, size, mtime_ns, sha))
+        vecs.append(vec)
+    order = np.argsort([r[0] for r in rows], kind="stable")
+    vectors = np.ascontiguousarray(np.stack(vecs)[order], dtype=np.float32)
+    rows = [rows[i] for i in order]
+    return rows, vectors, np.array([r[0] for r in rows], dtype=np.int64)
+
+
+def make_manifest(vectors: np.ndarray, factory: str, fingerprint: str, arch: str, image_size: int, root: Path,
+                  skipped: int, shard: tuple[int, int] | None = None) -> dict:  # fmt: skip
+    manifest = {
+        "format_version": INDEX_FORMAT_VERSION,
+        "dim": int(vectors.shape[1]),
+        "metric": METRIC,
+        "factory": factory,
+        "encoder_fingerprint": fingerprint,
+        "encoder_arch": arch,
+        "image_size": image_size,
+        "root": str(Path(root).resolve()),
+        "count": len(vectors),
+        "skipped": skipped,
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if shard is not None:
+        manifest["shard"] = list(shard)
+    return manifest
+
+
+def next_generation(out: Path) -> int:
     numbers = [int(p.name[4:]) for p in out.glob("gen-*") if p.name[4:].isdigit()]
     return max(numbers, default=0) + 1

@@ -18,8 +18,8 @@ class Searcher:
     """An open index plus the encoder it was built with: image files in, ranked hits out."""
 
     def __init__(self, index_dir: str | Path, model: str | Path | None = None, device: str = "cpu",
-                 max_pixels: int | None = None):  # fmt: skip
-        self.index = SearchIndex(index_dir)
+                 max_pixels: int | None = None, nprobe: int | None = None, ef_search: int | None = None):  # fmt: skip
+        self.index = SearchIndex(index_dir, nprobe=nprobe, ef_search=ef_search)
         self.max_pixels = max_pixels
         self.device = resolve_device(device)
         self.encoder = load_encoder(self.index.gen_dir / "encoder.pt", self.device)
@@ -86,8 +86,8 @@ def _without_self(query: str, hits):
 
 
 def query(index_dir, images, k=10, min_score=None, exclude_self=False, model=None, device="cpu",
-          max_pixels=None) -> list[dict]:  # fmt: skip
-    return Searcher(index_dir, model, device, max_pixels).query(images, k, min_score, exclude_self)
+          max_pixels=None, nprobe=None, ef_search=None) -> list[dict]:  # fmt: skip
+    return Searcher(index_dir, model, device, max_pixels, nprobe, ef_search).query(images, k, min_score, exclude_self)
 
 
 # --- near-duplicates --------------------------------------------------------------------

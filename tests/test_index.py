@@ -195,3 +195,59 @@ def test_factory_layouts_search_close_to_exact(factory):
 def test_bad_factory_string_is_one_clear_error():
     with pytest.raises(InstretError, match="factory"):
         make_faiss_index(np.zeros((4, 8), dtype=np.float32), np.arange(4), "NotAnIndex42")
+
+
+def test_sharded_build_then_merge_equals_a_single_build(photos, trained_run, tmp_path, capsys):
+    from tests.test_cli import run_cli
+
+    whole = build_index(photos, trained_run, tmp_path / "whole", batch_size=5, **QUIET)
+    for i in range(3):
+        code, _, err = run_cli(["index", str(photos), "--model", str(trained_run), "--out", str(tmp_path / f"s{i}"),
+                                "--shard", f"{i}/3", "--workers", "0", "--batch-size", "3"], capsys)  # fmt: skip
+        assert code == 0, err
+    sizes = [SearchIndex(tmp_path / f"s{i}").ntotal for i in range(3)]
+    assert sum(sizes) == whole["vectors"] == 24 and max(sizes) - min(sizes) <= 1
+    code, out, err = run_cli(["merge-index", *(str(tmp_path / f"s{i}") for i in (2, 0, 1)), "--out",
+                              str(tmp_path / "merged")], capsys)  # fmt: skip
+    assert code == 0, err
+    a, b = vectors_by_path(tmp_path / "whole"), vectors_by_path(tmp_path / "merged")
+    assert sorted(a) == sorted(b)
+    for path, (i, v) in a.items():
+        assert b[path][0] == i and np.allclose(b[path][1], v, atol=1e-5), path
+    hits = Searcher(tmp_path / "merged").query([photos / "b" / "003.jpg"], k=1)[0]["results"]
+    assert hits[0]["path"].endswith("b/003.jpg") and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_merge_refuses_missing_or_foreign_shards(photos, trained_run, tmp_path):
+    from instret.shards import merge_shards, parse_shard
+
+    for i in range(2):
+        build_index(photos, trained_run, tmp_path / f"s{i}", shard=(i, 2), **QUIET)
+    build_index(photos, trained_run, tmp_path / "whole", **QUIET)
+    with pytest.raises(InstretError, match=r"shards \[0\] of 2"):
+        merge_shards([tmp_path / "s0"], tmp_path / "m")
+    with pytest.raises(InstretError, match="not a shard"):
+        merge_shards([tmp_path / "s0", tmp_path / "whole"], tmp_path / "m")
+    with pytest.raises(InstretError, match="holds shard"):
+        build_index(photos, trained_run, tmp_path / "s0", shard=(1, 2), **QUIET)
+    for bad in ("2/2", "x", "1/0"):
+        with pytest.raises(InstretError, match="--shard"):
+            parse_shard(bad)
+    assert not (tmp_path / "m").exists()
+
+
+def test_search_breadth_reaches_the_layouts_inside_the_id_map():
+    import faiss
+
+    from instret.index import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, set_search_breadth
+
+    x = np.random.default_rng(0).normal(size=(2000, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # inner product on unit vectors: each is its own best
+    ivf, hnsw, flat = (make_faiss_index(x, np.arange(2000), f) for f in ("IVF32,Flat", "HNSW8", "Flat"))
+    for index in (ivf, hnsw, flat):
+        set_search_breadth(index)
+    assert faiss.downcast_index(ivf.index).nprobe == DEFAULT_NPROBE
+    assert faiss.downcast_index(hnsw.index).hnsw.efSearch == DEFAULT_EF_SEARCH
+    set_search_breadth(ivf, nprobe=32)  # every list: IVF search becomes exact
+    _, got = ivf.search(x[:50], 1)
+    assert (got[:, 0] == np.arange(50)).all()

@@ -1,0 +1,78 @@
+"""Indexing a collection too large for one machine: each machine indexes one shard
+(`instret index DIR --shard I/N`, every N-th file of the sorted listing), then one command
+joins the shards into one index (`instret merge-index SHARD... --out INDEX_DIR`).
+
+The merged index equals an index built in one go: the same files, the same vectors, ids in
+path order (or, when INDEX_DIR already holds a merged index, the ids it gave each path).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from instret.errors import InstretError
+from instret.index import SearchIndex, read_current, write_generation, writer_lock
+from instret.indexer import check_out, make_manifest, next_generation, with_stable_ids
+from instret.progress import log
+from instret.storage import remove_stale_temps
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise InstretError(f"--shard {text!r}: expected I/N, e.g. 0/4 for the first of four shards") from None
+    if not 0 <= i < n:
+        raise InstretError(f"--shard {text!r}: I must be between 0 and N-1")
+    return i, n
+
+
+def merge_shards(shard_dirs: list[str | Path], out: str | Path, factory: str | None = None) -> dict:
+    """Join shard indexes (all built with one encoder from one folder) into one index at out."""
+    start = time.perf_counter()
+    shards = [SearchIndex(d) for d in shard_dirs]
+    first = shards[0].manifest
+    for s in shards:
+        m = s.manifest
+        if m.get("shard") is None:
+            raise InstretError(f"{s.dir}: not a shard (built without --shard)")
+        for key in ("encoder_fingerprint", "root", "dim"):
+            if m[key] != first[key]:
+                raise InstretError(f"{s.dir}: {key} {m[key]!r} differs from {shards[0].dir}'s {first[key]!r}; "
+                                   f"shards must come from one folder and one encoder")  # fmt: skip
+    n = first["shard"][1]
+    got = sorted(s.manifest["shard"][0] for s in shards)
+    if any(s.manifest["shard"][1] != n for s in shards) or got != list(range(n)):
+        raise InstretError(f"shards {got} of {n}: give each of the {n} shards exactly once")
+    entries = []
+    for s in shards:
+        vectors, ids = s.vectors()
+        row_of = {int(i): r for r, i in enumerate(ids)}
+        entries += [(rel, size, mtime, sha, np.asarray(vectors[row_of[i]])) for i, rel, size, mtime, sha in s.files()]
+    entries.sort(key=lambda e: e[0])  # the one-machine listing order
+    skipped = sorted(p for s in shards for p in s.skipped())
+    out = Path(out)
+    check_out(out)
+    with writer_lock(out):
+        remove_stale_temps(out)
+        old_ids = {}
+        if read_current(out):
+            previous = SearchIndex(out)
+            if previous.manifest["encoder_fingerprint"] == first["encoder_fingerprint"]:
+                old_ids = {rel: i for i, rel, *_ in previous.files()}
+            previous.close()
+        rows, vectors, ids = with_stable_ids(entries, old_ids)
+        manifest = make_manifest(vectors, factory or first["factory"], first["encoder_fingerprint"],
+                                 first.get("encoder_arch"), first.get("image_size"), Path(first["root"]), len(skipped))  # fmt: skip
+        name = write_generation(out, next_generation(out), manifest, vectors, ids, rows, skipped,
+                                shards[0].gen_dir / "encoder.pt")  # fmt: skip
+    for s in shards:
+        s.close()
+    seconds = time.perf_counter() - start
+    log(f"merged {len(shards)} shards into {out}: {len(rows)} vectors in {seconds:.1f} s")
+    return {"index": str(out), "generation": name, "shards": len(shards), "vectors": len(rows),
+            "skipped": len(skipped), "seconds": round(seconds, 3)}  # fmt: skip
