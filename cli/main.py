@@ -50,16 +50,20 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except OSError as e:  # a full disk, a read-only folder, a vanished file: what and where, no traceback
         where = f"{e.filename}: " if e.filename else ""
-        _fail(f"{where}{e.strerror or e}; nothing finished was lost", 1)
+        _fail(f"{where}{e.strerror or e}; nothing finished was lost", 1, every_rank=True)
     except sqlite3.Error as e:
-        _fail(f"index database: {e}; nothing finished was lost", 1)
+        _fail(f"index database: {e}; nothing finished was lost", 1, every_rank=True)
     except Exception as e:
         if os.environ.get("INSTRET_DEBUG"):
             raise
-        _fail(f"unexpected {type(e).__name__}: {e} (INSTRET_DEBUG=1 shows the traceback)", 1)
+        _fail(f"unexpected {type(e).__name__}: {e} (INSTRET_DEBUG=1 shows the traceback)", 1, every_rank=True)
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int, every_rank: bool = False) -> None:
+    """Print `instret: error: ...` and exit. Under torchrun every process meets the same user
+    error, so rank 0 alone tells it; a fault of one process (every_rank) is told with its rank."""
+    rank = int(os.environ.get("RANK", "0"))
     one_line = " ".join(str(message).split())
-    print(f"instret: error: {one_line}", file=sys.stderr)
+    if rank == 0 or every_rank:
+        print(f"instret: error: {f'[rank {rank}] ' if rank else ''}{one_line}", file=sys.stderr)
     sys.exit(code)

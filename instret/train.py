@@ -263,9 +263,9 @@ class Trainer:
         labelled = self.data.labelled
         while self.epoch < self.cfg.epochs:
             row = self.train_epoch()
+            self.epoch += 1
+            self.history.append(row)
             if not self.world.main:
-                self.epoch += 1
-                self.history.append(row)
                 continue
             t = time.perf_counter()
             eval_model = self.eval_model()
@@ -273,8 +273,6 @@ class Trainer:
                 monitor = self.knn(self.bank.features, eval_model, limit=self.cfg.monitor_size)
                 row.update({k: round(v, 4) for k, v in monitor.items()})
                 row["knn_seconds"] = round(time.perf_counter() - t, 3)
-            self.epoch += 1
-            self.history.append(row)
             self.save(eval_model)
             log(_format_row(row, self.cfg.epochs))
         if not self.world.main:

@@ -131,3 +131,11 @@ def test_two_process_run_killed_then_resumed_equals_uninterrupted(tmp_path):
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3, 4]
     assert json.loads(resumed.stdout.read().decode().strip().splitlines()[-1])["epochs"] == 4
+
+
+def test_a_user_error_under_two_processes_is_still_one_line(tmp_path):
+    proc = _instret_2proc("--data", tmp_path / "missing", "--out", tmp_path / "run")
+    assert proc.wait(timeout=120) == 1
+    err = proc.stderr.read().decode().strip().splitlines()
+    assert err == [f"instret: error: --data {tmp_path / 'missing'}: no such folder"], err
+    assert not (tmp_path / "run").exists()
