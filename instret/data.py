@@ -6,7 +6,6 @@ which the trainer indexes by instance id and augments in batches on its own devi
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from instret.errors import InstretError
 from instret.images import is_image_file, iter_decoded, list_image_files
+from instret.progress import log
 
 
 @dataclass
@@ -172,8 +172,8 @@ def decode_files(paths, size: int, workers: int = 0, batch_size: int = 256, max_
 def report_skipped(skipped: list[tuple[str, str]], shown: int = 10) -> None:
     if not skipped:
         return
-    print(f"skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
+    log(f"skipped {len(skipped)} unreadable file(s):")
     for path, reason in skipped[:shown]:
-        print(f"  {path!r}: {reason}", file=sys.stderr)
+        log(f"  {path!r}: {reason}")
     if len(skipped) > shown:
-        print(f"  ... and {len(skipped) - shown} more", file=sys.stderr)
+        log(f"  ... and {len(skipped) - shown} more")
