@@ -78,7 +78,7 @@ def epochs_done(out: Path) -> int:
     return metrics.read_text().count("\n") if metrics.exists() else 0
 
 
-TRAIN_FAULTS = ["sigkill-after-epoch-1", "sigkill-after-epoch-3", "rename-checkpoint.pt:2:before",
+TRAIN_FAULTS = ["sigkill-after-epoch-1", "sigkill-after-epoch-3", "sigkill-random", "rename-checkpoint.pt:2:before",
                 "rename-checkpoint.pt:2:after", "rename-metrics.jsonl:3:before", "sigint-random",
                 "full-disk-after-epoch-2"]  # fmt: skip
 
@@ -93,15 +93,16 @@ def test_train_fault_then_resume_equals_uninterrupted(train_reference, tmp_path,
         assert proc.wait(timeout=300) == -signal.SIGKILL
     else:
         proc = spawn(args)
-        if fault.startswith("sigkill"):
+        if fault.startswith("sigkill-after"):
             wait_until(proc, lambda: epochs_done(out) >= int(fault[-1]))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-        elif fault == "sigint-random":
+        elif fault.endswith("-random"):  # somewhere inside epochs 2-3 (an epoch takes about 0.5-1 s)
             wait_until(proc, lambda: epochs_done(out) >= 1)
             time.sleep(random.Random(fault).uniform(0.0, 1.5))
-            proc.send_signal(signal.SIGINT)
-            if proc.wait(timeout=120) == 130:
+            proc.send_signal(signal.SIGKILL if fault.startswith("sigkill") else signal.SIGINT)
+            code = proc.wait(timeout=120)
+            if code == 130:
                 one_line_error(proc, "interrupted")
         else:
             wait_until(proc, lambda: epochs_done(out) >= 2)
