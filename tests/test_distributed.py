@@ -38,6 +38,38 @@ def test_global_batch_norm_without_other_processes_is_batch_norm():
     assert torch.allclose(plain(x), glob(x)) and torch.allclose(plain.running_var, glob.running_var)
 
 
+def _bn_rank(rank, size, port, tmp):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size))
+    world = world_from_env()
+    start(world, torch.device("cpu"))
+    try:
+        x, w = torch.load(f"{tmp}/bn_inputs.pt", weights_only=True)
+        mine = world.rows(len(x))
+        bn = GlobalBatchNorm(x.shape[1])
+        xr = x[mine].clone().requires_grad_()
+        (bn(xr) * w[mine]).sum().backward()
+        torch.save({"x_grad": xr.grad, "w_grad": bn.weight.grad, "b_grad": bn.bias.grad,
+                    "running_var": bn.running_var}, f"{tmp}/bn_rank{rank}.pt")
+    finally:
+        stop(world)
+
+
+def test_global_batch_norm_forward_and_backward_equal_batch_norm_of_the_whole_batch(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 4, 4, generator=g) * 2 + 0.5  # 7 rows: split 4 / 3
+    w = torch.randn(7, 3, 4, 4, generator=g)
+    torch.save((x, w), tmp_path / "bn_inputs.pt")
+    mp.start_processes(_bn_rank, args=(2, _free_port(), tmp_path), nprocs=2, start_method="spawn")
+    bn = torch.nn.BatchNorm2d(3)
+    xf = x.clone().requires_grad_()
+    (bn(xf) * w).sum().backward()
+    r0, r1 = (torch.load(tmp_path / f"bn_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.allclose(torch.cat([r0["x_grad"], r1["x_grad"]]), xf.grad, atol=1e-5)
+    assert torch.allclose(r0["w_grad"] + r1["w_grad"], bn.weight.grad, atol=1e-5)  # DDP sums (then averages)
+    assert torch.allclose(r0["b_grad"] + r1["b_grad"], bn.bias.grad, atol=1e-5)
+    assert torch.allclose(r0["running_var"], bn.running_var) and torch.equal(r0["running_var"], r1["running_var"])
+
+
 def _config(folder, loss):
     return TrainConfig(data=str(folder), epochs=EPOCHS, image_size=16, batch_size=10, knn_k=5, workers=0,
                        loss=loss, nce_k=16, arch="small", out="unused")  # fmt: skip
