@@ -105,23 +105,15 @@ class GlobalBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled() and dist.is_initialized()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        def global_sum(t: torch.Tensor) -> torch.Tensor:
-            with warnings.catch_warnings():
-                # Deprecated in favour of functional collectives, which carry no gradient back.
-                warnings.simplefilter("ignore", FutureWarning)
-                return all_reduce(t)
-
         dims = [0, 2, 3]
         c = x.shape[1]
         xf = x.float()
         count = torch.tensor([x.numel() / c], device=x.device, dtype=torch.float32)
-        sums = global_sum(torch.cat([xf.sum(dims), count]))
+        sums = _global_sum(torch.cat([xf.sum(dims), count]))
         n = sums[c]
         mean = sums[:c] / n
         # Two passes, as BatchNorm itself computes it: E[(x - mean)^2], not E[x^2] - mean^2.
-        var = global_sum((xf - mean.view(1, c, 1, 1)).pow(2).sum(dims)) / n
+        var = _global_sum((xf - mean.view(1, c, 1, 1)).pow(2).sum(dims)) / n
         with torch.no_grad():  # running statistics as nn.BatchNorm keeps them (unbiased variance)
             self.num_batches_tracked += 1
             m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
@@ -129,6 +121,16 @@ class GlobalBatchNorm(nn.BatchNorm2d):
             self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)  # no host sync
         y = (xf - mean.view(1, c, 1, 1)) * torch.rsqrt(var.view(1, c, 1, 1) + self.eps)
         return (y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)).to(x.dtype)
+
+
+def _global_sum(t: torch.Tensor) -> torch.Tensor:
+    """all_reduce that carries the gradient back to every process (torch.distributed.nn's)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    with warnings.catch_warnings():
+        # Deprecated in favour of functional collectives, which carry no gradient back.
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(t)
 
 
 def global_batch_norm(model: nn.Module) -> nn.Module:

@@ -133,15 +133,17 @@ def read_file_bytes(path: str | Path) -> bytes:
 
 def read_image(path: str | Path, size: int, max_pixels: int | None = None) -> torch.Tensor:
     """One image file as a uint8 tensor 3 x size x size; raises ImageReadError."""
-    data = read_file_bytes(path)
-    return square_tensor(open_rgb(io.BytesIO(data), max_pixels=max_pixels, draft=size), size)
+    return _decode(read_file_bytes(path), size, max_pixels)
 
 
 def read_image_and_hash(path: str | Path, size: int, max_pixels: int | None = None):
     """(uint8 tensor, sha256 hex of the file's bytes): the file is read once for both."""
     data = read_file_bytes(path)
-    digest = hashlib.sha256(data).hexdigest()
-    return square_tensor(open_rgb(io.BytesIO(data), max_pixels=max_pixels, draft=size), size), digest
+    return _decode(data, size, max_pixels), hashlib.sha256(data).hexdigest()
+
+
+def _decode(data: bytes, size: int, max_pixels: int | None) -> torch.Tensor:
+    return square_tensor(open_rgb(io.BytesIO(data), max_pixels=max_pixels, draft=size), size)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -153,15 +155,18 @@ def file_sha256(path: str | Path) -> str:
 
 
 class _DecodeDataset(torch.utils.data.Dataset):
-    def __init__(self, paths, size, max_pixels):
-        self.paths, self.size, self.max_pixels = paths, size, max_pixels
+    def __init__(self, paths, size, max_pixels, hashes):
+        self.paths, self.size, self.max_pixels, self.hashes = paths, size, max_pixels, hashes
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            img, digest = read_image_and_hash(self.paths[i], self.size, self.max_pixels)
+            if self.hashes:
+                img, digest = read_image_and_hash(self.paths[i], self.size, self.max_pixels)
+            else:
+                img, digest = read_image(self.paths[i], self.size, self.max_pixels), None
             return i, img, digest, None
         except ImageReadError as e:
             return i, None, None, str(e)
@@ -176,13 +181,12 @@ def _collate(batch):
 
 
 def iter_decoded(paths, size: int, workers: int = 0, batch_size: int = 256,
-                 max_pixels: int | None = None):  # fmt: skip
+                 max_pixels: int | None = None, hashes: bool = False):  # fmt: skip
     """Decode files in worker processes, in order, a batch at a time.
 
     Yields (positions of the readable files, uint8 tensor B x 3 x size x size or None,
-    their sha256 digests, [(position, reason)] for the unreadable ones).
+    their sha256 digests (None each unless hashes), [(position, reason)] for the unreadable ones).
     """
-    loader = torch.utils.data.DataLoader(
-        _DecodeDataset(list(paths), size, max_pixels), batch_size=batch_size, num_workers=workers, collate_fn=_collate
-    )
+    dataset = _DecodeDataset(list(paths), size, max_pixels, hashes)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     yield from loader

@@ -2,8 +2,8 @@
 
     INDEX_DIR/
       CURRENT              name of the live generation (replaced atomically: the commit point)
-      encoder.pt           the encoder the vectors came from (queries use it)
       gen-000007/
+        encoder.pt         the encoder the vectors came from (queries use it)
         manifest.json      format version, dim, metric, factory, encoder fingerprint, counts
         index.faiss        inner product on L2-normalised vectors, ids = metadata ids
         vectors.npy        float32 n x dim, rows in id order (rebuilds need no re-encoding)
@@ -199,6 +199,12 @@ class SearchIndex:
             )
             out.update((i, from_db(p)) for i, p in rows)
         return {i: str(Path(self.manifest["root"]) / p) for i, p in out.items()}
+
+    def entries(self) -> list[tuple[int, str, int, int, str, np.ndarray]]:
+        """(id, path, size, mtime_ns, sha256, vector) of every indexed file, in id order."""
+        vectors, ids = self.vectors()
+        row_of = {int(i): r for r, i in enumerate(ids)}
+        return [(*f, np.asarray(vectors[row_of[f[0]]])) for f in self.files()]
 
     def files(self) -> list[tuple[int, str, int, int, str]]:
         rows = self.meta.execute("SELECT id, path, size, mtime_ns, sha256 FROM files ORDER BY id")

@@ -99,7 +99,7 @@ def encode_files(encoder: LoadedEncoder, root: Path, files: list[FileState], sta
     done, skipped = {}, []
     paths = [root / f.rel for f in files]
     progress = Progress(len(files), "encoding")
-    for positions, images, digests, bad in iter_decoded(paths, encoder.image_size, workers, batch_size, max_pixels):
+    for positions, images, digests, bad in iter_decoded(paths, encoder.image_size, workers, batch_size, max_pixels, hashes=True):
         skipped += [(files[i].rel, reason) for i, reason in bad]
         if images is not None:
             vectors = as_float32(embed_images(encoder.model, images.to(device), encoder.mean, encoder.std))
@@ -140,12 +140,8 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
         files, skipped = scan(root, shard)
         if not files:
             raise InstretError(f"{root}: no image files found")
-        old = {}  # rel -> (id, size, mtime_ns, sha256, vector)
-        if previous is not None:
-            vectors, ids = previous.vectors()
-            row_of = {int(i): r for r, i in enumerate(ids)}
-            for i, rel, size, mtime, sha in previous.files():
-                old[rel] = (i, size, mtime, sha, np.asarray(vectors[row_of[i]]))
+        # rel -> (id, size, mtime_ns, sha256, vector)
+        old = {rel: (i, *rest) for i, rel, *rest in previous.entries()} if previous is not None else {}
         kept, todo = {}, []
         for f in files:
             prev = old.get(f.rel)

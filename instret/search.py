@@ -43,8 +43,6 @@ class Searcher:
                 images.append(read_image(p, self.encoder.image_size, self.max_pixels))
             except ImageReadError as e:
                 raise InstretError(f"{p}: cannot read image: {e}") from None
-            except OSError as e:
-                raise InstretError(f"{p}: {e.strerror or e}") from None
         batch = torch.stack(images).to(self.device)
         return as_float32(embed_images(self.encoder.model, batch, self.encoder.mean, self.encoder.std))
 

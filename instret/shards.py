@@ -11,8 +11,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from instret.errors import InstretError
 from instret.index import SearchIndex, read_current, write_generation, writer_lock
 from instret.indexer import check_out, make_manifest, next_generation, with_stable_ids
@@ -48,12 +46,7 @@ def merge_shards(shard_dirs: list[str | Path], out: str | Path, factory: str | N
     got = sorted(s.manifest["shard"][0] for s in shards)
     if any(s.manifest["shard"][1] != n for s in shards) or got != list(range(n)):
         raise InstretError(f"shards {got} of {n}: give each of the {n} shards exactly once")
-    entries = []
-    for s in shards:
-        vectors, ids = s.vectors()
-        row_of = {int(i): r for r, i in enumerate(ids)}
-        entries += [(rel, size, mtime, sha, np.asarray(vectors[row_of[i]])) for i, rel, size, mtime, sha in s.files()]
-    entries.sort(key=lambda e: e[0])  # the one-machine listing order
+    entries = sorted((e[1:] for s in shards for e in s.entries()), key=lambda e: e[0])  # the one-machine listing order
     skipped = sorted(p for s in shards for p in s.skipped())
     out = Path(out)
     check_out(out)

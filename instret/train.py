@@ -10,6 +10,7 @@ encoder.pt (the slim export) and, after the last epoch, final.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -323,17 +324,17 @@ def train(options: TrainConfig | dict, resume: bool = False) -> dict | None:
     if world.distributed and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
+    cfg = resolve(cfg, device)
     start_processes(world, device)
     try:
-        if world.distributed and cfg.out is None:  # every process must use rank 0's run folder
-            cfg = TrainConfig.from_dict({**cfg.to_dict(), "out": broadcast_object(world, resolve(cfg, device).out)})
+        if world.distributed:  # a run folder named by the clock: every process uses rank 0's
+            cfg = dataclasses.replace(cfg, out=broadcast_object(world, cfg.out))
         return _train(cfg, resume, device, world)
     finally:
         stop_processes(world)
 
 
 def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World) -> dict | None:
-    cfg = resolve(cfg, device)
     out = Path(cfg.out)
     if not resume and (out / CHECKPOINT).exists():
         raise InstretError(f"{out} already holds a run; add --resume to continue it, or choose another --out")

@@ -58,7 +58,11 @@ INDEX_DAMAGE = [
 ]
 
 
-@pytest.mark.parametrize("name,damage,needle", INDEX_DAMAGE, ids=[f"{n}-{d.__name__}" for n, d, _ in INDEX_DAMAGE])
+def table_ids(table) -> list[str]:
+    return [f"{name}-{damage.__name__}" for name, damage, _ in table]
+
+
+@pytest.mark.parametrize("name,damage,needle", INDEX_DAMAGE, ids=table_ids(INDEX_DAMAGE))
 def test_query_on_a_damaged_index(built, trained_run, tmp_path, capsys, name, damage, needle):
     ix = shutil.copytree(built, tmp_path / "ix")
     damage(live(ix) / name)
@@ -137,7 +141,7 @@ RUN_DAMAGE = [
 ]
 
 
-@pytest.mark.parametrize("name,damage,needle", RUN_DAMAGE, ids=[f"{n}-{d.__name__}" for n, d, _ in RUN_DAMAGE])
+@pytest.mark.parametrize("name,damage,needle", RUN_DAMAGE, ids=table_ids(RUN_DAMAGE))
 def test_resume_of_a_damaged_or_newer_run(run_copy, tmp_path, capsys, name, damage, needle):
     damage(run_copy / name)
     before = snapshot(tmp_path)

@@ -4,7 +4,6 @@ batch, every process's bank identical after each epoch, kill-and-resume under 2 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,10 +37,17 @@ def test_global_batch_norm_without_other_processes_is_batch_norm():
     assert torch.allclose(plain(x), glob(x)) and torch.allclose(plain.running_var, glob.running_var)
 
 
-def _bn_rank(rank, size, port, tmp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size))
+def _join(rank, size, tmp) -> World:
+    """Join a gloo group through a file in tmp (no port to pick, so none to lose to a race)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=size)
     world = world_from_env()
-    start(world, torch.device("cpu"))
+    start(world, torch.device("cpu"))  # already joined: start() leaves the group as it is
+    return world
+
+
+def _bn_rank(rank, size, tmp):
+    world = _join(rank, size, tmp)
     try:
         x, w = torch.load(f"{tmp}/bn_inputs.pt", weights_only=True)
         mine = world.rows(len(x))
@@ -59,7 +65,7 @@ def test_global_batch_norm_forward_and_backward_equal_batch_norm_of_the_whole_ba
     x = torch.randn(7, 3, 4, 4, generator=g) * 2 + 0.5  # 7 rows: split 4 / 3
     w = torch.randn(7, 3, 4, 4, generator=g)
     torch.save((x, w), tmp_path / "bn_inputs.pt")
-    mp.start_processes(_bn_rank, args=(2, _free_port(), tmp_path), nprocs=2, start_method="spawn")
+    mp.start_processes(_bn_rank, args=(2, tmp_path), nprocs=2, start_method="spawn")
     bn = torch.nn.BatchNorm2d(3)
     xf = x.clone().requires_grad_()
     (bn(xf) * w).sum().backward()
@@ -89,23 +95,14 @@ def _copy(state: dict) -> dict:
     return {k: v.detach().clone() for k, v in state.items()}  # state_dict() shares the live tensors
 
 
-def _rank_main(rank, size, port, folder, loss, tmp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
-                      LOCAL_RANK=str(rank))  # fmt: skip
+def _rank_main(rank, size, folder, loss, tmp):
     torch.set_num_threads(1)
-    world = world_from_env()
-    start(world, torch.device("cpu"))
+    world = _join(rank, size, tmp)
     try:
         _train_and_record(folder, loss, world, lambda e, t: torch.save(
             {"bank": t.bank.features.clone(), "model": _copy(t.model.state_dict())}, f"{tmp}/rank{rank}-epoch{e}.pt"))
     finally:
         stop(world)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -116,7 +113,7 @@ def _max_diff(a: dict, b: dict) -> float:
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, loss):
     # 63 images, batch 10: the last batch (13) splits unevenly between the processes.
     folder = make_image_folder(tmp_path / "img", per_class=21, size=16)
-    mp.start_processes(_rank_main, args=(2, _free_port(), folder, loss, tmp_path), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank_main, args=(2, folder, loss, tmp_path), nprocs=2, start_method="spawn")
     # "Float tolerance", measured: one process with 1 thread against 1 process with 2 threads
     # differs only by the order of float sums, and that difference grows with the steps.
     one = {}
