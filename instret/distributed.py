@@ -11,6 +11,7 @@ the number of processes beyond float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -53,15 +54,23 @@ def world_from_env() -> World:
     return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def start(world: World, device: torch.device) -> None:
-    """Join the process group: NCCL between GPUs, gloo on CPUs."""
+@contextlib.contextmanager
+def process_group(world: World, device: torch.device):
+    """Joined to the other processes inside the block: NCCL between GPUs, gloo on CPUs.
+
+    On a normal exit every process waits for the others before the group is torn down: a
+    process that tears down while another still talks to it aborts that one (gloo's
+    "terminate called without an active exception"). After an error it does not wait, since
+    the others may never arrive; the launcher stops them."""
     if world.distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
-def stop(world: World) -> None:
-    if world.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        yield
+        if world.distributed:
+            dist.barrier()
+    finally:
+        if world.distributed and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def gather_rows(world: World, local: torch.Tensor, n: int) -> torch.Tensor:

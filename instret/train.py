@@ -28,9 +28,8 @@ from instret.bank import MemoryBank
 from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, TrainConfig, with_presets
 from instret.data import TrainData, load_train_data
 from instret.device import resolve_device
-from instret.distributed import SINGLE, World, all_sum, broadcast_object, gather_rows, global_batch_norm, world_from_env
-from instret.distributed import start as start_processes
-from instret.distributed import stop as stop_processes
+from instret.distributed import SINGLE, World, all_sum, broadcast_object, gather_rows, global_batch_norm, process_group
+from instret.distributed import world_from_env
 from instret.encoder import Encoder, calibrated_copy, embed_images, export_encoder, resolve_arch
 from instret.errors import InstretError
 from instret.knn import FeatureIndex, knn_evaluate
@@ -325,13 +324,10 @@ def train(options: TrainConfig | dict, resume: bool = False) -> dict | None:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     cfg = resolve(cfg, device)
-    start_processes(world, device)
-    try:
+    with process_group(world, device):
         if world.distributed:  # a run folder named by the clock: every process uses rank 0's
             cfg = dataclasses.replace(cfg, out=broadcast_object(world, cfg.out))
         return _train(cfg, resume, device, world)
-    finally:
-        stop_processes(world)
 
 
 def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World) -> dict | None:

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from instret.config import TrainConfig
 from instret.data import load_folder
-from instret.distributed import SINGLE, GlobalBatchNorm, World, start, stop, world_from_env
+from instret.distributed import SINGLE, GlobalBatchNorm, World, process_group, world_from_env
 from instret.train import Trainer, load_checkpoint, resolve
 from tests.conftest import make_image_folder
 
@@ -38,17 +38,16 @@ def test_global_batch_norm_without_other_processes_is_batch_norm():
 
 
 def _join(rank, size, tmp) -> World:
-    """Join a gloo group through a file in tmp (no port to pick, so none to lose to a race)."""
+    """Join a gloo group through a file in tmp (no port to pick, so none to lose to a race);
+    process_group() then leaves the group as it is and only ends it."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=size)
-    world = world_from_env()
-    start(world, torch.device("cpu"))  # already joined: start() leaves the group as it is
-    return world
+    return world_from_env()
 
 
 def _bn_rank(rank, size, tmp):
     world = _join(rank, size, tmp)
-    try:
+    with process_group(world, torch.device("cpu")):
         x, w = torch.load(f"{tmp}/bn_inputs.pt", weights_only=True)
         mine = world.rows(len(x))
         bn = GlobalBatchNorm(x.shape[1])
@@ -56,8 +55,6 @@ def _bn_rank(rank, size, tmp):
         (bn(xr) * w[mine]).sum().backward()
         torch.save({"x_grad": xr.grad, "w_grad": bn.weight.grad, "b_grad": bn.bias.grad,
                     "running_var": bn.running_var}, f"{tmp}/bn_rank{rank}.pt")
-    finally:
-        stop(world)
 
 
 def test_global_batch_norm_forward_and_backward_equal_batch_norm_of_the_whole_batch(tmp_path):
@@ -98,11 +95,9 @@ def _copy(state: dict) -> dict:
 def _rank_main(rank, size, folder, loss, tmp):
     torch.set_num_threads(1)
     world = _join(rank, size, tmp)
-    try:
+    with process_group(world, torch.device("cpu")):
         _train_and_record(folder, loss, world, lambda e, t: torch.save(
             {"bank": t.bank.features.clone(), "model": _copy(t.model.state_dict())}, f"{tmp}/rank{rank}-epoch{e}.pt"))
-    finally:
-        stop(world)
 
 
 def _max_diff(a: dict, b: dict) -> float:
