@@ -73,7 +73,7 @@ def main() -> None:
     rows, steps = [], 0
     while time.perf_counter() - start < budget and (args.max_steps is None or steps < args.max_steps):
         if args.max_steps is not None:  # smoke test: a few steps, no whole epoch
-            perm = torch.randperm(len(trainer.images), device=device)
+            perm = torch.randperm(len(trainer.train_images), device=device)
             t = time.perf_counter()
             for idx in batches(perm, cfg.batch_size)[: args.max_steps]:
                 trainer.step(idx)

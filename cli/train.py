@@ -33,6 +33,9 @@ from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, SCHEDULES, read_
 @click.option("--image-size", type=int, help="Side of the square training images [32].")
 @click.option("--device", type=str, help="auto, cpu, cuda or cuda:N [auto].")
 @click.option("--workers", type=int, help="Processes decoding image files [2].")
+@click.option("--stream/--no-stream", default=None,
+              help="--data: decode each batch from the files (datasets larger than memory) instead of holding "
+                   "the decoded set in memory [when it would take over a quarter of the memory].")  # fmt: skip
 @click.option("--seed", type=int, help="Random seed [0].")
 @max_pixels_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast [on where the GPU supports bf16].")

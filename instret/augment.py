@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -40,15 +41,18 @@ class Augment:
     grayscale_p: float = 0.2
     flip: bool = True
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator, rows: slice | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator, rows: slice | None = None,
+                 batch: int | None = None) -> torch.Tensor:  # fmt: skip
         """uint8 N x 3 x H x W -> augmented, normalised float N x 3 x size x size.
 
-        rows: augment only these of the N images, with the parameters the whole batch would
-        give them (one process's share of a global batch: the same random draws everywhere).
+        rows, batch: the images are these rows of a batch of `batch`, and get the parameters
+        the whole batch would give them (one process's share of a global batch: the same
+        random draws everywhere).
         """
-        params = self.sample_params(len(images), images.shape[-2], images.shape[-1], generator, images.device)
+        n = len(images) if rows is None else batch
+        params = self.sample_params(n, images.shape[-2], images.shape[-1], generator, images.device)
         if rows is not None:
-            images, params = images[rows], AugmentParams(*(getattr(params, f.name)[rows] for f in dataclasses.fields(params)))
+            params = AugmentParams(*(getattr(params, f.name)[rows] for f in dataclasses.fields(params)))
         return normalize(self.apply(images, params), self.mean, self.std)
 
     def sample_params(self, n: int, height: int, width: int, generator, device) -> AugmentParams:
@@ -209,10 +213,15 @@ def eval_transform(images: torch.Tensor, mean, std) -> torch.Tensor:
     return normalize(images.float().div(255), mean, std)
 
 
-def channel_stats(images: torch.Tensor, sample: int = 10000) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of a uint8 image set (on an evenly spaced sample), as plain floats."""
-    step = max(1, len(images) // sample)
-    x = images[::step].float().div(255)
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+def channel_stats(batches: Iterable[torch.Tensor]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (sample) std of batches of uint8 images, as plain floats; sums in
+    float64, a batch at a time, so a sample of any size costs one batch of memory."""
+    count, total, squares = 0, torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for images in batches:
+        x = images.to("cpu", torch.float64).div_(255)
+        count += x.numel() // 3
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+    mean = total / count
+    std = ((squares - count * mean.square()) / max(1, count - 1)).clamp_min(0).sqrt().clamp_min(1e-3)
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)

@@ -63,6 +63,9 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 2
     max_image_pixels: int | None = None  # decompression-bomb limit per image file; None: Pillow's 89 M; 0: none
+    # --data only: decode each batch from the files in `workers` processes instead of holding the
+    # decoded set in memory; None: streamed when it would take over a quarter of the memory
+    stream: bool | None = None
     seed: int = 0
     extra: dict = field(default_factory=dict)  # room for later options without a format bump
 
@@ -113,6 +116,8 @@ class TrainConfig:
         need(self.workers >= 0, "--workers must be non-negative")
         need(self.max_image_pixels is None or self.max_image_pixels >= 0, "--max-image-pixels must be non-negative")
         need(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale must satisfy 0 < lo <= hi <= 1")
+        need(not self.stream or self.data is not None,
+             "--stream reads a --data folder; the built-in datasets are held in memory")  # fmt: skip
 
 
 # What `epochs: None` means per dataset: the authors' 200, except for the embedded digits.

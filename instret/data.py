@@ -1,11 +1,14 @@
-"""Training data as resident uint8 tensors: digits, CIFAR-10, or a folder of images.
+"""Training data: digits, CIFAR-10, or a folder of images.
 
-Every dataset is decoded once into an N x 3 x S x S uint8 tensor (CIFAR-10 is 150 MB),
-which the trainer indexes by instance id and augments in batches on its own device.
+A dataset is decoded once into an N x 3 x S x S uint8 tensor (CIFAR-10 is 150 MB), which
+the trainer indexes by instance id and augments in batches on its own device. A folder too
+large for that is streamed: decoded once to check every file and then dropped, keeping only
+the readable paths, which the trainer decodes again a batch at a time (instret.imagesource).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,14 +23,14 @@ from instret.progress import log
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # N x 3 x S x S, uint8
+    images: torch.Tensor | None  # N x 3 x S x S, uint8; None when streamed from `paths`
     labels: torch.Tensor | None = None  # N, int64; None when unlabelled
     classes: list[str] | None = None
     paths: list[str] | None = None  # where the images came from, when from files
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.images) if self.images is not None else len(self.paths)
 
 
 @dataclass
@@ -43,7 +46,7 @@ class TrainData:
 
 def load_train_data(cfg) -> TrainData:
     if cfg.data is not None:
-        return load_folder(cfg.data, cfg.image_size, cfg.workers, cfg.max_image_pixels)
+        return load_folder(cfg.data, cfg.image_size, cfg.workers, cfg.max_image_pixels, cfg.stream)
     if cfg.dataset == "digits":
         return load_digits(cfg.image_size)
     if cfg.dataset == "cifar10":
@@ -99,8 +102,13 @@ def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 EVAL_SPLIT_NAMES = ("test", "val")
 
 
-def load_folder(root: str | Path, size: int, workers: int = 0, max_pixels: int | None = None) -> TrainData:
-    """A folder of images: flat or one sub-folder per class; `train/` + `test/` (or `val/`) is a split."""
+def load_folder(root: str | Path, size: int, workers: int = 0, max_pixels: int | None = None,
+                stream: bool | None = False) -> TrainData:  # fmt: skip
+    """A folder of images: flat or one sub-folder per class; `train/` + `test/` (or `val/`) is a split.
+
+    stream: keep only the paths of the readable files, not their pixels; None decides by size
+    (streamed when the decoded set would take over a quarter of the memory).
+    """
     root = Path(root)
     if not root.exists():
         raise InstretError(f"--data {root}: no such folder")
@@ -109,12 +117,13 @@ def load_folder(root: str | Path, size: int, workers: int = 0, max_pixels: int |
     train_dir = root / "train"
     eval_dir = next((root / n for n in EVAL_SPLIT_NAMES if (root / n).is_dir()), None)
     if train_dir.is_dir() and eval_dir is not None:
-        train = read_folder(train_dir, size, workers, max_pixels=max_pixels)
-        evalset = read_folder(eval_dir, size, workers, classes=train.classes, max_pixels=max_pixels)
+        train = read_folder(train_dir, size, workers, max_pixels=max_pixels, stream=stream)
+        evalset = read_folder(eval_dir, size, workers, classes=train.classes, max_pixels=max_pixels, stream=stream)
         if (train.labels is None) != (evalset.labels is None):
             evalset = None  # one side labelled and the other not: no held-out accuracy
         return TrainData(train=train, eval=evalset, name=root.name)
-    return TrainData(train=read_folder(root, size, workers, max_pixels=max_pixels), eval=None, name=root.name)
+    return TrainData(train=read_folder(root, size, workers, max_pixels=max_pixels, stream=stream), eval=None,
+                     name=root.name)  # fmt: skip
 
 
 def find_classes(root: Path) -> list[str] | None:
@@ -127,7 +136,7 @@ def find_classes(root: Path) -> list[str] | None:
 
 
 def read_folder(root: Path, size: int, workers: int = 0, classes: list[str] | None = None,
-                max_pixels: int | None = None) -> ImageSet:  # fmt: skip
+                max_pixels: int | None = None, stream: bool | None = False) -> ImageSet:  # fmt: skip
     found = find_classes(root)
     if found is None:
         paths, labels, classes = list_image_files(root), None, None
@@ -143,7 +152,9 @@ def read_folder(root: Path, size: int, workers: int = 0, classes: list[str] | No
             labels += [index[c]] * len(files)
     if not paths:
         raise InstretError(f"{root}: no image files found (looked for {', '.join(sorted({'.jpg', '.png', '.jpeg'}))}, ...)")
-    images, ok, skipped = decode_files(paths, size, workers, max_pixels=max_pixels)
+    if stream is None:
+        stream = too_large_to_hold(len(paths), size)
+    images, ok, skipped = decode_files(paths, size, workers, max_pixels=max_pixels, keep=not stream)
     if not ok:
         raise InstretError(f"{root}: none of the {len(paths)} image files could be read")
     report_skipped(skipped)
@@ -157,16 +168,26 @@ def read_folder(root: Path, size: int, workers: int = 0, classes: list[str] | No
     )
 
 
-def decode_files(paths, size: int, workers: int = 0, batch_size: int = 256, max_pixels: int | None = None):
-    """Decode image files in worker processes: (uint8 tensor of the good ones, their positions, skipped)."""
+def decode_files(paths, size: int, workers: int = 0, batch_size: int = 256, max_pixels: int | None = None,
+                 keep: bool = True):  # fmt: skip
+    """Decode image files in worker processes: (uint8 tensor of the good ones, or None unless
+    keep, their positions, skipped)."""
     chunks, ok, skipped = [], [], []
     for good, images, _, bad in iter_decoded(paths, size, workers, batch_size, max_pixels):
         ok += good
-        if images is not None:
+        if images is not None and keep:
             chunks.append(images)
         skipped += [(str(paths[i]), reason) for i, reason in bad]
+    if not keep:
+        return None, ok, skipped
     images = torch.cat(chunks) if chunks else torch.empty(0, 3, size, size, dtype=torch.uint8)
     return images, ok, skipped
+
+
+def too_large_to_hold(n: int, size: int, share: float = 0.25) -> bool:
+    """Whether n decoded size x size images would take over `share` of the machine's memory."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return n * 3 * size * size > share * memory
 
 
 def report_skipped(skipped: list[tuple[str, str]], shown: int = 10) -> None:

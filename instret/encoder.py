@@ -8,6 +8,7 @@ as plain data, so `torch.load(..., weights_only=True)` reads it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 
 import torch
@@ -144,21 +145,27 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Loaded
 @torch.no_grad()
 def embed_images(model: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 512) -> torch.Tensor:
     """Features of resident uint8 images under the test transform, on the images' device."""
+    if len(images) == 0:
+        return torch.empty(0, model.low_dim, device=images.device)
+    return embed_batches(model, images.split(batch_size), mean, std)
+
+
+@torch.no_grad()
+def embed_batches(model: nn.Module, batches, mean, std) -> torch.Tensor:
+    """Features of batches of uint8 images under the test transform, concatenated in order."""
     from instret.augment import eval_transform
 
     was_training = model.training
     model.eval()
-    out = [
-        model(eval_transform(images[i:i + batch_size], mean, std).contiguous(memory_format=torch.channels_last))
-        for i in range(0, len(images), batch_size)
-    ]
+    out = [model(eval_transform(b, mean, std).contiguous(memory_format=torch.channels_last)) for b in batches]
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, model.low_dim, device=images.device)
+    return torch.cat(out) if out else torch.empty(0, model.low_dim, device=next(model.parameters()).device)
 
 
 @torch.no_grad()
-def calibrated_copy(model: nn.Module, images: torch.Tensor, mean, std, sample: int = 4096, batch_size: int = 512):
-    """A copy of the model whose BatchNorm statistics are re-estimated on clean images.
+def calibrated_copy(model: nn.Module, batches, mean, std):
+    """A copy of the model whose BatchNorm statistics are re-estimated on clean images
+    (batches of uint8 images; the trainer passes an evenly spaced sample of its set).
 
     Training keeps BatchNorm running statistics of heavily augmented batches, which are off
     for clean images at test time. The gain is small but consistent (CIFAR-10, 8 epochs of
@@ -171,14 +178,14 @@ def calibrated_copy(model: nn.Module, images: torch.Tensor, mean, std, sample: i
 
     clone = copy.deepcopy(model)
     norms = [m for m in clone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms or len(images) == 0:
+    batches = iter(batches)
+    first = next(batches, None)
+    if not norms or first is None:  # nothing to calibrate: the training statistics stay
         return clone.eval()
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the calibration batches
-    step = max(1, len(images) // sample)
-    subset = images[::step][:sample]
     clone.train()
-    for i in range(0, len(subset), batch_size):
-        clone(eval_transform(subset[i:i + batch_size], mean, std))
+    for images in itertools.chain([first], batches):
+        clone(eval_transform(images, mean, std))
     return clone.eval()

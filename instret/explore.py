@@ -10,6 +10,7 @@ import torch
 
 from instret.augment import Augment, channel_stats
 from instret.encoder import Encoder, LoadedEncoder, calibrated_copy, embed_images
+from instret.imagesource import evenly_spaced
 from instret.knn import knn_vote, torch_search
 
 
@@ -18,8 +19,9 @@ def untrained_encoder(arch: str, low_dim: int, images: torch.Tensor, seed: int =
     the images, so that "before training" is the fair untrained baseline, not a broken one."""
     torch.manual_seed(seed)
     model = Encoder(arch, low_dim, images.shape[-1])
-    mean, std = channel_stats(images)
-    return LoadedEncoder(calibrated_copy(model, images, mean, std), mean, std, fingerprint="untrained")
+    mean, std = channel_stats(images.split(512))
+    calibration = images[evenly_spaced(len(images), 4096)].split(512)
+    return LoadedEncoder(calibrated_copy(model, calibration, mean, std), mean, std, fingerprint="untrained")
 
 
 def features(encoder: LoadedEncoder, images: torch.Tensor) -> torch.Tensor:

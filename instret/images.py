@@ -154,7 +154,9 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-class _DecodeDataset(torch.utils.data.Dataset):
+class DecodeDataset(torch.utils.data.Dataset):
+    """Item i: (i, uint8 3 x size x size or None, sha256 or None, why it failed or None)."""
+
     def __init__(self, paths, size, max_pixels, hashes):
         self.paths, self.size, self.max_pixels, self.hashes = paths, size, max_pixels, hashes
 
@@ -187,6 +189,6 @@ def iter_decoded(paths, size: int, workers: int = 0, batch_size: int = 256,
     Yields (positions of the readable files, uint8 tensor B x 3 x size x size or None,
     their sha256 digests (None each unless hashes), [(position, reason)] for the unreadable ones).
     """
-    dataset = _DecodeDataset(list(paths), size, max_pixels, hashes)
+    dataset = DecodeDataset(list(paths), size, max_pixels, hashes)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     yield from loader

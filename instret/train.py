@@ -26,16 +26,18 @@ from instret.storage import atomic_torch_save, atomic_write_text, load_torch_fil
 from instret.augment import Augment, channel_stats
 from instret.bank import MemoryBank
 from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, TrainConfig, with_presets
-from instret.data import TrainData, load_train_data
+from instret.data import ImageSet, TrainData, load_train_data
 from instret.device import resolve_device
 from instret.distributed import SINGLE, World, all_sum, broadcast_object, gather_rows, global_batch_norm, process_group
 from instret.distributed import world_from_env
-from instret.encoder import Encoder, calibrated_copy, embed_images, export_encoder, resolve_arch
+from instret.encoder import Encoder, calibrated_copy, embed_batches, export_encoder, resolve_arch
 from instret.errors import InstretError
+from instret.imagesource import ResidentImages, StreamedImages, chunks, evenly_spaced
 from instret.knn import FeatureIndex, knn_evaluate
 from instret.progress import Progress, log
 
 CHECKPOINT = "checkpoint.pt"
+STATS_SAMPLE = 10000  # images the normalisation statistics are measured on
 
 
 def lr_at(epoch: int, cfg: TrainConfig) -> float:
@@ -97,13 +99,13 @@ class Trainer:
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
             fused=self.speed["fused_optimizer"],
         )  # fmt: skip
-        self.mean, self.std = channel_stats(data.train.images)
+        self.train_images = self.image_source(data.train)
+        self.eval_images = self.image_source(data.eval) if data.eval is not None else None
+        self.mean, self.std = channel_stats(self.train_images.batches(chunks(evenly_spaced(n, STATS_SAMPLE))))
         self.augment = Augment(
             cfg.image_size, self.mean, self.std, scale=cfg.crop_scale, jitter=cfg.jitter,
             grayscale_p=cfg.grayscale_p, flip=cfg.flip,
         )  # fmt: skip
-        self.images = data.train.images.to(device)
-        self.eval_images = data.eval.images.to(device) if data.eval is not None else None
         self.epoch = 0  # epochs finished
         self.nce_z: float | None = None
         self.history: list[dict] = []
@@ -121,9 +123,15 @@ class Trainer:
         own mean and learn little (measured on 10k CIFAR images, 4 epochs: kNN 0.36 random,
         0.50 features). Not in the paper, hence not the default.
         """
-        for start in range(0, len(self.images), batch_size):
-            idx = torch.arange(start, min(start + batch_size, len(self.images)), device=self.device)
-            self.bank.features[idx] = F.normalize(self.encode(self.augment(self.images[idx], self.generator)), dim=1)
+        ids = chunks(torch.arange(len(self.train_images)), batch_size)
+        for idx, images in zip(ids, self.train_images.batches(ids)):
+            self.bank.features[idx.to(self.device)] = F.normalize(self.encode(self.augment(images, self.generator)), dim=1)
+
+    def image_source(self, images: ImageSet) -> ResidentImages | StreamedImages:
+        if images.images is not None:
+            return ResidentImages(images.images, self.device)
+        cfg = self.cfg
+        return StreamedImages(images.paths, cfg.image_size, self.device, cfg.workers, cfg.max_image_pixels)
 
     # --- one step and one epoch -----------------------------------------------------
 
@@ -150,10 +158,13 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.speed["amp"]):
             return self.forward(x).float()
 
-    def step(self, idx: torch.Tensor) -> torch.Tensor:
-        """One step on the global batch idx; returns this process's share of its mean loss."""
+    def step(self, idx: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """One step on the global batch idx, of which this process holds `images` (its rows;
+        fetched when not given); returns this process's share of the batch's mean loss."""
         rows, batch = self.world.rows(len(idx)), len(idx)
-        f = self.encode(self.augment(self.images[idx], self.generator, rows))
+        if images is None:
+            images = next(self.train_images.batches([idx[rows]]))
+        f = self.encode(self.augment(images, self.generator, rows, batch))
         loss = self.loss(f, idx[rows], rows, batch)
         share = (rows.stop - rows.start) / batch
         self.optimizer.zero_grad(set_to_none=True)
@@ -170,13 +181,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        perm = torch.randperm(len(self.images), generator=self.generator, device=self.device)
+        perm = torch.randperm(len(self.train_images), generator=self.generator, device=self.device)
         parts = batches(perm, cfg.batch_size)
+        mine = self.train_images.batches([idx[self.world.rows(len(idx))] for idx in parts])
         progress = Progress(len(parts), f"epoch {self.epoch + 1}/{cfg.epochs}", enabled=None if self.world.main else False)
         start = time.perf_counter()
         total = torch.zeros((), device=self.device)  # accumulated on the device: no per-step sync
-        for idx in parts:
-            loss = self.step(idx)
+        for idx, images in zip(parts, mine):
+            loss = self.step(idx, images)
             total += loss * len(idx)
             progress.update(1, f"loss {loss.item():.4f}" if progress.due() else None)
         mean_loss = float(all_sum(self.world, total)) / len(perm)
@@ -195,7 +207,8 @@ class Trainer:
     def eval_model(self, sample: int = 512) -> torch.nn.Module:
         """The model as evaluated and exported: BatchNorm statistics of clean training images
         (a 512-image sample every epoch keeps the monitor cheap; the final export uses more)."""
-        return calibrated_copy(self.model, self.images, self.mean, self.std, sample=sample)
+        sample = evenly_spaced(len(self.train_images), sample)
+        return calibrated_copy(self.model, self.train_images.batches(chunks(sample)), self.mean, self.std)
 
     def knn(self, keys: torch.Tensor, model: torch.nn.Module, limit: int = 0) -> dict:
         """Weighted kNN top-1/top-5 against `keys` (the bank, or re-embedded training images),
@@ -207,12 +220,12 @@ class Trainer:
         common = dict(num_classes=num_classes, k=self.cfg.knn_k, sigma=self.cfg.tau)
         if self.eval_images is None:
             return knn_evaluate(index, train.labels, keys, train.labels, leave_one_out=True, **common)
-        images, labels = self.eval_images, self.data.eval.labels
-        if 0 < limit < len(images):
+        labels, pick = self.data.eval.labels, torch.arange(len(self.eval_images))
+        if 0 < limit < len(pick):
             # Embedding the held-out images is most of the monitor's cost: a sample keeps it small.
-            pick = torch.linspace(0, len(images) - 1, limit).long()
-            images, labels = images[pick.to(images.device)], labels[pick]
-        queries = embed_images(model, images, self.mean, self.std)
+            pick = torch.linspace(0, len(pick) - 1, limit).long()
+            labels = labels[pick]
+        queries = embed_batches(model, self.eval_images.batches(chunks(pick)), self.mean, self.std)
         return knn_evaluate(index, train.labels, queries, labels, **common)
 
     def final_eval(self) -> dict:
@@ -221,7 +234,8 @@ class Trainer:
         export_encoder(model, self.out / "encoder.pt", self.mean, self.std)
         if not self.data.labelled:
             return {}
-        return self.knn(embed_images(model, self.images, self.mean, self.std), model)
+        every = chunks(torch.arange(len(self.train_images)))
+        return self.knn(embed_batches(model, self.train_images.batches(every), self.mean, self.std), model)
 
     # --- persistence ------------------------------------------------------------------
 
@@ -306,7 +320,7 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
 
 
 # Options that may differ when a run is resumed: they change where and how long, not what.
-RESUMABLE = {"epochs", "device", "workers", "out"}
+RESUMABLE = {"epochs", "device", "workers", "out", "stream"}
 
 
 def train(options: TrainConfig | dict, resume: bool = False) -> dict | None:

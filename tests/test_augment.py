@@ -143,5 +143,13 @@ def test_same_generator_state_same_output():
 
 def test_channel_stats_of_constant_images():
     images = torch.full((10, 3, 4, 4), 51, dtype=torch.uint8)
-    mean, std = A.channel_stats(images)
+    mean, std = A.channel_stats(images.split(3))
     assert mean == (0.2, 0.2, 0.2) and std == (0.001,) * 3
+
+
+def test_channel_stats_in_batches_equal_torch_over_the_whole_set():
+    images = torch.randint(0, 256, (37, 3, 5, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = images.double() / 255
+    mean, std = A.channel_stats(images.split(8))  # 8, 8, 8, 8, 5
+    assert mean == tuple(round(float(v), 4) for v in x.mean(dim=(0, 2, 3)))
+    assert std == tuple(round(float(v), 4) for v in x.std(dim=(0, 2, 3)))

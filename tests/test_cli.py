@@ -41,6 +41,7 @@ def test_config_file_sets_defaults_and_flags_override(image_folder, tmp_path, ca
     (["train", "--epochs", "0"], "--epochs must be at least 1"),
     (["train", "--resume"], "--resume needs --out"),
     (["train", "--device", "cuda:7"], "--device"),
+    (["train", "--stream"], "--stream reads a --data folder; the built-in datasets are held in memory"),
 ])
 def test_bad_input_gives_one_line_error(args, needle, capsys):
     code, out, err = run_cli(args, capsys)

@@ -78,10 +78,10 @@ def _config(folder, loss):
                        loss=loss, nce_k=16, arch="small", out="unused")  # fmt: skip
 
 
-def _train_and_record(folder, loss, world, record) -> None:
+def _train_and_record(folder, loss, world, record, stream=False) -> None:
     """Train EPOCHS epochs with Trainer in this process; record[epoch] = bank after it."""
     cfg = resolve(_config(folder, loss), torch.device("cpu"))
-    trainer = Trainer(cfg, load_folder(folder, 16), folder, torch.device("cpu"), world=world)
+    trainer = Trainer(cfg, load_folder(folder, 16, stream=stream), folder, torch.device("cpu"), world=world)
     for epoch in range(EPOCHS):
         trainer.train_epoch()
         trainer.epoch += 1
@@ -92,23 +92,25 @@ def _copy(state: dict) -> dict:
     return {k: v.detach().clone() for k, v in state.items()}  # state_dict() shares the live tensors
 
 
-def _rank_main(rank, size, folder, loss, tmp):
+def _rank_main(rank, size, folder, loss, tmp, stream):
     torch.set_num_threads(1)
     world = _join(rank, size, tmp)
     with process_group(world, torch.device("cpu")):
         _train_and_record(folder, loss, world, lambda e, t: torch.save(
-            {"bank": t.bank.features.clone(), "model": _copy(t.model.state_dict())}, f"{tmp}/rank{rank}-epoch{e}.pt"))
+            {"bank": t.bank.features.clone(), "model": _copy(t.model.state_dict())}, f"{tmp}/rank{rank}-epoch{e}.pt"),
+            stream)  # fmt: skip
 
 
 def _max_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("loss", ["softmax", "nce"])
-def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, loss):
+@pytest.mark.parametrize("loss,stream", [("softmax", False), ("nce", False), ("softmax", True)])
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, loss, stream):
     # 63 images, batch 10: the last batch (13) splits unevenly between the processes.
+    # Streamed, each process decodes only its own rows of each batch.
     folder = make_image_folder(tmp_path / "img", per_class=21, size=16)
-    mp.start_processes(_rank_main, args=(2, folder, loss, tmp_path), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank_main, args=(2, folder, loss, tmp_path, stream), nprocs=2, start_method="spawn")
     # "Float tolerance", measured: one process with 1 thread against 1 process with 2 threads
     # differs only by the order of float sums, and that difference grows with the steps.
     one = {}

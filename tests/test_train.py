@@ -155,10 +155,10 @@ def test_bank_init_from_features_matches_the_networks_output(image_folder):
     trainer = Trainer(cfg, load_train_data(cfg), image_folder, torch.device("cpu"))
     # Replay: the same generator draws (random rows first, then one augmented view of each image).
     g = torch.Generator().manual_seed(cfg.seed)
-    torch.randn(len(trainer.images), cfg.low_dim, generator=g)
+    torch.randn(len(trainer.train_images), cfg.low_dim, generator=g)
     trainer.model.train()
     with torch.no_grad():
-        x = trainer.augment(trainer.images, g).contiguous(memory_format=torch.channels_last)
+        x = trainer.augment(trainer.train_images.images, g).contiguous(memory_format=torch.channels_last)
         expected = trainer.model(x)
     assert torch.allclose(trainer.bank.features, expected, atol=1e-5)
     assert torch.allclose(trainer.bank.features.norm(dim=1), torch.ones(len(expected)), atol=1e-5)
