@@ -8,6 +8,7 @@ the readable paths, which the trainer decodes again a batch at a time (instret.i
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from instret.distributed import SINGLE, World, broadcast_object, gather_lists
 from instret.errors import InstretError
 from instret.images import is_image_file, iter_decoded, list_image_files
 from instret.progress import log
@@ -44,9 +46,9 @@ class TrainData:
         return self.train.labels is not None
 
 
-def load_train_data(cfg) -> TrainData:
+def load_train_data(cfg, world: World = SINGLE) -> TrainData:
     if cfg.data is not None:
-        return load_folder(cfg.data, cfg.image_size, cfg.workers, cfg.max_image_pixels, cfg.stream)
+        return load_folder(cfg.data, cfg.image_size, cfg.workers, cfg.max_image_pixels, cfg.stream, world)
     if cfg.dataset == "digits":
         return load_digits(cfg.image_size)
     if cfg.dataset == "cifar10":
@@ -103,12 +105,15 @@ EVAL_SPLIT_NAMES = ("test", "val")
 
 
 def load_folder(root: str | Path, size: int, workers: int = 0, max_pixels: int | None = None,
-                stream: bool | None = False) -> TrainData:  # fmt: skip
+                stream: bool | None = False, world: World = SINGLE) -> TrainData:  # fmt: skip
     """A folder of images: flat or one sub-folder per class; `train/` + `test/` (or `val/`) is a split.
 
     stream: keep only the paths of the readable files, not their pixels; None decides by size
-    (streamed when the decoded set would take over a quarter of the memory).
+    (streamed when the decoded set would take over a quarter of rank 0's memory). Streamed
+    under several processes, each checks its share of the files and they exchange the lists.
     """
+    split = functools.partial(read_folder, size=size, workers=workers, max_pixels=max_pixels, stream=stream,
+                              world=world)  # fmt: skip
     root = Path(root)
     if not root.exists():
         raise InstretError(f"--data {root}: no such folder")
@@ -117,13 +122,12 @@ def load_folder(root: str | Path, size: int, workers: int = 0, max_pixels: int |
     train_dir = root / "train"
     eval_dir = next((root / n for n in EVAL_SPLIT_NAMES if (root / n).is_dir()), None)
     if train_dir.is_dir() and eval_dir is not None:
-        train = read_folder(train_dir, size, workers, max_pixels=max_pixels, stream=stream)
-        evalset = read_folder(eval_dir, size, workers, classes=train.classes, max_pixels=max_pixels, stream=stream)
+        train = split(train_dir)
+        evalset = split(eval_dir, classes=train.classes)
         if (train.labels is None) != (evalset.labels is None):
             evalset = None  # one side labelled and the other not: no held-out accuracy
         return TrainData(train=train, eval=evalset, name=root.name)
-    return TrainData(train=read_folder(root, size, workers, max_pixels=max_pixels, stream=stream), eval=None,
-                     name=root.name)  # fmt: skip
+    return TrainData(train=split(root), eval=None, name=root.name)
 
 
 def find_classes(root: Path) -> list[str] | None:
@@ -136,7 +140,7 @@ def find_classes(root: Path) -> list[str] | None:
 
 
 def read_folder(root: Path, size: int, workers: int = 0, classes: list[str] | None = None,
-                max_pixels: int | None = None, stream: bool | None = False) -> ImageSet:  # fmt: skip
+                max_pixels: int | None = None, stream: bool | None = False, world: World = SINGLE) -> ImageSet:  # fmt: skip
     found = find_classes(root)
     if found is None:
         paths, labels, classes = list_image_files(root), None, None
@@ -152,9 +156,15 @@ def read_folder(root: Path, size: int, workers: int = 0, classes: list[str] | No
             labels += [index[c]] * len(files)
     if not paths:
         raise InstretError(f"{root}: no image files found (looked for {', '.join(sorted({'.jpg', '.png', '.jpeg'}))}, ...)")
-    if stream is None:
-        stream = too_large_to_hold(len(paths), size)
-    images, ok, skipped = decode_files(paths, size, workers, max_pixels=max_pixels, keep=not stream)
+    if stream is None:  # rank 0 decides: a collective follows, which every process must join
+        stream = broadcast_object(world, too_large_to_hold(len(paths), size))
+    if stream and world.distributed:
+        mine = world.rows(len(paths))
+        _, ok, skipped = decode_files(paths[mine], size, workers, max_pixels=max_pixels, keep=False)
+        ok, skipped = gather_lists(world, [mine.start + i for i in ok]), gather_lists(world, skipped)
+        images = None
+    else:
+        images, ok, skipped = decode_files(paths, size, workers, max_pixels=max_pixels, keep=not stream)
     if not ok:
         raise InstretError(f"{root}: none of the {len(paths)} image files could be read")
     report_skipped(skipped)

@@ -102,6 +102,15 @@ def broadcast_object(world: World, obj):
     return box[0]
 
 
+def gather_lists(world: World, items: list) -> list:
+    """Every process's list joined in rank order, on every process."""
+    if not world.distributed:
+        return items
+    parts = [None] * world.size
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
 class GlobalBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose training statistics are those of the global batch across processes.
 

@@ -10,12 +10,12 @@ for the same id, so a run trains to the same weights either way.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Iterable, Iterator
 
 import torch
 
 from instret.images import DecodeDataset
-from instret.progress import log
 
 GREY = 128  # stands in for a file that became unreadable after the start of training
 
@@ -57,14 +57,15 @@ class StreamedImages:
         id_lists = [ids.tolist() for ids in id_lists]
         if not id_lists:
             return
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=id_lists, num_workers=self.workers, collate_fn=functools.partial(_stack_or_grey, size=self.size),
-            pin_memory=self.device.type == "cuda",
-        )  # fmt: skip
+        workers = self.workers if len(id_lists) > 1 else 0  # one batch: not worth starting processes
+        collate = functools.partial(_stack_or_grey, size=self.size)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=id_lists, num_workers=workers,
+                                             collate_fn=collate, pin_memory=self.device.type == "cuda")  # fmt: skip
         pending = None
         for images, bad in loader:
-            for i, reason in bad:
-                log(f"{self.paths[i]!r}: unreadable since training began ({reason}); a grey image stands in")
+            for i, reason in bad:  # from whichever process met it: each decodes its own rows
+                print(f"{self.paths[i]!r}: unreadable since training began ({reason}); a grey image stands in",
+                      file=sys.stderr, flush=True)  # fmt: skip
             # Queued behind the current step's kernels on the same stream: the host runs on to
             # decode and launch, and the copy can never be read before it lands.
             images = images.to(self.device, non_blocking=True)

@@ -348,7 +348,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World) -
     out = Path(cfg.out)
     if not resume and (out / CHECKPOINT).exists():
         raise InstretError(f"{out} already holds a run; add --resume to continue it, or choose another --out")
-    data = load_train_data(cfg)
+    data = load_train_data(cfg, world)
     if len(data.train) < 2:
         raise InstretError("need at least 2 training images")
     if cfg.batch_size < 2 * world.size:
