@@ -82,7 +82,7 @@ def _train_and_record(folder, loss, world, record, stream=False) -> None:
     """Train EPOCHS epochs with Trainer in this process; record[epoch] = bank after it."""
     cfg = resolve(_config(folder, loss), torch.device("cpu"))
     data = load_folder(folder, 16, stream=stream, world=world)
-    assert len(data.train) == 63 and [p for p, _ in data.train.skipped] == [str(folder / "blue" / "005b.png")]
+    assert len(data.train) == 63 and [p for p, _ in data.train.skipped] == [str(folder / "red" / "005b.png")]
     trainer = Trainer(cfg, data, folder, torch.device("cpu"), world=world)
     for epoch in range(EPOCHS):
         trainer.train_epoch()
@@ -113,7 +113,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, loss,
     # Streamed, each process checks half the files (an empty one among rank 1's is skipped
     # by both) and decodes only its own rows of each batch.
     folder = make_image_folder(tmp_path / "img", per_class=21, size=16)
-    (folder / "blue" / "005b.png").write_bytes(b"")
+    (folder / "red" / "005b.png").write_bytes(b"")
     mp.start_processes(_rank_main, args=(2, folder, loss, tmp_path, stream), nprocs=2, start_method="spawn")
     # "Float tolerance", measured: one process with 1 thread against 1 process with 2 threads
     # differs only by the order of float sums, and that difference grows with the steps.
