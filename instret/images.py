@@ -77,6 +77,17 @@ def open_rgb(path: str | Path | io.BytesIO, max_pixels: int | None = None, draft
         raise ImageReadError(reason) from None
 
 
+def thumbnail(path: str | Path, size: int) -> Image.Image | None:
+    """An upright RGB picture of the file within size x size, or None if it cannot be read
+    (a picture for a person to look at: a missing one must not stop the page or grid)."""
+    try:
+        img = open_rgb(path, draft=size)
+    except (ImageReadError, OSError):
+        return None
+    img.thumbnail((size, size))
+    return img
+
+
 def _too_many_pixels(pixels: int | None, limit: int | None) -> str:
     count = f"{pixels} pixels" if pixels is not None else "too many pixels"
     return f"{count}, over the limit of {limit} (decompression bomb?; see --max-image-pixels)"

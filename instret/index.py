@@ -33,7 +33,7 @@ import torch
 
 from instret.errors import InstretError
 from instret.knn import faiss_gpu_count
-from instret.storage import atomic_write_text
+from instret.storage import atomic_write_text, remove_stale_temps
 
 INDEX_FORMAT_VERSION = 1
 METRIC = "inner_product"
@@ -292,6 +292,7 @@ def writer_lock(index_dir: Path):
         except BlockingIOError:
             raise InstretError(f"{index_dir}: another `instret index` is updating this index; "
                                f"wait for it to finish") from None  # fmt: skip
+        remove_stale_temps(index_dir)  # the lock is ours: temp files here are a killed writer's
         yield
     finally:
         os.close(fd)

@@ -29,7 +29,6 @@ from instret.index import (
     write_generation, writer_lock,
 )  # fmt: skip
 from instret.progress import Progress, log
-from instret.storage import remove_stale_temps
 
 
 @dataclass
@@ -126,7 +125,6 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
     encoder = load_encoder(model, torch_device)
     start = time.perf_counter()
     with writer_lock(out):
-        remove_stale_temps(out)
         previous = SearchIndex(out) if read_current(out) and not rebuild else None
         if previous is not None and previous.manifest["encoder_fingerprint"] != encoder.fingerprint:
             raise InstretError(

@@ -99,14 +99,12 @@ def neighbour_grid(rows: list[dict], title: str | None = None):
 
 def query_grid(results: list[dict], size: int = 96):
     """neighbour_grid of `instret query` results (image files read again, as thumbnails)."""
-    from instret.images import ImageReadError, open_rgb
+    from instret.images import thumbnail
 
     def picture(path):
-        try:
-            img = open_rgb(path, draft=size)
-        except ImageReadError:  # gone since it was indexed: a grey square keeps the layout
+        img = thumbnail(path, size)
+        if img is None:  # gone since it was indexed: a grey square keeps the layout
             return np.full((size, size, 3), 128, dtype=np.uint8)
-        img.thumbnail((size, size))
         return np.asarray(img)
 
     rows = [{"query": picture(r["query"]), "label": _short(r["query"]),

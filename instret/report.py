@@ -8,14 +8,12 @@ import io
 import json
 
 
-from instret.images import ImageReadError, open_rgb
+from instret.images import thumbnail
 
 
 def one_line(path: str) -> str:
     """A path for line-based text output: control characters (a newline or tab in a file name)
     as backslash escapes, so that one hit stays one line. JSON output keeps the exact name."""
-    if not any(ord(c) < 32 or ord(c) == 127 for c in path):
-        return path
     return "".join(c.encode("unicode_escape").decode("ascii") if ord(c) < 32 or ord(c) == 127 else c for c in path)
 
 
@@ -41,11 +39,9 @@ def dups_text(groups: list[dict]) -> str:
 
 def thumbnail_uri(path: str, size: int = 128) -> str | None:
     """A data: URI of a small JPEG of the image, or None if it cannot be read."""
-    try:
-        img = open_rgb(path, draft=size)
-    except (ImageReadError, OSError):
+    img = thumbnail(path, size)
+    if img is None:
         return None
-    img.thumbnail((size, size))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

@@ -15,7 +15,6 @@ from instret.errors import InstretError
 from instret.index import SearchIndex, read_current, write_generation, writer_lock
 from instret.indexer import check_out, make_manifest, next_generation, with_stable_ids
 from instret.progress import log
-from instret.storage import remove_stale_temps
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -51,7 +50,6 @@ def merge_shards(shard_dirs: list[str | Path], out: str | Path, factory: str | N
     out = Path(out)
     check_out(out)
     with writer_lock(out):
-        remove_stale_temps(out)
         old_ids = {}
         if read_current(out):
             previous = SearchIndex(out)

@@ -16,7 +16,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise InstretError(f"{path}: cannot write ({e.strerror}); the previous version is kept") from None
+        raise _cannot_write(path, e) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -30,18 +30,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         if isinstance(e, OSError):  # a full disk, most often
-            raise InstretError(f"{path}: cannot write ({e.strerror}); the previous version is kept") from None
+            raise _cannot_write(path, e) from None
         raise
     _fsync_dir(path.parent)
 
 
-def remove_stale_temps(folder: str | Path) -> int:
+def _cannot_write(path: Path, e: OSError) -> InstretError:
+    return InstretError(f"{path}: cannot write ({e.strerror}); the previous version is kept")
+
+
+def remove_stale_temps(folder: str | Path) -> None:
     """Delete the temporary files of atomic writes that a killed process left in folder."""
-    removed = 0
     for tmp in Path(folder).glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
-        removed += 1
-    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -365,12 +365,11 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World) -
         remove_stale_temps(out)
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     trainer = Trainer(cfg, data, out, device, checkpoint=ckpt, world=world)
-    if ckpt is not None and world.main:
-        log(f"resuming {out} after epoch {trainer.epoch}/{cfg.epochs}")
-    if world.main:
-        processes = f", {world.size} processes" if world.distributed else ""
-        log(f"training {cfg.arch} on {data.name}: {len(data.train)} images, {cfg.epochs} epochs, "
-            f"{cfg.loss} loss, device {device}{processes}, run folder {out}")  # fmt: skip
+    if ckpt is not None:
+        log(f"resuming {out} after epoch {trainer.epoch}/{cfg.epochs}")  # log(): rank 0 speaks for all
+    processes = f", {world.size} processes" if world.distributed else ""
+    log(f"training {cfg.arch} on {data.name}: {len(data.train)} images, {cfg.epochs} epochs, "
+        f"{cfg.loss} loss, device {device}{processes}, run folder {out}")  # fmt: skip
     final = trainer.fit()
     if cfg.data is not None and world.main:  # train then query, with no extra step
         from instret.indexer import build_index
