@@ -4,9 +4,11 @@
       CURRENT              name of the live generation (replaced atomically: the commit point)
       gen-000007/
         encoder.pt         the encoder the vectors came from (queries use it)
-        manifest.json      format version, dim, metric, factory, encoder fingerprint, counts
-        index.faiss        inner product on L2-normalised vectors, ids = metadata ids
-        vectors.npy        float32 n x dim, rows in id order (rebuilds need no re-encoding)
+        manifest.json      format version, dim, metric, factory, encoder fingerprint, counts,
+                           post-processing, the score distributions (instret.calibration)
+        whitening.npz      the whitening fitted on these vectors (instret.postprocess), if any
+        index.faiss        inner product on the L2-normalised, post-processed vectors, ids = metadata ids
+        vectors.npy        float32 n x dim encoder vectors, rows in id order (rebuilds need no re-encoding)
         ids.npy            int64 n, ascending
         meta.sqlite        files(id, path, size, mtime_ns, sha256), skipped(path, reason)
       staging.sqlite       vectors encoded by an unfinished run (resume without re-encoding)
@@ -14,7 +16,9 @@
 
 A writer builds a whole new generation folder, then swaps CURRENT; readers open CURRENT's
 generation, so they see the old index or the new one, never a mix. The previous generation is
-kept so that a reader who read CURRENT just before the swap can still open it.
+kept so that a reader who read CURRENT just before the swap can still open it. Queries go
+through the generation's own post-processing, so vectors and queries are always treated alike;
+a generation written before post-processing existed has none and is searched as it was.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ import torch
 
 from instret.errors import InstretError
 from instret.knn import faiss_gpu_count
+from instret.postprocess import Whitening
 from instret.storage import atomic_write_text, remove_stale_temps
 
 INDEX_FORMAT_VERSION = 1
 METRIC = "inner_product"
 DEFAULT_FACTORY = "Flat"
+WHITENING = "whitening.npz"
 TRAIN_SAMPLE = 100_000  # vectors used to train IVF / PQ layouts
 # Search-time breadth of approximate layouts (README's sizing table measures recall at these):
 DEFAULT_NPROBE = 16  # IVF: inverted lists visited per query
@@ -128,7 +134,17 @@ class SearchIndex:
         self.generation = name
         self.gen_dir = self.dir / name
         self.manifest = read_manifest(self.gen_dir)
+        self.whitening = Whitening.load(self.gen_dir / WHITENING) if "whitening" in self.postprocess else None
         self.meta = open_metadata(self.gen_dir / "meta.sqlite", readonly=True)
+
+    @property
+    def postprocess(self) -> dict:
+        return self.manifest.get("postprocess", {})
+
+    def transform(self, vectors) -> np.ndarray:
+        """Encoder vectors -> the vectors this generation searches (its post-processing applied)."""
+        x = as_float32(vectors)
+        return x if self.whitening is None else self.whitening(x)
 
     @property
     def dim(self) -> int:
@@ -175,10 +191,11 @@ class SearchIndex:
         return self._faiss
 
     def search(self, queries, k: int) -> list[list[Hit]]:
-        """Best-first hits for each query vector (k at most)."""
+        """Best-first hits for each query's encoder vector (k at most)."""
         q = as_float32(queries)
         if q.shape[1] != self.dim:
             raise InstretError(f"query vectors have dimension {q.shape[1]}, the index {self.dim}")
+        q = self.transform(q)
         k = min(k, self.ntotal)
         if k <= 0:
             return [[] for _ in range(len(q))]
@@ -299,7 +316,8 @@ def writer_lock(index_dir: Path):
 
 
 def write_generation(index_dir: Path, generation: int, manifest: dict, vectors: np.ndarray, ids: np.ndarray,
-                     files: list[tuple], skipped: list[tuple[str, str]], encoder_file: Path) -> str:  # fmt: skip
+                     files: list[tuple], skipped: list[tuple[str, str]], encoder_file: Path,
+                     whitening: Whitening | None = None) -> str:  # fmt: skip
     """Write a complete generation folder, then make it current (the atomic step)."""
     name = f"gen-{generation:06d}"
     gen_dir = index_dir / name
@@ -307,7 +325,7 @@ def write_generation(index_dir: Path, generation: int, manifest: dict, vectors: 
         shutil.rmtree(gen_dir)
     gen_dir.mkdir()
     try:
-        _write_generation_files(gen_dir, manifest, vectors, ids, files, skipped, encoder_file)
+        _write_generation_files(gen_dir, manifest, vectors, ids, files, skipped, encoder_file, whitening)
     except BaseException as e:
         # A full disk or an interrupt: CURRENT still names the previous, complete generation.
         shutil.rmtree(gen_dir, ignore_errors=True)
@@ -325,10 +343,15 @@ def write_generation(index_dir: Path, generation: int, manifest: dict, vectors: 
 
 
 def _write_generation_files(gen_dir: Path, manifest: dict, vectors: np.ndarray, ids: np.ndarray,
-                            files: list[tuple], skipped: list[tuple[str, str]], encoder_file: Path) -> None:  # fmt: skip
+                            files: list[tuple], skipped: list[tuple[str, str]], encoder_file: Path,
+                            whitening: Whitening | None) -> None:  # fmt: skip
     import faiss
 
-    faiss.write_index(make_faiss_index(vectors, ids, manifest["factory"]), str(gen_dir / "index.faiss"))
+    searched = vectors
+    if whitening is not None:
+        whitening.save(gen_dir / WHITENING)
+        searched = whitening(vectors)
+    faiss.write_index(make_faiss_index(searched, ids, manifest["factory"]), str(gen_dir / "index.faiss"))
     np.save(gen_dir / "vectors.npy", vectors)
     np.save(gen_dir / "ids.npy", ids)
     con = open_metadata(gen_dir / "meta.sqlite")

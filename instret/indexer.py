@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from instret.calibration import score_distributions
 from instret.data import report_skipped
 from instret.encoder import LoadedEncoder, embed_images, load_encoder
 from instret.device import resolve_device
@@ -28,6 +29,7 @@ from instret.index import (
     DEFAULT_FACTORY, INDEX_FORMAT_VERSION, METRIC, SearchIndex, as_float32, read_current, to_db,
     write_generation, writer_lock,
 )  # fmt: skip
+from instret.postprocess import fit_for_index
 from instret.progress import Progress, log
 
 
@@ -112,8 +114,12 @@ def encode_files(encoder: LoadedEncoder, root: Path, files: list[FileState], sta
 
 def build_index(images_dir: str | Path, model: str | Path, out: str | Path, factory: str | None = None,
                 batch_size: int = 256, workers: int = 2, device: str = "auto", rebuild: bool = False,
-                max_pixels: int | None = None, shard: tuple[int, int] | None = None) -> dict:  # fmt: skip
+                max_pixels: int | None = None, shard: tuple[int, int] | None = None,
+                whiten: bool | None = None) -> dict:  # fmt: skip
     """Create or incrementally update the index of a folder; returns a summary of what was done.
+
+    whiten: fit whitening on the collection and search through it (instret.postprocess); None
+    keeps the previous build's choice, on for a new index.
 
     shard (i, n): index only every n-th file of the sorted listing, from the i-th (one part of a
     large collection, built on its own machine; `merge_shards` joins the parts)."""
@@ -168,12 +174,15 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
         if not entries:
             raise InstretError(f"{root}: none of the {len(files)} image files could be read")
         rows, vectors, ids = with_stable_ids(entries, {rel: v[0] for rel, v in old.items()})
+        if whiten is None:
+            whiten = previous.postprocess.get("whiten", True) if previous is not None else True
+        whitening, extra = searched_space(encoder, root, rows, vectors, whiten, max_pixels)
         manifest = make_manifest(vectors, factory, encoder.fingerprint, encoder.model.arch, encoder.image_size,
-                                 root, len(skipped), shard)  # fmt: skip
+                                 root, len(skipped), shard, extra)  # fmt: skip
         if previous is not None:
             previous.close()
         src = Path(model) / "encoder.pt" if Path(model).is_dir() else Path(model)
-        name = write_generation(out, next_generation(out), manifest, vectors, ids, rows, skipped, src)
+        name = write_generation(out, next_generation(out), manifest, vectors, ids, rows, skipped, src, whitening)
         staging.close()
         (out / "staging.sqlite").unlink(missing_ok=True)
     seconds = time.perf_counter() - start
@@ -220,8 +229,18 @@ def with_stable_ids(entries: list[tuple], old_ids: dict[str, int]):
     return rows, vectors, np.array([r[0] for r in rows], dtype=np.int64)
 
 
+def searched_space(encoder: LoadedEncoder, root: Path, rows: list[tuple], vectors: np.ndarray, whiten: bool,
+                   max_pixels: int | None = None):  # fmt: skip
+    """(whitening or None, the manifest entries "postprocess" and "scores") of an index of
+    `vectors`, the encoder vectors of the files `rows` (id, path, ...) under root."""
+    whitening, post = fit_for_index(vectors, whiten)
+    transform = whitening if whitening is not None else as_float32
+    scores = score_distributions(encoder, transform(vectors), [root / r[1] for r in rows], transform, max_pixels)
+    return whitening, {"postprocess": post, "scores": scores}
+
+
 def make_manifest(vectors: np.ndarray, factory: str, fingerprint: str, arch: str, image_size: int, root: Path,
-                  skipped: int, shard: tuple[int, int] | None = None) -> dict:  # fmt: skip
+                  skipped: int, shard: tuple[int, int] | None = None, extra: dict | None = None) -> dict:  # fmt: skip
     manifest = {
         "format_version": INDEX_FORMAT_VERSION,
         "dim": int(vectors.shape[1]),
@@ -237,6 +256,7 @@ def make_manifest(vectors: np.ndarray, factory: str, fingerprint: str, arch: str
     }
     if shard is not None:
         manifest["shard"] = list(shard)
+    manifest.update(extra or {})
     return manifest
 
 

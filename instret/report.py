@@ -69,11 +69,21 @@ figcaption {{ font-size: 11px; word-break: break-all; }}
 """
 
 
+def _meaning(hit: dict) -> str:
+    """How unusual the score is for this index, in words (instret.calibration)."""
+    if "unrelated_above" not in hit:
+        return ""
+    text = f" (unrelated pairs this high: {hit['unrelated_above']:.2%}"
+    if "copies_below" in hit:
+        text += f"; edited copies lower: {hit['copies_below']:.0%}"
+    return text + ")"
+
+
 def query_html(results: list[dict]) -> str:
     rows = []
     for r in results:
         cells = [f'<div class="query">{_figure(r["query"], "query: " + r["query"])}</div>']
-        cells += [_figure(h["path"], f"#{h['rank']} {h['score']:.4f} {h['path']}") for h in r["results"]]
+        cells += [_figure(h["path"], f"#{h['rank']} {h['score']:.4f}{_meaning(h)} {h['path']}") for h in r["results"]]
         rows.append(f'<div class="row">{"".join(cells)}</div>')
     return PAGE.format(title="instret query results", body="\n".join(rows))
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from instret.calibration import describe
 from instret.encoder import embed_images, load_encoder
 from instret.device import resolve_device
 from instret.errors import InstretError
@@ -47,7 +48,9 @@ class Searcher:
         return as_float32(embed_images(self.encoder.model, batch, self.encoder.mean, self.encoder.std))
 
     def query(self, paths, k: int = 10, min_score: float | None = None, exclude_self: bool = False) -> list[dict]:
-        """One {"query", "results": [{"rank", "path", "score"}]} per query image, best first."""
+        """One {"query", "results": [{"rank", "path", "score", ...}]} per query image, best first;
+        with the index's score distributions, each result also says how unusual its score is
+        (instret.calibration.describe: "unrelated_above", "copies_below")."""
         if k < 1:
             raise InstretError(f"-k must be at least 1, not {k}")
         paths = [str(p) for p in paths]
@@ -58,8 +61,10 @@ class Searcher:
             if exclude_self:
                 hits = _without_self(path, hits)
             hits = [h for h in hits if min_score is None or h.score >= min_score][:k]
+            scores = self.index.manifest.get("scores")
             out.append({"query": path, "results": [
-                {"rank": r, "path": h.path, "score": round(h.score, 6)} for r, h in enumerate(hits, 1)
+                {"rank": r, "path": h.path, "score": round(h.score, 6), **describe(h.score, scores)}
+                for r, h in enumerate(hits, 1)
             ]})  # fmt: skip
         return out
 
@@ -204,4 +209,4 @@ def _metrics_of_index(index_dir, root: Path, classes: list[str]) -> dict:
         if group in label_of:
             keep.append(r)
             labels.append(label_of[group])
-    return retrieval_metrics(np.asarray(vectors)[keep], np.array(labels))
+    return retrieval_metrics(index.transform(np.asarray(vectors)[keep]), np.array(labels))

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from instret.errors import InstretError
 from instret.index import SearchIndex, read_current, write_generation, writer_lock
-from instret.indexer import check_out, make_manifest, next_generation, with_stable_ids
+from instret.encoder import load_encoder
+from instret.indexer import check_out, make_manifest, next_generation, searched_space, with_stable_ids
 from instret.progress import log
 
 
@@ -57,10 +58,14 @@ def merge_shards(shard_dirs: list[str | Path], out: str | Path, factory: str | N
                 old_ids = {rel: i for i, rel, *_ in previous.files()}
             previous.close()
         rows, vectors, ids = with_stable_ids(entries, old_ids)
+        encoder = load_encoder(shards[0].gen_dir / "encoder.pt")
+        whitening, extra = searched_space(encoder, Path(first["root"]), rows, vectors,
+                                          shards[0].postprocess.get("whiten", True))  # fmt: skip
         manifest = make_manifest(vectors, factory or first["factory"], first["encoder_fingerprint"],
-                                 first.get("encoder_arch"), first.get("image_size"), Path(first["root"]), len(skipped))  # fmt: skip
+                                 first.get("encoder_arch"), first.get("image_size"), Path(first["root"]), len(skipped),
+                                 extra=extra)  # fmt: skip
         name = write_generation(out, next_generation(out), manifest, vectors, ids, rows, skipped,
-                                shards[0].gen_dir / "encoder.pt")  # fmt: skip
+                                shards[0].gen_dir / "encoder.pt", whitening)  # fmt: skip
     for s in shards:
         s.close()
     seconds = time.perf_counter() - start
