@@ -7,7 +7,7 @@ import json
 import click
 
 from instret.cli.options import max_pixels_option
-from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, SCHEDULES, read_config_file
+from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, RECIPES, SCHEDULES, read_config_file
 
 
 @click.command()
@@ -18,6 +18,12 @@ from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, SCHEDULES, read_
 @click.option("--out", type=str, help="Run folder [runs/<timestamp>].")
 @click.option("--arch", type=click.Choice(ARCHS), help="Backbone; auto: resnet18 on a GPU, small on CPU.")
 @click.option("--epochs", type=int, help="Epochs [200; 30 for digits].")
+@click.option("--time-budget", type=float,
+              help="Minutes the whole run may take: the epochs (and so the schedule) are planned from the "
+                   "first timed steps to end in time; --epochs then caps them.")  # fmt: skip
+@click.option("--recipe", type=click.Choice(sorted(RECIPES)),
+              help="Augmentation recipe: paper (the authors') or retrieval (gentle colour jitter, little hue "
+                   "change, rare greyscale: for collections where colour tells objects apart) [paper].")  # fmt: skip
 @click.option("--batch-size", type=int, help="Batch size [128].")
 @click.option("--lr", type=float, help="SGD learning rate [0.03].")
 @click.option("--lr-schedule", type=click.Choice(SCHEDULES), help="step (x0.1 at 60 % and 80 %) or cosine [step].")
@@ -30,7 +36,7 @@ from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, SCHEDULES, read_
 @click.option("--knn-k", type=int, help="Neighbours in the weighted kNN [200].")
 @click.option("--monitor-size", type=int, help="Held-out images the per-epoch kNN embeds; 0: all [5000].")
 @click.option("--low-dim", type=int, help="Feature dimension [128].")
-@click.option("--image-size", type=int, help="Side of the square training images [32].")
+@click.option("--image-size", type=int, help="Side of the square training images [--data: 64 for photos, 32 for small images; 32 otherwise].")
 @click.option("--device", type=str, help="auto, cpu, cuda or cuda:N [auto].")
 @click.option("--workers", type=int, help="Processes decoding image files [2].")
 @click.option("--stream/--no-stream", default=None,

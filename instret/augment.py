@@ -38,6 +38,7 @@ class Augment:
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     jitter: float = 0.4
+    hue: float | None = None  # None: min(jitter, 0.5), torchvision's ColorJitter(j, j, j, j)
     grayscale_p: float = 0.2
     flip: bool = True
 
@@ -61,8 +62,9 @@ class Augment:
 
         box = crop_boxes(rand(n, ATTEMPTS), rand(n, ATTEMPTS), rand(n, 2), height, width, self.scale, self.ratio)
         j = self.jitter
-        lo = torch.tensor([max(0.0, 1 - j)] * 3 + [-min(j, 0.5)], device=device)
-        hi = torch.tensor([1 + j] * 3 + [min(j, 0.5)], device=device)
+        hue = min(j, 0.5) if self.hue is None else self.hue
+        lo = torch.tensor([max(0.0, 1 - j)] * 3 + [-hue], device=device)
+        hi = torch.tensor([1 + j] * 3 + [hue], device=device)
         factors = lo + (hi - lo) * rand(n, 4)
         order = rand(n, 4).argsort(dim=1)
         flip = rand(n) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool, device=device)

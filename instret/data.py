@@ -194,6 +194,30 @@ def decode_files(paths, size: int, workers: int = 0, batch_size: int = 256, max_
     return images, ok, skipped
 
 
+def auto_image_size(root: str | Path, sample: int = 200) -> int:
+    """The training size for a folder: 64 px when a quarter or more of an evenly spaced sample
+    has a shorter side of 64 px or more (photos), else 32 px (CIFAR-sized images); only the
+    headers are read.
+
+    64 px costs four times the compute of 32 px a step; photos downsized to 32 px lose the
+    texture and shape detail that tells one object from another, and small images among them
+    (thumbnails, icons) are simply upsampled."""
+    from PIL import Image
+
+    root = Path(root)
+    train_dir = root / "train"
+    paths = list_image_files(train_dir if train_dir.is_dir() else root)
+    step = max(1, len(paths) // sample)
+    sides = []
+    for path in paths[::step][:sample]:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue  # a bad file is reported when the data is read
+    return 64 if sides and np.mean(np.array(sides) >= 64) >= 0.25 else 32
+
+
 def too_large_to_hold(n: int, size: int, share: float = 0.25) -> bool:
     """Whether n decoded size x size images would take over `share` of the machine's memory."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

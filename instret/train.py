@@ -26,7 +26,7 @@ from instret.storage import atomic_torch_save, atomic_write_text, load_torch_fil
 from instret.augment import Augment, channel_stats
 from instret.bank import MemoryBank
 from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, TrainConfig, with_presets
-from instret.data import ImageSet, TrainData, load_train_data
+from instret.data import ImageSet, TrainData, auto_image_size, load_train_data
 from instret.device import resolve_device
 from instret.distributed import SINGLE, World, all_sum, broadcast_object, gather_rows, global_batch_norm, process_group
 from instret.distributed import world_from_env
@@ -34,10 +34,13 @@ from instret.encoder import Encoder, calibrated_copy, embed_batches, export_enco
 from instret.errors import InstretError
 from instret.imagesource import ResidentImages, StreamedImages, chunks, evenly_spaced
 from instret.knn import FeatureIndex, knn_evaluate
+from instret.monitor import label_free_metrics
 from instret.progress import Progress, log
 
 CHECKPOINT = "checkpoint.pt"
 STATS_SAMPLE = 10000  # images the normalisation statistics are measured on
+MONITOR_SAMPLE = 512  # images the label-free monitor views each epoch
+PROBE_STEPS = 10  # steps timed in the first epoch before a time budget plans the epochs
 
 
 def lr_at(epoch: int, cfg: TrainConfig) -> float:
@@ -75,7 +78,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data: TrainData, out: Path, device: torch.device,
                  checkpoint: dict | None = None, world: World = SINGLE):  # fmt: skip
+        if cfg.image_size is None:  # data prepared by the caller: the size it was decoded at
+            sample = data.train.images
+            cfg = dataclasses.replace(cfg, image_size=sample.shape[-1] if sample is not None else 32)
         self.cfg, self.data, self.out, self.device, self.world = cfg, data, out, device, world
+        self.deadline: float | None = None  # time.perf_counter() by which a time-budgeted run ends
+        self.max_epochs: int | None = None  # the most epochs a time budget may plan
+        self.epoch_seconds: list[float] = []  # wall time of each epoch of this process, monitor included
         torch.manual_seed(cfg.seed)
         self.speed = speed_options(cfg, device)
         # channels_last: faster convolutions on CPUs and on tensor-core GPUs alike.
@@ -103,7 +112,7 @@ class Trainer:
         self.eval_images = self.image_source(data.eval) if data.eval is not None else None
         self.mean, self.std = channel_stats(self.train_images.batches(chunks(evenly_spaced(n, STATS_SAMPLE))))
         self.augment = Augment(
-            cfg.image_size, self.mean, self.std, scale=cfg.crop_scale, jitter=cfg.jitter,
+            cfg.image_size, self.mean, self.std, scale=cfg.crop_scale, jitter=cfg.jitter, hue=cfg.hue,
             grayscale_p=cfg.grayscale_p, flip=cfg.flip,
         )  # fmt: skip
         self.epoch = 0  # epochs finished
@@ -187,10 +196,13 @@ class Trainer:
         progress = Progress(len(parts), f"epoch {self.epoch + 1}/{cfg.epochs}", enabled=None if self.world.main else False)
         start = time.perf_counter()
         total = torch.zeros((), device=self.device)  # accumulated on the device: no per-step sync
-        for idx, images in zip(parts, mine):
+        for i, (idx, images) in enumerate(zip(parts, mine)):
             loss = self.step(idx, images)
             total += loss * len(idx)
             progress.update(1, f"loss {loss.item():.4f}" if progress.due() else None)
+            if i + 1 == PROBE_STEPS and self.epoch == 0 and self.deadline is not None:
+                # A first estimate of an epoch (plus 10 % for the monitor), refined after each epoch.
+                self.plan(start, (time.perf_counter() - start) / PROBE_STEPS * len(parts) * 1.1, in_progress=True)
         mean_loss = float(all_sum(self.world, total)) / len(perm)
         seconds = time.perf_counter() - start
         progress.close()
@@ -202,6 +214,17 @@ class Trainer:
         return {"epoch": self.epoch + 1, "loss": mean_loss, "lr": lr, "seconds": round(seconds, 3),
                 "images_per_s": round(len(perm) / seconds, 1)}  # fmt: skip
 
+    def plan(self, epoch_start: float, per_epoch: float, in_progress: bool) -> None:
+        """Set cfg.epochs to what fits before the deadline: the epochs finished, plus as many of
+        per_epoch seconds from epoch_start as remain once the end (final evaluation, the index of
+        a --data run) is set aside; an epoch in progress always finishes. The schedule (lr_at)
+        follows the new count."""
+        reserve = 0.4 * per_epoch + 0.002 * len(self.train_images) + 1.0  # a forward pass and decoding
+        fit = int((self.deadline - epoch_start - reserve) // max(per_epoch, 1e-6))
+        epochs = self.epoch + max(1 if in_progress else 0, fit)
+        epochs = broadcast_object(self.world, max(1, min(epochs, self.max_epochs or epochs)))  # rank 0's plan
+        self.cfg = dataclasses.replace(self.cfg, epochs=epochs)
+
     # --- evaluation -------------------------------------------------------------------
 
     def eval_model(self, sample: int = 512) -> torch.nn.Module:
@@ -209,6 +232,19 @@ class Trainer:
         (a 512-image sample every epoch keeps the monitor cheap; the final export uses more)."""
         sample = evenly_spaced(len(self.train_images), sample)
         return calibrated_copy(self.model, self.train_images.batches(chunks(sample)), self.mean, self.std)
+
+    @torch.no_grad()
+    def label_free(self, model: torch.nn.Module, sample: int = MONITOR_SAMPLE) -> dict:
+        """The label-free monitor (instret.monitor) on an evenly spaced sample of the training
+        images, with views from a generator of its own: the run's random stream is untouched."""
+        ids = evenly_spaced(len(self.train_images), sample)
+        images = next(self.train_images.batches([ids]))
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 100_003 + self.epoch)
+        model.eval()
+        views = model(self.augment(images, generator).contiguous(memory_format=torch.channels_last))
+        clean = embed_batches(model, images.split(256), self.mean, self.std)
+        metrics = label_free_metrics(views.float(), clean.float(), ids.to(self.device), self.bank.features)
+        return {**metrics, "ln_n": math.log(len(self.train_images))}
 
     def knn(self, keys: torch.Tensor, model: torch.nn.Module, limit: int = 0) -> dict:
         """Weighted kNN top-1/top-5 against `keys` (the bank, or re-embedded training images),
@@ -265,30 +301,53 @@ class Trainer:
         self.mean, self.std = tuple(ckpt["mean"]), tuple(ckpt["std"])
         self.augment.mean, self.augment.std = self.mean, self.std
 
-    def save(self, eval_model: torch.nn.Module) -> None:
+    def save(self, eval_model: torch.nn.Module | None) -> None:
         # Checkpoint first: metrics.jsonl and encoder.pt are derived from what it holds.
         atomic_torch_save(self.state(), self.out / CHECKPOINT)
+        if self.deadline is not None:  # the plan (epochs) may have changed: config.json says what runs
+            atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
-        export_encoder(eval_model, self.out / "encoder.pt", self.mean, self.std)
+        if eval_model is not None:  # an epoch the monitor skipped keeps the last export
+            export_encoder(eval_model, self.out / "encoder.pt", self.mean, self.std)
+
+    def monitor_due(self) -> bool:
+        """Every epoch; under a time budget, where the monitor would take over a tenth of the
+        time (short epochs), every k-th epoch and the last, k from the last monitor's cost."""
+        rows = [r for r in self.history if "monitor_seconds" in r]
+        if self.deadline is None or not rows or self.epoch >= self.cfg.epochs:
+            return True
+        last = rows[-1]
+        every = math.ceil(last["monitor_seconds"] / max(0.1 * last["seconds"], 1e-6))
+        return self.epoch - last["epoch"] >= every
+
+    def monitor(self, row: dict) -> torch.nn.Module:
+        """Add the epoch's monitor figures to its row; returns the evaluated (and exported) model."""
+        t = time.perf_counter()
+        eval_model = self.eval_model()
+        row.update({k: round(v, 4) for k, v in self.label_free(eval_model).items()})
+        if self.data.labelled:
+            knn_start = time.perf_counter()
+            row.update({k: round(v, 4) for k, v in self.knn(self.bank.features, eval_model, self.cfg.monitor_size).items()})
+            row["knn_seconds"] = round(time.perf_counter() - knn_start, 3)
+        row["monitor_seconds"] = round(time.perf_counter() - t, 3)
+        return eval_model
 
     def fit(self) -> dict | None:
         """Train to cfg.epochs; returns final.json's content. With several processes, only rank 0
         evaluates and writes; the others return None (their bank and weights are the same)."""
-        labelled = self.data.labelled
         while self.epoch < self.cfg.epochs:
+            epoch_start = time.perf_counter()
             row = self.train_epoch()
             self.epoch += 1
             self.history.append(row)
-            if not self.world.main:
-                continue
-            t = time.perf_counter()
-            eval_model = self.eval_model()
-            if labelled:
-                monitor = self.knn(self.bank.features, eval_model, limit=self.cfg.monitor_size)
-                row.update({k: round(v, 4) for k, v in monitor.items()})
-                row["knn_seconds"] = round(time.perf_counter() - t, 3)
-            self.save(eval_model)
-            log(_format_row(row, self.cfg.epochs))
+            eval_model = self.monitor(row) if self.world.main and self.monitor_due() else None
+            self.epoch_seconds.append(time.perf_counter() - epoch_start)
+            if self.deadline is not None:  # every process plans (rank 0's plan is broadcast)
+                recent = self.epoch_seconds[-3:]
+                self.plan(time.perf_counter(), sum(recent) / len(recent), in_progress=False)
+            if self.world.main:
+                self.save(eval_model)
+                log(_format_row(row, self.cfg.epochs))
         if not self.world.main:
             return None
         final = {"epochs": self.epoch, "train_seconds": round(sum(r["seconds"] for r in self.history), 1)}
@@ -298,7 +357,13 @@ class Trainer:
 
 
 def _format_row(row: dict, epochs: int) -> str:
-    text = f"epoch {row['epoch']}/{epochs}  loss {row['loss']:.4f}  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s"
+    text = f"epoch {row['epoch']}/{epochs}  loss {row['loss']:.4f}"
+    if "ln_n" in row:
+        text += f" (ln n {row['ln_n']:.2f})"
+    text += f"  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s"
+    if "instance_recall@1" in row:
+        text += (f"  instance R@1 {row['instance_recall@1']:.3f}  align {row['alignment']:.3f}"
+                 f"  unif {row['uniformity']:.2f}  pair cos {row['mean_pair_cosine']:.3f}")  # fmt: skip
     if "knn_top1" in row:
         text += f"  kNN top-1 {row['knn_top1']:.4f} top-5 {row['knn_top5']:.4f}"
     return text
@@ -312,7 +377,9 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     """Fill in what `auto` and `None` mean, so config.json records what actually ran."""
     d = cfg.to_dict()
     d["arch"] = resolve_arch(cfg.arch, device)
-    if cfg.epochs is None:
+    if cfg.image_size is None:
+        d["image_size"] = auto_image_size(cfg.data) if cfg.data is not None else 32
+    if cfg.epochs is None and cfg.time_budget is None:
         d["epochs"] = DEFAULT_EPOCHS.get(cfg.dataset if cfg.data is None else "", 200)
     if cfg.out is None:
         d["out"] = str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -330,6 +397,7 @@ def train(options: TrainConfig | dict, resume: bool = False) -> dict | None:
     options: a TrainConfig, or a dict of the options given (with resume: those to change);
     a dict gets its dataset's preset (config.DATASET_PRESETS) under it.
     """
+    started = time.perf_counter()  # a time budget counts from here: loading the data is part of it
     given = options.to_dict() if isinstance(options, TrainConfig) else dict(options)
     world = world_from_env()  # one process, or one of several started by torchrun
     cfg = _resumed_config(given) if resume else TrainConfig.from_dict(with_presets(given))
@@ -341,10 +409,10 @@ def train(options: TrainConfig | dict, resume: bool = False) -> dict | None:
     with process_group(world, device):
         if world.distributed:  # a run folder named by the clock: every process uses rank 0's
             cfg = dataclasses.replace(cfg, out=broadcast_object(world, cfg.out))
-        return _train(cfg, resume, device, world)
+        return _train(cfg, resume, device, world, started)
 
 
-def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World) -> dict | None:
+def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World, started: float) -> dict | None:
     out = Path(cfg.out)
     if not resume and (out / CHECKPOINT).exists():
         raise InstretError(f"{out} already holds a run; add --resume to continue it, or choose another --out")
@@ -364,7 +432,13 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World) -
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    budgeted = cfg.time_budget is not None and ckpt is None  # a resumed run finishes the epochs it planned
+    most = cfg.epochs  # with a time budget, --epochs is the most it may plan
+    if budgeted:  # until the first steps are timed, one epoch (the schedule starts at lr either way)
+        cfg = dataclasses.replace(cfg, epochs=1)
     trainer = Trainer(cfg, data, out, device, checkpoint=ckpt, world=world)
+    if budgeted:
+        trainer.deadline, trainer.max_epochs = started + 60 * cfg.time_budget, most
     if ckpt is not None:
         log(f"resuming {out} after epoch {trainer.epoch}/{cfg.epochs}")  # log(): rank 0 speaks for all
     processes = f", {world.size} processes" if world.distributed else ""

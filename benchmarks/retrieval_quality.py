@@ -1,0 +1,223 @@
+"""Search quality: instret's encoder against the cheap baselines, every method on the same queries.
+
+    python benchmarks/retrieval_quality.py [--originals 500] [--copies 2] [--distractors 1000]
+                                           [--minutes 15] [--set JSON] [--seed 0] [--keep DIR]
+
+The collection a user would index: `--originals` Imagenette val photos (evenly over its 10
+classes) plus `--distractors` CIFAR-10 test images, in one folder. Copy detection: each
+original gets `--copies` edited copies (instret.edits: crops of 40-90 % of the area, resizes,
+JPEG q20-70, colour and brightness shifts, greyscale, flips, small rotations, blur, borders,
+text or logo overlays, and combinations), and each copy is a query whose one relevant item is
+its original: recall@1, recall@10, mAP (= mean reciprocal rank of the original). Category
+retrieval, a secondary signal: each original queries the other originals, relevant = same class
+(mAP, precision@10).
+
+Methods: raw pixels (32 x 32, centred), an 8 x 8 x 8 colour histogram (square-rooted: the
+Hellinger kernel), a 64-bit perceptual hash (imagehash.phash, Hamming distance), the untrained
+network, and instret's encoder trained by `instret.train` on the collection folder within
+`--minutes` (the time budget, on this machine's cores) with its defaults (`--set` overrides
+options). Each "+pp" row adds the index's default post-processing (whitening fitted on the
+collection); the trained "default" row is what `instret index` + `instret query` give. The last
+stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from instret.edits import EDITS, edited_copy
+from instret.encoder import Encoder, calibrated_copy, embed_images, load_encoder
+from instret.images import list_image_files, open_rgb, square_tensor
+from instret.postprocess import expand_queries, fit_whitening, normalise
+from instret.search import retrieval_metrics
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --- the collection and its queries ------------------------------------------------------
+
+
+def build_collection(work: Path, originals: int, copies: int, distractors: int, seed: int):
+    """Copy the photos and distractors into work/collection; write the edited copies to work/queries.
+    Returns (database paths, labels (-1: distractor), query paths, query targets, query edit names)."""
+    rng = random.Random(seed)
+    classes = sorted(p.name for p in (SHARED / "imagenette2" / "val").iterdir() if p.is_dir())
+    per_class = originals // len(classes)
+    photos = []
+    for label, c in enumerate(classes):
+        files = sorted((SHARED / "imagenette2" / "val" / c).iterdir())
+        photos += [(f, label) for f in rng.sample(files, per_class)]
+    cifar = list_image_files(SHARED / "cifar10" / "test")
+    extra = [(f, -1) for f in rng.sample(cifar, distractors)]
+    (work / "collection").mkdir(parents=True)  # one flat folder: unlabelled, as a user's would be
+    (work / "queries").mkdir()
+    db_paths, labels = [], []
+    for i, (src, label) in enumerate(photos + extra):
+        dst = work / "collection" / f"{'photo' if label >= 0 else 'other'}-{i:05d}{src.suffix.lower()}"
+        shutil.copyfile(src, dst)
+        db_paths.append(dst)
+        labels.append(label)
+    names = sorted(EDITS)
+    q_paths, targets, kinds = [], [], []
+    for i, (src, _) in enumerate(photos):
+        img = open_rgb(src)
+        for c in range(copies):
+            kind = names[(i * copies + c) % len(names)]
+            dst = work / "queries" / f"{i:05d}-{c}-{kind}.png"
+            edited_copy(img, kind, rng).save(dst)
+            q_paths.append(dst)
+            targets.append(i)
+            kinds.append(kind)
+    return db_paths, np.array(labels), q_paths, np.array(targets), kinds
+
+
+# --- the methods -------------------------------------------------------------------------
+
+
+def pixels(paths) -> np.ndarray:
+    return np.stack([np.asarray(open_rgb(p).resize((32, 32), Image.BILINEAR), dtype=np.float32).ravel() / 255
+                     for p in paths])  # fmt: skip
+
+
+def colour_histogram(paths, bins: int = 8) -> np.ndarray:
+    out = []
+    for p in paths:
+        x = np.asarray(open_rgb(p).resize((128, 128), Image.BILINEAR)) // (256 // bins)
+        codes = (x[..., 0].astype(np.int64) * bins + x[..., 1]) * bins + x[..., 2]
+        h = np.bincount(codes.ravel(), minlength=bins**3).astype(np.float32)
+        out.append(np.sqrt(h / h.sum()))
+    return np.stack(out)
+
+
+def phash(paths) -> np.ndarray:
+    import imagehash
+
+    # +-1 bits / 8: the inner product is 1 - 2 * Hamming / 64, the same ranking as Hamming distance.
+    return np.stack([np.where(imagehash.phash(open_rgb(p)).hash.ravel(), 1.0, -1.0) / 8 for p in paths]).astype(np.float32)
+
+
+def encoder_vectors(model, mean, std, size: int, paths) -> np.ndarray:
+    images = torch.stack([square_tensor(open_rgb(p, draft=size), size) for p in paths])
+    return embed_images(model, images, mean, std, batch_size=256).numpy()
+
+
+def untrained(db_paths, size: int, seed: int):
+    """The network before training, BatchNorm statistics measured on the collection."""
+    torch.manual_seed(seed)
+    model = Encoder("small", 128, size)
+    images = torch.stack([square_tensor(open_rgb(p, draft=size), size) for p in db_paths])
+    x = images.float() / 255
+    mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(x.std(dim=(0, 2, 3)).tolist())
+    model = calibrated_copy(model, images.split(256), mean, std)
+    return lambda paths: encoder_vectors(model, mean, std, size, paths)
+
+
+def train_encoder(collection: Path, work: Path, minutes: float, overrides: dict, seed: int):
+    from instret.train import train
+
+    options = {"data": str(collection), "out": str(work / "run"), "time_budget": minutes, "seed": seed, **overrides}
+    start = time.perf_counter()
+    train(options)
+    seconds = time.perf_counter() - start
+    enc = load_encoder(work / "run")
+    cfg = json.loads((work / "run" / "config.json").read_text())
+    return (lambda paths: encoder_vectors(enc.model, enc.mean, enc.std, enc.image_size, paths)), seconds, cfg
+
+
+# --- scoring -----------------------------------------------------------------------------
+
+
+def copy_detection(db: np.ndarray, queries: np.ndarray, targets: np.ndarray, seed: int) -> tuple[dict, np.ndarray]:
+    """recall@1, recall@10, mAP with one relevant item per query; ties broken at random."""
+    sims = queries @ db.T  # Q x N
+    sims = sims + np.random.default_rng(seed).uniform(0, 1e-6, sims.shape)  # random order among equal scores
+    target = sims[np.arange(len(targets)), targets]
+    ranks = 1 + (sims > target[:, None]).sum(axis=1)
+    return {"recall@1": float((ranks == 1).mean()), "recall@10": float((ranks <= 10).mean()),
+            "mAP": float((1 / ranks).mean())}, ranks  # fmt: skip
+
+
+def category(db: np.ndarray, labels: np.ndarray) -> dict:
+    keep = labels >= 0
+    m = retrieval_metrics(db[keep], labels[keep])
+    return {"mAP": m["mAP"], "precision@10": m["precision@10"]}
+
+
+def evaluate(name: str, db: np.ndarray, queries: np.ndarray, labels, targets, kinds, seed: int, results: dict):
+    db, queries = normalise(db), normalise(queries)
+    white = fit_whitening(db)
+    variants = {name: (db, queries), f"{name}+pp": (white(db), white(queries))}
+    for label, (d, q) in variants.items():
+        copy, ranks = copy_detection(d, q, targets, seed)
+        results[label] = {"copy": copy, "category": category(d, labels),
+                          "copy_recall@1_by_edit": {k: float(np.mean([r == 1 for r, kk in zip(ranks, kinds) if kk == k]))
+                                                    for k in sorted(set(kinds))}}  # fmt: skip
+        say(f"{label:18s} copy mAP {copy['mAP']:.3f} R@1 {copy['recall@1']:.3f} R@10 {copy['recall@10']:.3f}   "
+            f"category mAP {results[label]['category']['mAP']:.3f} P@10 {results[label]['category']['precision@10']:.3f}")  # fmt: skip
+    return white
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--originals", type=int, default=500)
+    ap.add_argument("--copies", type=int, default=2)
+    ap.add_argument("--distractors", type=int, default=1000)
+    ap.add_argument("--minutes", type=float, default=15.0, help="time budget of the trained encoder (0: skip it)")
+    ap.add_argument("--set", default="{}", help="JSON of training options over instret's defaults")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", help="build the collection here and keep it (default: a temporary folder)")
+    args = ap.parse_args()
+    if not (SHARED / "imagenette2" / "val").is_dir():
+        sys.exit(f"needs {SHARED}/imagenette2/val and cifar10/test")
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="instret-quality-"))
+    start = time.perf_counter()
+    db_paths, labels, q_paths, targets, kinds = build_collection(work, args.originals, args.copies, args.distractors, args.seed)
+    say(f"collection: {sum(labels >= 0)} photos + {sum(labels < 0)} distractors; {len(q_paths)} edited copies as queries")
+    results: dict = {}
+    common = (labels, targets, kinds, args.seed, results)
+    for name, fn in (("pixels", pixels), ("colour_hist", colour_histogram), ("phash", phash)):
+        evaluate(name, fn(db_paths), fn(q_paths), *common)
+    trained = None
+    if args.minutes > 0:
+        trained, seconds, cfg = train_encoder(work / "collection", work, args.minutes, json.loads(args.set), args.seed)
+        results["training"] = {"seconds": round(seconds, 1), "epochs": cfg["epochs"], "image_size": cfg["image_size"],
+                               "arch": cfg["arch"], "budget_minutes": args.minutes}  # fmt: skip
+        say(f"trained {cfg['arch']} at {cfg['image_size']} px for {cfg['epochs']} epochs in {seconds:.0f} s")
+    size = results.get("training", {}).get("image_size", 64)
+    evaluate("untrained", *(f(p) for f in [untrained(db_paths, size, args.seed)] for p in (db_paths, q_paths)), *common)
+    if trained is not None:
+        db, q = normalise(trained(db_paths)), normalise(trained(q_paths))
+        white = evaluate("instret", db, q, *common)
+        # Query expansion on top of whitening (alpha-QE, k = 2): measured, off by default.
+        d, w = white(db), white(q)
+        top = np.argsort(-(w @ d.T), axis=1)[:, :2]
+        qe = expand_queries(w, d, top, np.take_along_axis(w @ d.T, top, axis=1))
+        copy, _ = copy_detection(d, qe, targets, args.seed)
+        results["instret+pp+qe"] = {"copy": copy}
+        say(f"instret+pp+qe      copy mAP {copy['mAP']:.3f} R@1 {copy['recall@1']:.3f}")
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    results["setup"] = {"originals": int(sum(labels >= 0)), "distractors": int(sum(labels < 0)),
+                        "queries": len(q_paths), "seed": args.seed}  # fmt: skip
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
