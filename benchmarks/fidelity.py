@@ -6,12 +6,14 @@
     METHOD.md, per-sample PIL transforms, the same CNN written out again) and instret's
     trainer, with the same backbone, seed and the authors' hyper-parameters, for the same
     number of epochs: test kNN top-1 of each after re-embedding, and seconds per epoch.
-(b) instret's default CPU configuration (README: "CPU configuration") trained for a
-    wall-clock budget: the epochs that fit are estimated from timed steps, then run with the
-    step schedule; test kNN top-1 after re-embedding (`budget_top1`).
+(b) `instret train --data DIR --time-budget MINUTES` with the CPU configuration (README: "CPU
+    configuration"): the run plans its own epochs; test kNN top-1 after re-embedding
+    (`budget_top1`), the epochs it planned and its wall time (set-up, monitor, final
+    evaluation and index included). With --with-reference the reference loop then trains for
+    the same budget (its epochs from one timed epoch), so noise hits both in one run.
 Skip a part with --epochs 0 or --minutes 0. With the defaults the script runs about 22
-minutes (part (a) about 6, part (b) its 15-minute budget plus set-up); each part alone fits
-in 15. Last stdout line: one JSON object.
+minutes (part (a) about 6, part (b) its 15-minute budget); --with-reference adds the budget
+again. Last stdout line: one JSON object.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from reference_instdisc import SmallCNN, train_reference  # noqa: E402
 from instret.augment import channel_stats  # noqa: E402
 from instret.config import TrainConfig  # noqa: E402
 from instret.data import load_folder  # noqa: E402
-from instret.train import Trainer  # noqa: E402
+from instret.train import Trainer, train  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -53,18 +55,18 @@ def run_instret(data, cfg: dict, out: Path) -> tuple[dict, list[dict]]:
     return trainer.final_eval(), trainer.history
 
 
-def epochs_in_budget(data, cfg: dict, seconds: float, out: Path, steps: int = 40) -> int:
-    """How many epochs of `cfg` fit in `seconds`, from timed steps (the final evaluation aside)."""
-    trainer = Trainer(TrainConfig.from_dict({**cfg, "epochs": 1, "out": str(out)}), data, out, torch.device("cpu"))
-    b = trainer.cfg.batch_size
-    perm = torch.randperm(len(data.train))
-    trainer.step(perm[:b])
-    start = time.perf_counter()
-    for i in range(1, steps + 1):
-        trainer.step(perm[i * b:(i + 1) * b])
-    per_image = (time.perf_counter() - start) / (steps * b)
-    setup = 20.0  # bank init, per-epoch bookkeeping and the final re-embedding, measured ~15-25 s
-    return max(1, int((seconds - setup) / (per_image * len(data.train) * 1.03)))
+def reference_in_budget(data, seconds: float, workers: int) -> dict:
+    """The reference loop for the same wall-clock budget: one timed epoch, then as many more as fit."""
+    mean, std = channel_stats(data.train.images.split(512))
+    common = dict(mean=mean, std=std, workers=workers, flip=True, log=lambda *a: None)
+    args = (data.train.images, data.train.labels, data.eval.images, data.eval.labels)
+    t = time.perf_counter()
+    train_reference(SmallCNN(), *args, epochs=1, **common)
+    epochs = max(1, int((seconds - (time.perf_counter() - t)) / (time.perf_counter() - t)))
+    torch.manual_seed(0)
+    _, top1 = train_reference(SmallCNN(), *args, epochs=epochs, **common)
+    print(f"reference in the same budget: kNN top-1 {top1:.4f} after {epochs} epochs", flush=True)
+    return {"reference_budget_epochs": epochs, "reference_budget_top1": round(top1, 4)}
 
 
 def main() -> None:
@@ -74,6 +76,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=15, help="budget of part (b); 0 skips it")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--set", default="{}", help="JSON of config keys to change in part (b), e.g. '{\"lr\": 0.06}'")
+    ap.add_argument("--with-reference", action="store_true", help="part (b) also trains the reference loop")
     args = ap.parse_args()
     cpu_config = {**CPU_CONFIG, **json.loads(args.set)}
     if not Path(args.data).is_dir():
@@ -101,15 +104,17 @@ def main() -> None:
                            "ref_s_per_epoch": round(ref_s, 2), "instret_s_per_epoch": round(ours_s, 2),
                            "fidelity_met": final["knn_top1"] >= ref_top1 - 0.01})  # fmt: skip
         if args.minutes > 0:
-            budget = args.minutes * 60
-            epochs = epochs_in_budget(data, cpu_config, budget, tmp / "probe")
-            print(f"budget {args.minutes} min: {epochs} epochs of {cpu_config}", flush=True)
             t = time.perf_counter()
-            final, hist = run_instret(data, {**cpu_config, "epochs": epochs, "workers": args.workers}, tmp / "b")
+            final = train({"data": args.data, "out": str(tmp / "b"), "time_budget": args.minutes,
+                           "workers": args.workers, **cpu_config})  # fmt: skip
             wall = time.perf_counter() - t
-            print(f"budget run: kNN top-1 {final['knn_top1']:.4f} after {epochs} epochs, {wall / 60:.1f} min", flush=True)
-            result.update({"budget_minutes": args.minutes, "budget_epochs": epochs, "budget_wall_minutes": round(wall / 60, 2),
-                           "budget_top1": round(final["knn_top1"], 4), "budget_config": cpu_config})  # fmt: skip
+            print(f"budget run: kNN top-1 {final['knn_top1']:.4f} after {final['epochs']} epochs, "
+                  f"{wall / 60:.1f} min", flush=True)  # fmt: skip
+            result.update({"budget_minutes": args.minutes, "budget_epochs": final["epochs"],
+                           "budget_wall_minutes": round(wall / 60, 2), "budget_top1": final["knn_top1"],
+                           "budget_config": cpu_config})  # fmt: skip
+            if args.with_reference:
+                result.update(reference_in_budget(data, args.minutes * 60, args.workers))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(result))

@@ -39,7 +39,7 @@ from PIL import Image
 from instret.edits import EDITS, edited_copy
 from instret.encoder import Encoder, calibrated_copy, embed_images, load_encoder
 from instret.images import list_image_files, open_rgb, square_tensor
-from instret.postprocess import expand_queries, fit_whitening, normalise
+from instret.postprocess import augment_database, expand_queries, fit_whitening, normalise
 from instret.search import retrieval_metrics
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -52,17 +52,17 @@ def say(msg: str) -> None:
 # --- the collection and its queries ------------------------------------------------------
 
 
-def build_collection(work: Path, originals: int, copies: int, distractors: int, seed: int):
+def build_collection(shared: Path, work: Path, originals: int, copies: int, distractors: int, seed: int):
     """Copy the photos and distractors into work/collection; write the edited copies to work/queries.
     Returns (database paths, labels (-1: distractor), query paths, query targets, query edit names)."""
     rng = random.Random(seed)
-    classes = sorted(p.name for p in (SHARED / "imagenette2" / "val").iterdir() if p.is_dir())
+    classes = sorted(p.name for p in (shared / "imagenette2" / "val").iterdir() if p.is_dir())
     per_class = originals // len(classes)
     photos = []
     for label, c in enumerate(classes):
-        files = sorted((SHARED / "imagenette2" / "val" / c).iterdir())
+        files = sorted((shared / "imagenette2" / "val" / c).iterdir())
         photos += [(f, label) for f in rng.sample(files, per_class)]
-    cifar = list_image_files(SHARED / "cifar10" / "test")
+    cifar = list_image_files(shared / "cifar10" / "test")
     extra = [(f, -1) for f in rng.sample(cifar, distractors)]
     (work / "collection").mkdir(parents=True)  # one flat folder: unlabelled, as a user's would be
     (work / "queries").mkdir()
@@ -182,12 +182,14 @@ def main() -> None:
     ap.add_argument("--set", default="{}", help="JSON of training options over instret's defaults")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", help="build the collection here and keep it (default: a temporary folder)")
+    ap.add_argument("--shared", default=str(SHARED), help="the datasets folder (imagenette2/val, cifar10/test)")
     args = ap.parse_args()
-    if not (SHARED / "imagenette2" / "val").is_dir():
-        sys.exit(f"needs {SHARED}/imagenette2/val and cifar10/test")
+    shared = Path(args.shared)
+    if not (shared / "imagenette2" / "val").is_dir() or not (shared / "cifar10" / "test").is_dir():
+        sys.exit(f"retrieval_quality: {shared}/imagenette2/val or cifar10/test not found (pass --shared)")
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="instret-quality-"))
     start = time.perf_counter()
-    db_paths, labels, q_paths, targets, kinds = build_collection(work, args.originals, args.copies, args.distractors, args.seed)
+    db_paths, labels, q_paths, targets, kinds = build_collection(shared, work, args.originals, args.copies, args.distractors, args.seed)
     say(f"collection: {sum(labels >= 0)} photos + {sum(labels < 0)} distractors; {len(q_paths)} edited copies as queries")
     results: dict = {}
     common = (labels, targets, kinds, args.seed, results)
@@ -200,17 +202,20 @@ def main() -> None:
                                "arch": cfg["arch"], "budget_minutes": args.minutes}  # fmt: skip
         say(f"trained {cfg['arch']} at {cfg['image_size']} px for {cfg['epochs']} epochs in {seconds:.0f} s")
     size = results.get("training", {}).get("image_size", 64)
-    evaluate("untrained", *(f(p) for f in [untrained(db_paths, size, args.seed)] for p in (db_paths, q_paths)), *common)
+    random_net = untrained(db_paths, size, args.seed)
+    evaluate("untrained", random_net(db_paths), random_net(q_paths), *common)
     if trained is not None:
         db, q = normalise(trained(db_paths)), normalise(trained(q_paths))
         white = evaluate("instret", db, q, *common)
-        # Query expansion on top of whitening (alpha-QE, k = 2): measured, off by default.
         d, w = white(db), white(q)
         top = np.argsort(-(w @ d.T), axis=1)[:, :2]
         qe = expand_queries(w, d, top, np.take_along_axis(w @ d.T, top, axis=1))
-        copy, _ = copy_detection(d, qe, targets, args.seed)
-        results["instret+pp+qe"] = {"copy": copy}
-        say(f"instret+pp+qe      copy mAP {copy['mAP']:.3f} R@1 {copy['recall@1']:.3f}")
+        # Query expansion and database-side augmentation on top of whitening (k = 2): measured, off by default.
+        for name, (d2, q2) in (("instret+pp+qe", (d, qe)), ("instret+pp+dba", (augment_database(d, k=2), w))):
+            copy, _ = copy_detection(d2, q2, targets, args.seed)
+            results[name] = {"copy": copy, "category": category(d2, labels)}
+            say(f"{name:18s} copy mAP {copy['mAP']:.3f} R@1 {copy['recall@1']:.3f}   "
+                f"category mAP {results[name]['category']['mAP']:.3f}")  # fmt: skip
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["setup"] = {"originals": int(sum(labels >= 0)), "distractors": int(sum(labels < 0)),
                         "queries": len(q_paths), "seed": args.seed}  # fmt: skip

@@ -27,13 +27,17 @@ def _write_html(path: str, page: str) -> None:
 @click.option("--rebuild", is_flag=True, help="Re-encode everything (e.g. with a new encoder).")
 @max_pixels_option
 @click.option("--shard", help="I/N: index only shard I of N (every N-th file); join them with merge-index.")
-def index_cmd(images_dir, model, out, index_type, batch_size, workers, device, rebuild, max_image_pixels, shard):
+@click.option("--whiten/--no-whiten", default=None,
+              help="Search through whitening fitted on the collection (from 256 images) [on; an update keeps "
+                   "the index's choice].")  # fmt: skip
+def index_cmd(images_dir, model, out, index_type, batch_size, workers, device, rebuild, max_image_pixels, shard,
+              whiten):  # fmt: skip
     """Build or update the search index of a folder of images."""
     from instret.indexer import build_index
     from instret.shards import parse_shard
 
     summary = build_index(images_dir, model, out, index_type, batch_size, workers, device, rebuild,
-                          max_image_pixels, parse_shard(shard) if shard else None)  # fmt: skip
+                          max_image_pixels, parse_shard(shard) if shard else None, whiten)  # fmt: skip
     click.echo(json.dumps(summary))
 
 

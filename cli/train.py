@@ -22,8 +22,9 @@ from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, RECIPES, SCHEDUL
               help="Minutes the whole run may take: the epochs (and so the schedule) are planned from the "
                    "first timed steps to end in time; --epochs then caps them.")  # fmt: skip
 @click.option("--recipe", type=click.Choice(sorted(RECIPES)),
-              help="Augmentation recipe: paper (the authors') or retrieval (gentle colour jitter, little hue "
-                   "change, rare greyscale: for collections where colour tells objects apart) [paper].")  # fmt: skip
+              help="Training recipe: retrieval (the paper's augmentation plus the edits copies go through, "
+                   "bank from features), colour (retrieval with gentle colour jitter) or paper (the authors') "
+                   "[retrieval for --data, paper otherwise].")  # fmt: skip
 @click.option("--batch-size", type=int, help="Batch size [128].")
 @click.option("--lr", type=float, help="SGD learning rate [0.03].")
 @click.option("--lr-schedule", type=click.Choice(SCHEDULES), help="step (x0.1 at 60 % and 80 %) or cosine [step].")

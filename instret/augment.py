@@ -1,7 +1,11 @@
 """The paper's augmentation as batched tensor operations with per-sample random parameters.
 
 RandomResizedCrop(scale 0.2-1) + horizontal flip (one affine grid_sample), ColorJitter(0.4 x 4)
-in a random order per sample, RandomGrayscale(0.2), then normalisation. It runs on whatever
+in a random order per sample, RandomGrayscale(0.2), then normalisation. Beyond the paper, for
+the edits that copies of a photo go through (README: "Search quality"): a small rotation (in
+the same grid_sample), a box painted over part of the image (a caption, logo or sticker:
+random erasing with a flat colour) and a slight blur; each is drawn only when it is on, so the
+paper's recipe draws exactly the paper's random numbers. It runs on whatever
 device the batch is on and draws every random number from one torch.Generator, so a run is
 reproducible and resumable. Parameters are drawn by `sample_params` and applied by `apply`,
 which lets tests compare each stage with torchvision's per-sample transforms.
@@ -28,6 +32,10 @@ class AugmentParams:
     factors: torch.Tensor  # n x 4: brightness, contrast, saturation, hue
     order: torch.Tensor  # n x 4: which jitter op runs at each of the 4 stages
     gray: torch.Tensor  # n, bool
+    angle: torch.Tensor | None = None  # n, radians; None: no rotation
+    erase: torch.Tensor | None = None  # n x 4: top, left, height, width as fractions of the side (0 area: none)
+    erase_colour: torch.Tensor | None = None  # n x 3 in [0, 1]
+    blur: torch.Tensor | None = None  # n, bool
 
 
 @dataclass
@@ -41,6 +49,9 @@ class Augment:
     hue: float | None = None  # None: min(jitter, 0.5), torchvision's ColorJitter(j, j, j, j)
     grayscale_p: float = 0.2
     flip: bool = True
+    rotate: float = 0.0  # degrees: rotations drawn uniformly in [-rotate, rotate]
+    erase_p: float = 0.0  # chance of a flat-colour box over 2-15 % of the image
+    blur_p: float = 0.0  # chance of a 3 x 3 blur
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator, rows: slice | None = None,
                  batch: int | None = None) -> torch.Tensor:  # fmt: skip
@@ -53,7 +64,8 @@ class Augment:
         n = len(images) if rows is None else batch
         params = self.sample_params(n, images.shape[-2], images.shape[-1], generator, images.device)
         if rows is not None:
-            params = AugmentParams(*(getattr(params, f.name)[rows] for f in dataclasses.fields(params)))
+            fields = (getattr(params, f.name) for f in dataclasses.fields(params))
+            params = AugmentParams(*(None if v is None else v[rows] for v in fields))
         return normalize(self.apply(images, params), self.mean, self.std)
 
     def sample_params(self, n: int, height: int, width: int, generator, device) -> AugmentParams:
@@ -69,15 +81,33 @@ class Augment:
         order = rand(n, 4).argsort(dim=1)
         flip = rand(n) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool, device=device)
         gray = rand(n) < self.grayscale_p
-        return AugmentParams(box, flip, factors, order, gray)
+        p = AugmentParams(box, flip, factors, order, gray)
+        if self.rotate > 0:
+            p.angle = (rand(n) * 2 - 1) * math.radians(self.rotate)
+        if self.erase_p > 0:
+            area = 0.02 + 0.13 * rand(n)
+            aspect = torch.exp((rand(n) * 2 - 1) * math.log(3.0))
+            h, w = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
+            on = (rand(n) < self.erase_p).float()
+            p.erase = torch.stack([rand(n) * (1 - h), rand(n) * (1 - w), h * on, w * on], dim=1)
+            p.erase_colour = rand(n, 3)
+        if self.blur_p > 0:
+            p.blur = rand(n) < self.blur_p
+        return p
 
     def apply(self, images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
         """uint8 or [0, 1] float images and their parameters -> float images in [0, 1]."""
         x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
-        x = crop_resize_flip(x, p.box, p.flip, self.size)
+        x = crop_resize_flip(x, p.box, p.flip, self.size, p.angle)
         if self.jitter > 0:
             x = color_jitter(x, p.factors, p.order)
-        return torch.where(p.gray[:, None, None, None], grayscale(x).expand_as(x), x)
+        x = torch.where(p.gray[:, None, None, None], grayscale(x).expand_as(x), x)
+        if p.blur is not None:
+            soft = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+            x = torch.where(p.blur[:, None, None, None], soft, x)
+        if p.erase is not None:
+            x = paint_boxes(x, p.erase, p.erase_colour)
+        return x
 
 
 def crop_boxes(u_area, u_ratio, u_pos, height: int, width: int, scale, ratio) -> torch.Tensor:
@@ -107,8 +137,10 @@ def crop_boxes(u_area, u_ratio, u_pos, height: int, width: int, scale, ratio) ->
     return torch.stack([top, left, h, w], dim=1)
 
 
-def crop_resize_flip(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear crop of each box to size x size, mirrored where flip: one affine grid_sample."""
+def crop_resize_flip(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, size: int,
+                     angle: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Bilinear crop of each box to size x size, mirrored where flip and turned by angle (radians,
+    about the box's centre): one affine grid_sample."""
     n, _, height, width = x.shape
     top, left, h, w = box.unbind(1)
     # Output pixel u (centre (u + .5) / size) samples source x = left + (u + .5) * w / size - .5,
@@ -116,12 +148,31 @@ def crop_resize_flip(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, siz
     sx = w / width
     sy = h / height
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
-    theta[:, 0, 0] = torch.where(flip, -sx, sx)
+    mirror = torch.where(flip, -1.0, 1.0).to(x.dtype)
+    if angle is None:
+        theta[:, 0, 0] = mirror * sx
+        theta[:, 1, 1] = sy
+    else:  # output coordinates mirrored, then rotated, then scaled into the box
+        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+        theta[:, 0, 0], theta[:, 0, 1] = sx * cos * mirror, -sx * sin
+        theta[:, 1, 0], theta[:, 1, 1] = sy * sin * mirror, sy * cos
     theta[:, 0, 2] = (2 * left + w) / width - 1
-    theta[:, 1, 1] = sy
     theta[:, 1, 2] = (2 * top + h) / height - 1
     grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def paint_boxes(x: torch.Tensor, boxes: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    """Each image with its box (top, left, height, width as fractions of the side) painted in its
+    colour (n x 3); a box of zero size paints nothing."""
+    n, _, height, width = x.shape
+    ys = (torch.arange(height, device=x.device, dtype=x.dtype) + 0.5) / height  # pixel centres
+    xs = (torch.arange(width, device=x.device, dtype=x.dtype) + 0.5) / width
+    top, left, h, w = (boxes[:, i].to(x.dtype).view(n, 1) for i in range(4))
+    rows = (ys >= top) & (ys < top + h)  # n x H
+    cols = (xs >= left) & (xs < left + w)  # n x W
+    inside = (rows[:, :, None] & cols[:, None, :]).unsqueeze(1)  # n x 1 x H x W
+    return torch.where(inside, colours.to(x.dtype).view(n, 3, 1, 1), x)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:

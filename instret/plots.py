@@ -1,7 +1,7 @@
 """Pictures of a run and of its features, drawn with matplotlib (imported only here, and only
 when a picture is asked for: `pip install 'instret[plot]'`).
 
-    training_curves(run_dir)        loss and kNN top-1 per epoch, from metrics.jsonl
+    training_curves(run_dir)        loss, the label-free monitor and kNN top-1 per epoch, from metrics.jsonl
     neighbour_grid(rows)            each query, then its neighbours with their scores
     query_grid(results)             the same for `instret query` results (`--grid`)
     feature_map(ax, xy, labels)     a 2-D embedding (t-SNE) coloured by class
@@ -48,22 +48,43 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def training_curves(run_dir: str | Path):
-    """A figure: training loss (left) and kNN top-1 of the monitor (right) against the epoch."""
+    """A figure: the loss beside ln n (left), the label-free monitor (middle: instance recall@1,
+    alignment, random-pair cosine) and the kNN top-1 when there are labels (right), by epoch."""
     rows = read_metrics(run_dir)
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 3.4), layout="constrained")
     epochs = [r["epoch"] for r in rows]
-    left.plot(epochs, [r["loss"] for r in rows], marker=".")
+    left.plot(epochs, [r["loss"] for r in rows], marker=".", label="loss")
+    if "ln_n" in rows[-1]:
+        left.axhline(rows[-1]["ln_n"], color="grey", linestyle="--", label="ln n (a guess)")
+        left.legend(fontsize=8)
     left.set(xlabel="epoch", ylabel="training loss", title="loss")
+    monitor = [r for r in rows if "instance_recall@1" in r]
+    if monitor:
+        x = [r["epoch"] for r in monitor]
+        for key, label in (("instance_recall@1", "instance recall@1"), ("alignment", "alignment (0 best)"),
+                           ("mean_pair_cosine", "random-pair cosine")):  # fmt: skip
+            middle.plot(x, [r[key] for r in monitor], marker=".", label=label)
+        middle.set(xlabel="epoch", title="label-free monitor", ylim=(min(0, *(r["mean_pair_cosine"] for r in monitor)),
+                                                                      max(1, *(r["alignment"] for r in monitor))))  # fmt: skip
+        middle.legend(fontsize=8)
+    else:
+        _blank(middle, "no label-free monitor in this run")
     knn = [(r["epoch"], r["knn_top1"]) for r in rows if r.get("knn_top1") is not None]
     if knn:
         right.plot(*zip(*knn), marker=".", color="tab:green")
         right.set(xlabel="epoch", ylabel="kNN top-1", title="weighted kNN top-1 (monitor)", ylim=(0, 1))
     else:
-        right.text(0.5, 0.5, "no labels: no kNN accuracy", ha="center", va="center")
-        right.set_axis_off()
+        _blank(right, "no labels: no kNN accuracy")
+    for ax in (left, middle, right):
+        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
     fig.suptitle(Path(run_dir).name)
     return fig
+
+
+def _blank(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    ax.set_axis_off()
 
 
 def _as_picture(image) -> np.ndarray:

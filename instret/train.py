@@ -113,7 +113,7 @@ class Trainer:
         self.mean, self.std = channel_stats(self.train_images.batches(chunks(evenly_spaced(n, STATS_SAMPLE))))
         self.augment = Augment(
             cfg.image_size, self.mean, self.std, scale=cfg.crop_scale, jitter=cfg.jitter, hue=cfg.hue,
-            grayscale_p=cfg.grayscale_p, flip=cfg.flip,
+            grayscale_p=cfg.grayscale_p, flip=cfg.flip, rotate=cfg.rotate, erase_p=cfg.erase_p, blur_p=cfg.blur_p,
         )  # fmt: skip
         self.epoch = 0  # epochs finished
         self.nce_z: float | None = None

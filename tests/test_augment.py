@@ -153,3 +153,59 @@ def test_channel_stats_in_batches_equal_torch_over_the_whole_set():
     mean, std = A.channel_stats(images.split(8))  # 8, 8, 8, 8, 5
     assert mean == tuple(round(float(v), 4) for v in x.mean(dim=(0, 2, 3)))
     assert std == tuple(round(float(v), 4) for v in x.std(dim=(0, 2, 3)))
+
+
+def test_paint_boxes_matches_a_pixel_loop():
+    x = torch.rand(3, 3, 10, 12, generator=torch.Generator().manual_seed(1))
+    boxes = torch.tensor([[0.1, 0.2, 0.3, 0.5], [0.0, 0.0, 0.0, 0.0], [0.5, 0.75, 0.5, 0.25]])
+    colours = torch.tensor([[1.0, 0.0, 0.5], [0.2, 0.2, 0.2], [0.0, 1.0, 0.0]])
+    got = A.paint_boxes(x, boxes, colours)
+    want = x.clone()
+    for i, (top, left, h, w) in enumerate(boxes.tolist()):
+        for r in range(10):
+            for c in range(12):
+                if top <= (r + 0.5) / 10 < top + h and left <= (c + 0.5) / 12 < left + w:
+                    want[i, :, r, c] = colours[i]
+    assert torch.equal(got, want)
+    assert torch.equal(got[1], x[1])  # a zero-size box paints nothing
+
+
+def test_a_quarter_turn_of_the_whole_image_is_rot90():
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    box = torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 2)
+    no_flip = torch.zeros(2, dtype=torch.bool)
+    turned = A.crop_resize_flip(x, box, no_flip, 8, torch.full((2,), math.pi / 2))
+    assert torch.allclose(turned, torch.rot90(x, k=1, dims=(2, 3)), atol=1e-5)
+    # No angle and a zero angle are the same picture.
+    assert torch.allclose(A.crop_resize_flip(x, box, no_flip, 8, torch.zeros(2)), A.crop_resize_flip(x, box, no_flip, 8))
+
+
+def test_copy_edits_are_drawn_only_when_on_so_the_papers_recipe_draws_what_it_did():
+    paper = A.Augment(32, (0.5,) * 3, (0.25,) * 3)
+    g = torch.Generator().manual_seed(3)
+    p = paper.sample_params(50, 32, 32, g, "cpu")
+    assert p.angle is None and p.erase is None and p.blur is None
+    edits = A.Augment(32, (0.5,) * 3, (0.25,) * 3, rotate=10, erase_p=0.5, blur_p=0.3)
+    q = edits.sample_params(4000, 32, 32, torch.Generator().manual_seed(3), "cpu")
+    assert q.angle.abs().max() <= math.radians(10) and q.angle.abs().max() > math.radians(9.5)
+    painted = q.erase[:, 2] > 0
+    assert abs(painted.float().mean() - 0.5) < 0.03 and abs(q.blur.float().mean() - 0.3) < 0.03
+    area = (q.erase[painted, 2] * q.erase[painted, 3])
+    assert area.min() >= 0.0199 and area.max() <= 0.1501
+    assert (q.erase[:, 0] + q.erase[:, 2] <= 1 + 1e-6).all() and (q.erase[:, 1] + q.erase[:, 3] <= 1 + 1e-6).all()
+
+
+def test_blur_is_a_three_by_three_mean_where_drawn():
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(4))
+    aug = A.Augment(6, (0.0,) * 3, (1.0,) * 3, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter=0.0, grayscale_p=0.0,
+                    flip=False, blur_p=1.0)  # fmt: skip
+    out = aug.apply(x, aug.sample_params(2, 6, 6, torch.Generator().manual_seed(0), "cpu"))
+    assert torch.allclose(out[:, :, 2, 2], x[:, :, 1:4, 1:4].mean(dim=(2, 3)), atol=1e-5)
+
+
+def test_a_share_of_a_batch_gets_the_whole_batchs_draws_with_copy_edits_on():
+    images = smooth_images(8)
+    aug = A.Augment(32, (0.5,) * 3, (0.25,) * 3, rotate=10, erase_p=0.5, blur_p=0.5)
+    whole = aug(images, torch.Generator().manual_seed(5))
+    share = aug(images[2:5], torch.Generator().manual_seed(5), rows=slice(2, 5), batch=8)
+    assert torch.equal(share, whole[2:5])

@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from tests.conftest import SHARED
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -31,6 +34,7 @@ def test_gpu_cifar10_script_runs_a_few_steps_on_cpu(tmp_path):
 def test_scripts_without_data_exit_with_a_clear_message(tmp_path):
     for script, args in (("train_throughput.py", ["--data", str(tmp_path / "none")]),
                          ("fidelity.py", ["--data", str(tmp_path / "none")]),
+                         ("retrieval_quality.py", ["--shared", str(tmp_path / "none")]),
                          ("search.py", ["--model", "x", "--cifar", str(tmp_path / "none")])):  # fmt: skip
         proc = subprocess.run([sys.executable, BENCH / script, *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and "not found" in proc.stderr and "Traceback" not in proc.stderr, script
@@ -42,3 +46,15 @@ def test_knn_monitor_script_small(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = last_json_line(proc.stdout)
     assert result["agreement"] > 0.999 and result["speedup"] > 0
+
+
+@pytest.mark.skipif(not (SHARED / "imagenette2" / "val").is_dir(), reason="needs ../shared/datasets (Imagenette, CIFAR-10)")
+def test_retrieval_quality_script_scores_every_method_on_a_small_collection():
+    proc = subprocess.run([sys.executable, BENCH / "retrieval_quality.py", "--originals", "20", "--copies", "1",
+                           "--distractors", "20", "--minutes", "0.25"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = last_json_line(proc.stdout)
+    for method in ("pixels", "colour_hist", "phash", "untrained", "instret"):
+        for variant in (method, method + "+pp"):
+            assert 0 < result[variant]["copy"]["mAP"] <= 1 and 0 <= result[variant]["category"]["mAP"] <= 1
+    assert result["setup"] == {"originals": 20, "distractors": 20, "queries": 20, "seed": 0}

@@ -31,9 +31,17 @@ def test_plot_command_writes_the_curves_png(trained_run, tmp_path, capsys):
 
 def test_curves_have_one_point_per_epoch(trained_run):
     fig = plots.training_curves(trained_run)
-    loss_ax, knn_ax = fig.axes
-    epochs = len(plots.read_metrics(trained_run))
-    assert len(loss_ax.lines[0].get_xdata()) == len(knn_ax.lines[0].get_xdata()) == epochs == 30
+    loss_ax, monitor_ax, knn_ax = fig.axes
+    rows = plots.read_metrics(trained_run)
+    assert len(loss_ax.lines[0].get_xdata()) == len(knn_ax.lines[0].get_xdata()) == len(rows) == 30
+    # The loss is drawn beside ln n, and the monitor's three curves hold the rows' values.
+    assert list(loss_ax.lines[1].get_ydata()) == [rows[-1]["ln_n"]] * 2
+    recall, alignment, cosine = monitor_ax.lines
+    assert list(recall.get_ydata()) == [r["instance_recall@1"] for r in rows]
+    assert list(cosine.get_ydata()) == [r["mean_pair_cosine"] for r in rows]
+    fig.canvas.draw()  # tick labels exist once drawn
+    ticks = [t.get_text() for t in loss_ax.get_xticklabels()]
+    assert ticks and all(t.lstrip("−-").isdigit() for t in ticks)  # whole epochs, never 1.2, 1.4
     plots.pyplot().close(fig)
 
 

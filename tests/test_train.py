@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -221,3 +222,69 @@ def test_compiled_encoder_gives_the_same_loss(image_folder):
     compiled, trainer = _first_steps(image_folder, amp=False, compile=True)
     assert trainer.forward is not trainer.model
     assert compiled == pytest.approx(plain, rel=1e-4)
+
+
+def test_every_epoch_row_carries_the_label_free_monitor(tmp_path):
+    from tests.conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "flat", classes=("a",), per_class=20)
+    train({"data": str(folder), "epochs": 2, "out": str(tmp_path / "run"), **TINY})
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert 0 <= r["instance_recall@1"] <= 1 and 0 <= r["alignment"] <= 4 and r["uniformity"] <= 0
+        assert -1 <= r["mean_pair_cosine"] <= 1 and r["ln_n"] == pytest.approx(math.log(20), abs=1e-4)
+
+
+def test_the_monitor_leaves_the_runs_random_stream_alone(image_folder):
+    from instret.data import load_train_data
+
+    cfg = TrainConfig(data=str(image_folder), arch="small", epochs=1, **TINY)
+    trainer = Trainer(cfg, load_train_data(cfg), image_folder, torch.device("cpu"))
+    state = trainer.generator.get_state()
+    trainer.label_free(trainer.eval_model())
+    assert torch.equal(trainer.generator.get_state(), state)
+
+
+def test_time_budget_plans_epochs_that_end_on_time(tmp_path):
+    import time
+
+    budget = 20.0
+    start = time.perf_counter()
+    final = train({"time_budget": budget / 60, "out": str(tmp_path / "run"), "workers": 0})  # the digits
+    seconds = time.perf_counter() - start
+    assert 0.6 * budget <= seconds <= 1.25 * budget
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert config["epochs"] == final["epochs"] == len(rows) >= 3
+    # The schedule followed the plan: the step schedule's drops happened before the end.
+    assert rows[-1]["lr"] == pytest.approx(config["lr"] * 0.01)
+
+
+def test_time_budget_with_epochs_caps_the_plan(tmp_path):
+    final = train({"time_budget": 5, "epochs": 2, "out": str(tmp_path / "run"), "workers": 0})
+    assert final["epochs"] == 2
+
+
+def test_image_size_follows_the_data(tmp_path):
+    from PIL import Image
+
+    from instret.data import auto_image_size
+
+    for name, side, count in (("small", 32, 10), ("photos", 200, 10), ("mixed", 32, 6)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(count):
+            Image.new("RGB", (side + 20, side), (i, 0, 0)).save(folder / f"{i}.png")
+    for i in range(3):  # 3 of 9 mixed images are photos: a third, over the quarter
+        Image.new("RGB", (300, 200)).save(tmp_path / "mixed" / f"p{i}.jpg")
+    assert [auto_image_size(tmp_path / n) for n in ("small", "photos", "mixed")] == [32, 64, 64]
+
+
+def test_recipes_set_the_augmentation_under_the_options_given():
+    from instret.config import RECIPES, with_presets
+
+    folder = with_presets({"data": "x"})
+    assert folder["recipe"] == "retrieval" and {k: folder[k] for k in RECIPES["retrieval"]} == RECIPES["retrieval"]
+    assert with_presets({"data": "x", "recipe": "paper"}) == {"data": "x", "recipe": "paper"}
+    assert with_presets({"data": "x", "recipe": "colour", "hue": 0.1})["hue"] == 0.1  # an option beats the recipe
+    assert "rotate" not in with_presets({"dataset": "cifar10"})  # the built-in sets keep the paper's recipe
