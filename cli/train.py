@@ -24,7 +24,7 @@ from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, RECIPES, SCHEDUL
 @click.option("--recipe", type=click.Choice(sorted(RECIPES)),
               help="Training recipe: retrieval (the paper's augmentation plus the edits copies go through, "
                    "bank from features), colour (retrieval with gentle colour jitter) or paper (the authors') "
-                   "[retrieval for --data, paper otherwise].")  # fmt: skip
+                   "[paper].")  # fmt: skip
 @click.option("--batch-size", type=int, help="Batch size [128].")
 @click.option("--lr", type=float, help="SGD learning rate [0.03].")
 @click.option("--lr-schedule", type=click.Choice(SCHEDULES), help="step (x0.1 at 60 % and 80 %) or cosine [step].")

@@ -442,7 +442,8 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World, s
     if ckpt is not None:
         log(f"resuming {out} after epoch {trainer.epoch}/{cfg.epochs}")  # log(): rank 0 speaks for all
     processes = f", {world.size} processes" if world.distributed else ""
-    log(f"training {cfg.arch} on {data.name}: {len(data.train)} images, {cfg.epochs} epochs, "
+    length = f"epochs planned for a {cfg.time_budget:g}-minute budget" if budgeted else f"{cfg.epochs} epochs"
+    log(f"training {cfg.arch} at {cfg.image_size} px on {data.name}: {len(data.train)} images, {length}, "
         f"{cfg.loss} loss, device {device}{processes}, run folder {out}")  # fmt: skip
     final = trainer.fit()
     if cfg.data is not None and world.main:  # train then query, with no extra step

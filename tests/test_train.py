@@ -283,8 +283,8 @@ def test_image_size_follows_the_data(tmp_path):
 def test_recipes_set_the_augmentation_under_the_options_given():
     from instret.config import RECIPES, with_presets
 
-    folder = with_presets({"data": "x"})
-    assert folder["recipe"] == "retrieval" and {k: folder[k] for k in RECIPES["retrieval"]} == RECIPES["retrieval"]
-    assert with_presets({"data": "x", "recipe": "paper"}) == {"data": "x", "recipe": "paper"}
+    assert with_presets({"data": "x"}) == {"data": "x", "recipe": "paper"}
+    folder = with_presets({"data": "x", "recipe": "retrieval"})
+    assert {k: folder[k] for k in RECIPES["retrieval"]} == RECIPES["retrieval"]
     assert with_presets({"data": "x", "recipe": "colour", "hue": 0.1})["hue"] == 0.1  # an option beats the recipe
     assert "rotate" not in with_presets({"dataset": "cifar10"})  # the built-in sets keep the paper's recipe
