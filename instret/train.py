@@ -219,7 +219,7 @@ class Trainer:
         per_epoch seconds from epoch_start as remain once the end (final evaluation, the index of
         a --data run) is set aside; an epoch in progress always finishes. The schedule (lr_at)
         follows the new count."""
-        reserve = 0.4 * per_epoch + 0.002 * len(self.train_images) + 1.0  # a forward pass and decoding
+        reserve = 0.4 * per_epoch + 0.001 * len(self.train_images) + 1.0  # a forward pass and decoding
         fit = int((self.deadline - epoch_start - reserve) // max(per_epoch, 1e-6))
         epochs = self.epoch + max(1 if in_progress else 0, fit)
         epochs = broadcast_object(self.world, max(1, min(epochs, self.max_epochs or epochs)))  # rank 0's plan
