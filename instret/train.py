@@ -378,7 +378,7 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     d = cfg.to_dict()
     d["arch"] = resolve_arch(cfg.arch, device)
     if cfg.image_size is None:
-        d["image_size"] = auto_image_size(cfg.data) if cfg.data is not None else 32
+        d["image_size"] = auto_image_size(cfg.data, device.type) if cfg.data is not None else 32
     if cfg.epochs is None and cfg.time_budget is None:
         d["epochs"] = DEFAULT_EPOCHS.get(cfg.dataset if cfg.data is None else "", 200)
     if cfg.out is None:

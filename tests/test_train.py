@@ -277,7 +277,8 @@ def test_image_size_follows_the_data(tmp_path):
             Image.new("RGB", (side + 20, side), (i, 0, 0)).save(folder / f"{i}.png")
     for i in range(3):  # 3 of 9 mixed images are photos: a third, over the quarter
         Image.new("RGB", (300, 200)).save(tmp_path / "mixed" / f"p{i}.jpg")
-    assert [auto_image_size(tmp_path / n) for n in ("small", "photos", "mixed")] == [32, 64, 64]
+    assert [auto_image_size(tmp_path / n, "cuda") for n in ("small", "photos", "mixed")] == [32, 64, 64]
+    assert [auto_image_size(tmp_path / n, "cpu") for n in ("small", "photos", "mixed")] == [32, 32, 32]
 
 
 def test_recipes_set_the_augmentation_under_the_options_given():
