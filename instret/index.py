@@ -37,7 +37,7 @@ import torch
 
 from instret.errors import InstretError
 from instret.knn import faiss_gpu_count
-from instret.postprocess import Whitening
+from instret.postprocess import Whitening, normalise
 from instret.storage import atomic_write_text, remove_stale_temps
 
 INDEX_FORMAT_VERSION = 1
@@ -52,10 +52,7 @@ DEFAULT_EF_SEARCH = 64  # HNSW: candidate list length
 
 def as_float32(x) -> np.ndarray:
     """Contiguous float32 rows, L2-normalised: what every FAISS call here takes."""
-    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(norms, 1e-12))
+    return normalise(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
 
 
 def make_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str, seed: int = 0):
@@ -317,15 +314,19 @@ def writer_lock(index_dir: Path):
 
 def write_generation(index_dir: Path, generation: int, manifest: dict, vectors: np.ndarray, ids: np.ndarray,
                      files: list[tuple], skipped: list[tuple[str, str]], encoder_file: Path,
-                     whitening: Whitening | None = None) -> str:  # fmt: skip
-    """Write a complete generation folder, then make it current (the atomic step)."""
+                     whitening: Whitening | None = None, searched: np.ndarray | None = None) -> str:  # fmt: skip
+    """Write a complete generation folder, then make it current (the atomic step).
+
+    whitening: saved with the generation; searched: the vectors as the index searches them
+    (whitening(vectors), computed once by the caller); without whitening, the vectors."""
     name = f"gen-{generation:06d}"
     gen_dir = index_dir / name
     if gen_dir.exists():
         shutil.rmtree(gen_dir)
     gen_dir.mkdir()
     try:
-        _write_generation_files(gen_dir, manifest, vectors, ids, files, skipped, encoder_file, whitening)
+        _write_generation_files(gen_dir, manifest, vectors, ids, files, skipped, encoder_file, whitening,
+                                vectors if searched is None else searched)  # fmt: skip
     except BaseException as e:
         # A full disk or an interrupt: CURRENT still names the previous, complete generation.
         shutil.rmtree(gen_dir, ignore_errors=True)
@@ -344,13 +345,11 @@ def write_generation(index_dir: Path, generation: int, manifest: dict, vectors: 
 
 def _write_generation_files(gen_dir: Path, manifest: dict, vectors: np.ndarray, ids: np.ndarray,
                             files: list[tuple], skipped: list[tuple[str, str]], encoder_file: Path,
-                            whitening: Whitening | None) -> None:  # fmt: skip
+                            whitening: Whitening | None, searched: np.ndarray) -> None:  # fmt: skip
     import faiss
 
-    searched = vectors
     if whitening is not None:
         whitening.save(gen_dir / WHITENING)
-        searched = whitening(vectors)
     faiss.write_index(make_faiss_index(searched, ids, manifest["factory"]), str(gen_dir / "index.faiss"))
     np.save(gen_dir / "vectors.npy", vectors)
     np.save(gen_dir / "ids.npy", ids)

@@ -176,13 +176,14 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
         rows, vectors, ids = with_stable_ids(entries, {rel: v[0] for rel, v in old.items()})
         if whiten is None:
             whiten = previous.postprocess.get("whiten", True) if previous is not None else True
-        whitening, extra = searched_space(encoder, root, rows, vectors, whiten, max_pixels)
+        whitening, searched, extra = searched_space(encoder, root, rows, vectors, whiten, max_pixels)
         manifest = make_manifest(vectors, factory, encoder.fingerprint, encoder.model.arch, encoder.image_size,
                                  root, len(skipped), shard, extra)  # fmt: skip
         if previous is not None:
             previous.close()
         src = Path(model) / "encoder.pt" if Path(model).is_dir() else Path(model)
-        name = write_generation(out, next_generation(out), manifest, vectors, ids, rows, skipped, src, whitening)
+        name = write_generation(out, next_generation(out), manifest, vectors, ids, rows, skipped, src, whitening,
+                                searched)  # fmt: skip
         staging.close()
         (out / "staging.sqlite").unlink(missing_ok=True)
     seconds = time.perf_counter() - start
@@ -231,12 +232,14 @@ def with_stable_ids(entries: list[tuple], old_ids: dict[str, int]):
 
 def searched_space(encoder: LoadedEncoder, root: Path, rows: list[tuple], vectors: np.ndarray, whiten: bool,
                    max_pixels: int | None = None):  # fmt: skip
-    """(whitening or None, the manifest entries "postprocess" and "scores") of an index of
-    `vectors`, the encoder vectors of the files `rows` (id, path, ...) under root."""
+    """(whitening or None, the vectors as searched, the manifest entries "postprocess" and
+    "scores") of an index of `vectors`, the encoder vectors of the files `rows` (id, path, ...)
+    under root."""
     whitening, post = fit_for_index(vectors, whiten)
     transform = whitening if whitening is not None else as_float32
-    scores = score_distributions(encoder, transform(vectors), [root / r[1] for r in rows], transform, max_pixels)
-    return whitening, {"postprocess": post, "scores": scores}
+    searched = transform(vectors)
+    scores = score_distributions(encoder, searched, [root / r[1] for r in rows], transform, max_pixels)
+    return whitening, searched, {"postprocess": post, "scores": scores}
 
 
 def make_manifest(vectors: np.ndarray, factory: str, fingerprint: str, arch: str, image_size: int, root: Path,

@@ -59,13 +59,13 @@ def merge_shards(shard_dirs: list[str | Path], out: str | Path, factory: str | N
             previous.close()
         rows, vectors, ids = with_stable_ids(entries, old_ids)
         encoder = load_encoder(shards[0].gen_dir / "encoder.pt")
-        whitening, extra = searched_space(encoder, Path(first["root"]), rows, vectors,
+        whitening, searched, extra = searched_space(encoder, Path(first["root"]), rows, vectors,
                                           shards[0].postprocess.get("whiten", True))  # fmt: skip
         manifest = make_manifest(vectors, factory or first["factory"], first["encoder_fingerprint"],
                                  first.get("encoder_arch"), first.get("image_size"), Path(first["root"]), len(skipped),
                                  extra=extra)  # fmt: skip
         name = write_generation(out, next_generation(out), manifest, vectors, ids, rows, skipped,
-                                shards[0].gen_dir / "encoder.pt", whitening)  # fmt: skip
+                                shards[0].gen_dir / "encoder.pt", whitening, searched)  # fmt: skip
     for s in shards:
         s.close()
     seconds = time.perf_counter() - start
