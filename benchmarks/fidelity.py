@@ -34,7 +34,7 @@ from reference_instdisc import SmallCNN, train_reference  # noqa: E402
 from instret.augment import channel_stats  # noqa: E402
 from instret.config import TrainConfig  # noqa: E402
 from instret.data import load_folder  # noqa: E402
-from instret.train import Trainer, train  # noqa: E402
+from instret.trainer import Trainer, train  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

@@ -27,7 +27,7 @@ import torch
 from instret.config import TrainConfig
 from instret.data import ImageSet, TrainData, load_folder
 from instret.device import resolve_device
-from instret.train import Trainer, batches
+from instret.trainer import Trainer, batches
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CLASSES = [str(i) for i in range(10)]

@@ -48,7 +48,7 @@ def epoch_seconds(images: int = 50000, batch: int = 128, steps: int = 20) -> flo
     """One CIFAR-10 epoch of the default CPU configuration (50,000-row bank), from timed steps."""
     from instret.config import TrainConfig
     from instret.data import ImageSet, TrainData
-    from instret.train import Trainer
+    from instret.trainer import Trainer
 
     g = torch.Generator().manual_seed(0)
     data = TrainData(ImageSet(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=g)), None, "random")

@@ -16,8 +16,10 @@ Methods: raw pixels (32 x 32, centred), an 8 x 8 x 8 colour histogram (square-ro
 Hellinger kernel), a 64-bit perceptual hash (imagehash.phash, Hamming distance), the untrained
 network, and instret's encoder trained by `instret.train` on the collection folder within
 `--minutes` (the time budget, on this machine's cores) with its defaults (`--set` overrides
-options). Each "+pp" row adds the index's default post-processing (whitening fitted on the
-collection); the trained "default" row is what `instret index` + `instret query` give. The last
+options). Every method reads an image the way instret does, flat borders (a frame,
+letterbox bars) trimmed first (instret.borders), so that the comparison is of the features
+alone. Each "+pp" row adds whitening fitted on the collection (`instret index --whiten`);
+the plain "instret" row is what `instret index` + `instret query` give by default. The last
 stdout line is one JSON object.
 """
 
@@ -36,11 +38,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from instret.borders import trim_borders
 from instret.edits import EDITS, edited_copy
 from instret.encoder import Encoder, calibrated_copy, embed_images, load_encoder
 from instret.images import list_image_files, open_rgb, square_tensor
 from instret.postprocess import augment_database, expand_queries, fit_whitening, normalise
-from instret.search import retrieval_metrics
+from instret.searcher import retrieval_metrics
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -89,15 +92,20 @@ def build_collection(shared: Path, work: Path, originals: int, copies: int, dist
 # --- the methods -------------------------------------------------------------------------
 
 
+def picture(path) -> Image.Image:
+    """An image as every method reads it: upright RGB, flat borders trimmed."""
+    return trim_borders(open_rgb(path))
+
+
 def pixels(paths) -> np.ndarray:
-    return np.stack([np.asarray(open_rgb(p).resize((32, 32), Image.BILINEAR), dtype=np.float32).ravel() / 255
+    return np.stack([np.asarray(picture(p).resize((32, 32), Image.BILINEAR), dtype=np.float32).ravel() / 255
                      for p in paths])  # fmt: skip
 
 
 def colour_histogram(paths, bins: int = 8) -> np.ndarray:
     out = []
     for p in paths:
-        x = np.asarray(open_rgb(p).resize((128, 128), Image.BILINEAR)) // (256 // bins)
+        x = np.asarray(picture(p).resize((128, 128), Image.BILINEAR)) // (256 // bins)
         codes = (x[..., 0].astype(np.int64) * bins + x[..., 1]) * bins + x[..., 2]
         h = np.bincount(codes.ravel(), minlength=bins**3).astype(np.float32)
         out.append(np.sqrt(h / h.sum()))
@@ -108,7 +116,7 @@ def phash(paths) -> np.ndarray:
     import imagehash
 
     # +-1 bits / 8: the inner product is 1 - 2 * Hamming / 64, the same ranking as Hamming distance.
-    return np.stack([np.where(imagehash.phash(open_rgb(p)).hash.ravel(), 1.0, -1.0) / 8 for p in paths]).astype(np.float32)
+    return np.stack([np.where(imagehash.phash(picture(p)).hash.ravel(), 1.0, -1.0) / 8 for p in paths]).astype(np.float32)
 
 
 def encoder_vectors(model, mean, std, size: int, paths) -> np.ndarray:
@@ -129,7 +137,7 @@ def untrained(db_paths, size: int, seed: int):
 
 
 def train_encoder(collection: Path, work: Path, minutes: float, overrides: dict, seed: int):
-    from instret.train import train
+    from instret.trainer import train
 
     options = {"data": str(collection), "out": str(work / "run"), "time_budget": minutes, "seed": seed, **overrides}
     start = time.perf_counter()

@@ -28,7 +28,7 @@ import torch
 from instret.encoder import embed_images, load_encoder
 from instret.images import iter_decoded, list_image_files
 from instret.indexer import build_index
-from instret.search import Searcher, eval_retrieval
+from instret.searcher import Searcher, eval_retrieval
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

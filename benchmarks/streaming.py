@@ -30,7 +30,7 @@ def measure(args) -> dict:
 
     from instret.config import TrainConfig
     from instret.data import load_train_data
-    from instret.train import Trainer
+    from instret.trainer import Trainer
 
     torch.set_num_threads(2)
     cfg = TrainConfig(data=args.data, image_size=args.image_size, arch="small", epochs=args.epochs,

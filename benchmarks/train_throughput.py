@@ -28,7 +28,7 @@ from instret.augment import channel_stats  # noqa: E402
 from instret.config import TrainConfig  # noqa: E402
 from instret.data import ImageSet, TrainData, read_folder  # noqa: E402
 from instret.encoder import Encoder  # noqa: E402
-from instret.train import Trainer  # noqa: E402
+from instret.trainer import Trainer  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

@@ -18,10 +18,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from instret.cli.search import COMMANDS
-    from instret.cli.train import train
+    from instret.cli import search, train
 
-    for command in [train, *COMMANDS]:
+    for command in [*train.COMMANDS, *search.COMMANDS]:
         cli.add_command(command)
 
 

@@ -1,4 +1,4 @@
-"""`instret index`, `query`, `dups`, `eval-retrieval`, `info`, `env`: each calls one library function."""
+"""`instret index`, `merge-index`, `query`, `dups`, `eval-retrieval`, `info`, `env`: each calls one library function."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _write_html(path: str, page: str) -> None:
 @max_pixels_option
 @click.option("--shard", help="I/N: index only shard I of N (every N-th file); join them with merge-index.")
 @click.option("--whiten/--no-whiten", default=None,
-              help="Search through whitening fitted on the collection (from 256 images) [on; an update keeps "
+              help="Search through whitening fitted on the collection (from 256 images) [off; an update keeps "
                    "the index's choice].")  # fmt: skip
 def index_cmd(images_dir, model, out, index_type, batch_size, workers, device, rebuild, max_image_pixels, shard,
               whiten):  # fmt: skip
@@ -54,7 +54,7 @@ def merge_index_cmd(shard_dirs, out, index_type):
 
 @click.command("query")
 @click.argument("images", nargs=-1, required=True)
-@click.option("--index", "index_dir", required=True, help="Index folder.")
+@click.option("--index", "index_dir", required=True, help="Index folder, or a run folder of `train --data`.")
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1), help="Results per query (all when the index holds fewer).")
 @click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query on stdout.")
@@ -68,12 +68,12 @@ def merge_index_cmd(shard_dirs, out, index_type):
 @click.option("--ef-search", type=click.IntRange(1), help="HNSW layouts: candidate list length [64].")
 def query_cmd(images, index_dir, k, min_score, as_json, html_file, grid_file, exclude_self, model, device,
               max_image_pixels, nprobe, ef_search):  # fmt: skip
-    """Find the indexed images most similar to each IMAGE, best first."""
+    """Find the indexed images most similar to each IMAGE (a file, or a folder: each image in it), best first."""
     from instret import report
-    from instret.search import query
+    from instret.searcher import query
 
     results = query(index_dir, images, k, min_score, exclude_self, model, device, max_image_pixels, nprobe, ef_search)
-    click.echo(report.json_lines(results) if as_json else report.query_text(results, len(images) > 1))
+    click.echo(report.json_lines(results) if as_json else report.query_text(results, len(results) > 1))
     if html_file:
         _write_html(html_file, report.query_html(results))
     if grid_file:
@@ -85,12 +85,12 @@ def query_cmd(images, index_dir, k, min_score, as_json, html_file, grid_file, ex
 @click.command("dups")
 @click.argument("index_dir")
 @click.option("--threshold", default=0.95, show_default=True, type=float, help="Cosine similarity for a duplicate.")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--html", "html_file")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout: the threshold and every group.")
+@click.option("--html", "html_file", help="Also write a self-contained HTML page of the groups' thumbnails.")
 def dups_cmd(index_dir, threshold, as_json, html_file):
     """Groups of near-duplicate images in an index."""
     from instret import report
-    from instret.search import find_duplicates
+    from instret.searcher import find_duplicates
 
     groups = find_duplicates(index_dir, threshold)
     text = json.dumps({"threshold": threshold, "groups": groups}) if as_json else report.dups_text(groups)
@@ -111,7 +111,7 @@ def dups_cmd(index_dir, threshold, as_json, html_file):
 @max_pixels_option
 def eval_retrieval_cmd(images_dir, model, index_dir, as_json, workers, device, max_image_pixels):
     """Each image queries all others; a hit shares its sub-folder. Prints mAP, recall@k, precision@10."""
-    from instret.search import eval_retrieval
+    from instret.searcher import eval_retrieval
 
     metrics = eval_retrieval(images_dir, model, index_dir, workers, device, max_image_pixels)
     if as_json:
@@ -153,15 +153,4 @@ def env_cmd(as_json):
     click.echo(json.dumps(env) if as_json else "\n".join(f"{k}\t{v}" for k, v in env.items()))
 
 
-@click.command("plot")
-@click.argument("run_dir")
-@click.option("--out", "out_file", help="PNG file to write [RUN_DIR/curves.png].")
-def plot_cmd(run_dir, out_file):
-    """Training curves of a run (loss and kNN top-1 per epoch) as a PNG."""
-    from instret.plots import save_figure, training_curves
-
-    path = save_figure(training_curves(run_dir), out_file or Path(run_dir) / "curves.png")
-    click.echo(f"wrote {path}", err=True)
-
-
-COMMANDS = [index_cmd, merge_index_cmd, query_cmd, dups_cmd, eval_retrieval_cmd, info_cmd, env_cmd, plot_cmd]
+COMMANDS = [index_cmd, merge_index_cmd, query_cmd, dups_cmd, eval_retrieval_cmd, info_cmd, env_cmd]

@@ -1,23 +1,25 @@
-"""`instret train`: options -> a dict of the ones given -> instret.train.train."""
+"""`instret train` (options -> a dict of the ones given -> instret.trainer.train), and the
+commands that read a run folder: `plot`, `export`."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
 from instret.cli.options import max_pixels_option
-from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, RECIPES, SCHEDULES, read_config_file
+from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, RECIPES, SCHEDULES, default_text, read_config_file
 
 
 @click.command()
 @click.option("--data", type=str, help="Folder of images (class sub-folders give labels; train/ + test/ a split).")
-@click.option("--dataset", type=click.Choice(DATASETS), help="Built-in dataset when --data is absent [digits].")
-@click.option("--data-root", type=str, help="Where --dataset looks for its files [data].")
+@click.option("--dataset", type=click.Choice(DATASETS), help=f"Built-in dataset when --data is absent [{default_text('dataset')}].")
+@click.option("--data-root", type=str, help=f"Where --dataset looks for its files [{default_text('data_root')}].")
 @click.option("--download", is_flag=True, default=None, help="Allow downloading --dataset cifar10.")
 @click.option("--out", type=str, help="Run folder [runs/<timestamp>].")
 @click.option("--arch", type=click.Choice(ARCHS), help="Backbone; auto: resnet18 on a GPU, small on CPU.")
-@click.option("--epochs", type=int, help="Epochs [200; 30 for digits].")
+@click.option("--epochs", type=int, help=f"Epochs [{default_text('epochs')}].")
 @click.option("--time-budget", type=float,
               help="Minutes the whole run may take: the epochs (and so the schedule) are planned from the "
                    "first timed steps to end in time; --epochs then caps them.")  # fmt: skip
@@ -25,25 +27,25 @@ from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, RECIPES, SCHEDUL
               help="Training recipe: retrieval (the paper's augmentation plus the edits copies go through, "
                    "bank from features), colour (retrieval with gentle colour jitter) or paper (the authors') "
                    "[paper].")  # fmt: skip
-@click.option("--batch-size", type=int, help="Batch size [128].")
-@click.option("--lr", type=float, help="SGD learning rate [0.03].")
-@click.option("--lr-schedule", type=click.Choice(SCHEDULES), help="step (x0.1 at 60 % and 80 %) or cosine [step].")
-@click.option("--loss", type=click.Choice(LOSSES), help="Exact softmax over the bank, or NCE [softmax].")
-@click.option("--nce-k", type=int, help="NCE noise samples m [4096].")
-@click.option("--tau", type=float, help="Temperature, also the kNN sigma [0.1].")
-@click.option("--bank-momentum", type=float, help="Memory bank momentum [0.5].")
-@click.option("--prox-lambda", type=float, help="Weight of the proximal term; 0 turns it off [0].")
-@click.option("--bank-init", type=click.Choice(BANK_INITS), help="Memory bank start: random (paper) or features [random].")
-@click.option("--knn-k", type=int, help="Neighbours in the weighted kNN [200].")
-@click.option("--monitor-size", type=int, help="Held-out images the per-epoch kNN embeds; 0: all [5000].")
-@click.option("--low-dim", type=int, help="Feature dimension [128].")
+@click.option("--batch-size", type=int, help=f"Batch size [{default_text('batch_size')}].")
+@click.option("--lr", type=float, help=f"SGD learning rate [{default_text('lr')}].")
+@click.option("--lr-schedule", type=click.Choice(SCHEDULES), help=f"step (x0.1 at 60 % and 80 %) or cosine [{default_text('lr_schedule')}].")
+@click.option("--loss", type=click.Choice(LOSSES), help=f"Exact softmax over the bank, or NCE [{default_text('loss')}].")
+@click.option("--nce-k", type=int, help=f"NCE noise samples m [{default_text('nce_k')}].")
+@click.option("--tau", type=float, help=f"Temperature, also the kNN sigma [{default_text('tau')}].")
+@click.option("--bank-momentum", type=float, help=f"Memory bank momentum [{default_text('bank_momentum')}].")
+@click.option("--prox-lambda", type=float, help=f"Weight of the proximal term; 0 turns it off [{default_text('prox_lambda')}].")
+@click.option("--bank-init", type=click.Choice(BANK_INITS), help=f"Memory bank start: random (paper) or features [{default_text('bank_init')}].")
+@click.option("--knn-k", type=int, help=f"Neighbours in the weighted kNN [{default_text('knn_k')}].")
+@click.option("--monitor-size", type=int, help=f"Held-out images the per-epoch kNN embeds; 0: all [{default_text('monitor_size')}].")
+@click.option("--low-dim", type=int, help=f"Feature dimension [{default_text('low_dim')}].")
 @click.option("--image-size", type=int, help="Side of the square training images [--data: 64 for photos, 32 for small images; 32 otherwise].")
-@click.option("--device", type=str, help="auto, cpu, cuda or cuda:N [auto].")
-@click.option("--workers", type=int, help="Processes decoding image files [2].")
+@click.option("--device", type=str, help=f"auto, cpu, cuda or cuda:N [{default_text('device')}].")
+@click.option("--workers", type=int, help=f"Processes decoding image files [{default_text('workers')}].")
 @click.option("--stream/--no-stream", default=None,
               help="--data: decode each batch from the files (datasets larger than memory) instead of holding "
                    "the decoded set in memory [when it would take over a quarter of the memory].")  # fmt: skip
-@click.option("--seed", type=int, help="Random seed [0].")
+@click.option("--seed", type=int, help=f"Random seed [{default_text('seed')}].")
 @max_pixels_option
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast [on where the GPU supports bf16].")
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the encoder [off].")
@@ -61,8 +63,35 @@ def train(config_file, resume, nproc_per_node, **options) -> None:
         from instret.launch import launch_local
 
         raise SystemExit(launch_local(merged, resume, nproc_per_node))
-    from instret.train import train as run_train
+    from instret.trainer import train as run_train
 
     final = run_train(merged, resume=resume)
     if final is not None:  # None: a process other than rank 0 under torchrun
         click.echo(json.dumps(final))
+
+
+@click.command("plot")
+@click.argument("run_dir")
+@click.option("--out", "out_file", help="PNG file to write [RUN_DIR/curves.png].")
+def plot_cmd(run_dir, out_file):
+    """Training curves of a run (loss beside ln n, the label-free monitor, kNN top-1) as a PNG."""
+    from instret.plots import save_figure, training_curves
+
+    path = save_figure(training_curves(run_dir), out_file or Path(run_dir) / "curves.png")
+    click.echo(f"wrote {path}", err=True)
+
+
+@click.command("export")
+@click.argument("run_dir")
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), required=True,
+              help="TorchScript (torch.jit.load) or ONNX (onnxruntime; needs pip install onnx).")  # fmt: skip
+@click.option("--out", "out_file", required=True, help="File to write.")
+def export_cmd(run_dir, fmt, out_file):
+    """The encoder of RUN_DIR (or an encoder.pt) as one file, its preprocessing in the metadata."""
+    from instret.export import export_encoder
+
+    meta = export_encoder(run_dir, fmt, out_file)
+    click.echo(json.dumps({"out": out_file, **meta}))
+
+
+COMMANDS = [train, plot_cmd, export_cmd]

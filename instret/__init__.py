@@ -1,15 +1,46 @@
-"""instret: Instance Discrimination (Wu et al., CVPR 2018) and instance-level image search."""
+"""instret: Instance Discrimination (Wu et al., CVPR 2018) and instance-level image search.
 
-from instret.config import TrainConfig
-from instret.encoder import load_encoder
+The library reads like the command line (README: "From Python"):
+
+    import instret
+    instret.train({"data": "photos/", "time_budget": 15, "out": "runs/photos"})
+    instret.build_index("photos/", "runs/photos", "photos.index")
+    hits = instret.search("photos.index", ["query.jpg"], k=5)
+    groups = instret.find_duplicates("photos.index")
+    vectors = instret.load_encoder("runs/photos").embed([pil_image, "a.jpg", tensor])
+
+Names are loaded on first use, so `import instret` does not import torch.
+"""
+
+from importlib import import_module
+
 from instret.errors import InstretError
+
+# public name -> (module, name in it)
+_EXPORTS = {
+    "TrainConfig": ("instret.config", "TrainConfig"),
+    "load_encoder": ("instret.encoder", "load_encoder"),
+    "build_index": ("instret.indexer", "build_index"),
+    "Searcher": ("instret.searcher", "Searcher"),
+    "search": ("instret.searcher", "query"),
+    "find_duplicates": ("instret.searcher", "find_duplicates"),
+}
 
 
 def train(options, resume: bool = False) -> dict:
-    """Train or resume a run (see instret.train.train)."""
-    from instret.train import train as _train
+    """Train or resume a run from a dict of TrainConfig options (see instret.trainer.train)."""
+    from instret.trainer import train as run
 
-    return _train(options, resume=resume)
+    return run(options, resume=resume)
 
 
-__all__ = ["InstretError", "TrainConfig", "load_encoder", "train"]
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module, attr = _EXPORTS[name]
+        value = getattr(import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'instret' has no attribute {name!r}")
+
+
+__all__ = ["InstretError", "train", *_EXPORTS]

@@ -11,6 +11,7 @@ import hashlib
 import itertools
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -122,6 +123,15 @@ class LoadedEncoder:
     @property
     def dim(self) -> int:
         return self.model.low_dim
+
+    def embed(self, items, max_pixels: int | None = None) -> np.ndarray:
+        """Feature rows (float32, L2-normalised; before an index's whitening) of image files, PIL
+        images or image tensors (instret.images.encoder_inputs says which), in order."""
+        from instret.images import encoder_inputs
+
+        _, images = encoder_inputs(items, self.image_size, max_pixels)
+        device = next(self.model.parameters()).device
+        return embed_images(self.model, images.to(device), self.mean, self.std).float().cpu().numpy()
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> LoadedEncoder:

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from instret.borders import trim_borders
+from instret.errors import InstretError
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
@@ -114,8 +117,14 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba)
 
 
-def square_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """Resize the shorter side to `size`, centre-crop to size x size: uint8 tensor 3 x size x size."""
+def square_tensor(img: Image.Image, size: int, trim: bool = True) -> torch.Tensor:
+    """What the encoder sees of an image: its flat borders trimmed (instret.borders) when it is
+    larger than size x size, the shorter side resized to `size`, then centre-cropped to
+    size x size: uint8 tensor 3 x size x size."""
+    if trim and min(img.size) > size:
+        # Only an image with more pixels than the encoder takes: one at (or below) its size, a
+        # CIFAR-10 thumbnail say, is taken as it is framed.
+        img = trim_borders(img)
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -124,6 +133,56 @@ def square_tensor(img: Image.Image, size: int) -> torch.Tensor:
     left, top = (nw - size) // 2, (nh - size) // 2
     img = img.crop((left, top, left + size, top + size))
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def encoder_inputs(items, size: int, max_pixels: int | None = None) -> tuple[list[str], torch.Tensor]:
+    """What the library's embedding takes, as the encoder's uint8 input (N x 3 x size x size)
+    and a name for each: image files (str or Path), PIL images, image tensors (3 x H x W, uint8
+    or float in [0, 1]) or a batch of them (N x 3 x H x W), alone or in a list. Each is read as
+    `instret index` reads a file; a folder stands for its image files. Raises InstretError
+    naming the item it cannot use."""
+    if isinstance(items, (str, Path, Image.Image)) or (isinstance(items, torch.Tensor) and items.dim() == 3):
+        items = [items]
+    elif isinstance(items, torch.Tensor) and items.dim() == 4:
+        items = list(items)
+    items = [found for item in items for found in _folder_or_item(item)]
+    names, images = [], []
+    for i, item in enumerate(items):
+        if isinstance(item, (str, Path)):
+            try:
+                images.append(read_image(item, size, max_pixels))
+            except ImageReadError as e:
+                raise InstretError(f"{item}: cannot read image: {e}") from None
+            names.append(str(item))
+            continue
+        if isinstance(item, torch.Tensor):
+            item = _tensor_picture(item, i)
+        elif not isinstance(item, Image.Image):
+            raise InstretError(f"item {i}: expected an image file, a PIL image or an image tensor, "
+                               f"not {type(item).__name__}")  # fmt: skip
+        images.append(square_tensor(item.convert("RGB"), size))
+        names.append(f"<image {i}>")
+    if not images:
+        return [], torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return names, torch.stack(images)
+
+
+def _folder_or_item(item) -> list:
+    """A folder stands for the image files in it (and below), in sorted order."""
+    if isinstance(item, (str, Path)) and Path(item).is_dir():
+        found = list_image_files(item)
+        if not found:
+            raise InstretError(f"{item}: a folder with no image files in it")
+        return found
+    return [item]
+
+
+def _tensor_picture(t: torch.Tensor, i: int) -> Image.Image:
+    if t.dim() != 3 or t.shape[0] not in (1, 3):
+        raise InstretError(f"item {i}: an image tensor is 3 x H x W (or 1 x H x W), not {tuple(t.shape)}")
+    if t.dtype != torch.uint8:
+        t = (t.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(t.expand(3, -1, -1).permute(1, 2, 0).cpu().numpy())
 
 
 def read_file_bytes(path: str | Path) -> bytes:

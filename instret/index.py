@@ -55,8 +55,20 @@ def as_float32(x) -> np.ndarray:
     return normalise(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
 
 
-def make_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str, seed: int = 0):
-    """A FAISS index of `factory` layout over the vectors, with the given ids."""
+def check_factory(factory: str, dim: int, count: int) -> None:
+    """Refuse an index type FAISS cannot build for `count` vectors of `dim`, before any image is
+    read: the string is parsed, and a layout that needs training is trained on random vectors
+    of that number (up to 10,000; beyond, the string alone is checked)."""
+    if count <= 10_000:
+        random = normalise(np.random.default_rng(0).standard_normal((count, dim)).astype(np.float32))
+        make_faiss_index(random, np.arange(count), factory)
+    else:
+        make_faiss_index(np.zeros((0, dim), np.float32), np.zeros(0, np.int64), factory, train=False)
+
+
+def make_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str, seed: int = 0, train: bool = True):
+    """A FAISS index of `factory` layout over the vectors, with the given ids (train=False:
+    the untrained layout alone, to check the string)."""
     import faiss
 
     dim = vectors.shape[1] if vectors.ndim == 2 else 0
@@ -65,6 +77,8 @@ def make_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str, seed: i
     except RuntimeError as e:
         raise InstretError(f"--index-type {factory!r} is not a FAISS factory string FAISS accepts: "
                            f"{str(e).strip().splitlines()[-1]}") from None  # fmt: skip
+    if not train:
+        return index
     if not index.is_trained:
         if len(vectors) == 0:
             raise InstretError(f"--index-type {factory!r} needs training vectors, and there are none")
@@ -103,15 +117,24 @@ class Hit:
     score: float
 
 
+def index_folder(path: str | Path) -> Path:
+    """The index at `path`: an index folder, or a run folder of `instret train --data`, whose
+    index is RUN_DIR/index."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InstretError(f"{path}: no such index folder")
+    if not (path / "CURRENT").exists() and (path / "index" / "CURRENT").exists():
+        return path / "index"
+    return path
+
+
 class SearchIndex:
     """A committed generation opened for queries: FAISS index (memory-mapped) plus metadata."""
 
     def __init__(self, index_dir: str | Path, generation: str | None = None, nprobe: int | None = None,
                  ef_search: int | None = None):  # fmt: skip
-        self.dir = Path(index_dir)
+        self.dir = index_folder(index_dir)
         self.breadth = (nprobe, ef_search)
-        if not self.dir.is_dir():
-            raise InstretError(f"{self.dir}: no such index folder")
         self._faiss = None
         self._vectors = None
         for attempt in range(3):
@@ -330,10 +353,10 @@ def write_generation(index_dir: Path, generation: int, manifest: dict, vectors: 
     except BaseException as e:
         # A full disk or an interrupt: CURRENT still names the previous, complete generation.
         shutil.rmtree(gen_dir, ignore_errors=True)
-        if isinstance(e, (OSError, RuntimeError, sqlite3.Error, InstretError)):
+        if isinstance(e, (OSError, RuntimeError, sqlite3.Error)) and not isinstance(e, InstretError):
             reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1]
-            raise InstretError(f"{gen_dir}: cannot write the new index ({reason}; is the disk full?); the "
-                               f"previous index is unchanged, and rerunning continues without re-encoding") from None  # fmt: skip
+            raise InstretError(f"{gen_dir}: cannot write the new index ({reason}); the previous index is "
+                               f"unchanged, and rerunning continues without re-encoding") from None  # fmt: skip
         raise
     previous = read_current(index_dir)
     atomic_write_text(index_dir / "CURRENT", name + "\n")

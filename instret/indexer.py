@@ -26,10 +26,10 @@ from instret.device import resolve_device
 from instret.errors import InstretError
 from instret.images import file_sha256, iter_decoded, list_image_files
 from instret.index import (
-    DEFAULT_FACTORY, INDEX_FORMAT_VERSION, METRIC, SearchIndex, as_float32, read_current, to_db,
+    DEFAULT_FACTORY, INDEX_FORMAT_VERSION, METRIC, SearchIndex, as_float32, check_factory, read_current, to_db,
     write_generation, writer_lock,
 )  # fmt: skip
-from instret.postprocess import fit_for_index
+from instret.postprocess import WHITEN_BY_DEFAULT, fit_for_index
 from instret.progress import Progress, log
 
 
@@ -87,7 +87,7 @@ class Staging:
                      for f, h, v in rows],
                 )  # fmt: skip
         except sqlite3.Error as e:
-            raise InstretError(f"{self.path}: cannot write ({e}; is the disk full?); the batches staged "
+            raise InstretError(f"{self.path}: cannot write ({e}); the batches staged "
                                f"before are kept, and rerunning `instret index` continues from them") from None  # fmt: skip
 
     def close(self) -> None:
@@ -119,7 +119,7 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
     """Create or incrementally update the index of a folder; returns a summary of what was done.
 
     whiten: fit whitening on the collection and search through it (instret.postprocess); None
-    keeps the previous build's choice, on for a new index.
+    keeps the previous build's choice (a new index: postprocess.WHITEN_BY_DEFAULT, off).
 
     shard (i, n): index only every n-th file of the sorted listing, from the i-th (one part of a
     large collection, built on its own machine; `merge_shards` joins the parts)."""
@@ -144,6 +144,7 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
         files, skipped = scan(root, shard)
         if not files:
             raise InstretError(f"{root}: no image files found")
+        check_factory(factory, encoder.dim, len(files))
         # rel -> (id, size, mtime_ns, sha256, vector)
         old = {rel: (i, *rest) for i, rel, *rest in previous.entries()} if previous is not None else {}
         kept, todo = {}, []
@@ -169,13 +170,22 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
         encode_seconds = time.perf_counter() - encode_start
         skipped += bad
         report_skipped(skipped)
+        if whiten is None:
+            whiten = previous.postprocess.get("whiten", WHITEN_BY_DEFAULT) if previous is not None else WHITEN_BY_DEFAULT
+        if previous is not None and unchanged(previous, root, factory, whiten, len(kept), len(old), len(skipped),
+                                              len(encoded) + len(resumed)):  # fmt: skip
+            previous.close()
+            staging.close()
+            (out / "staging.sqlite").unlink(missing_ok=True)
+            log(f"index {out}: nothing changed since {read_current(out)}; no new generation")
+            return {"index": str(out), "generation": read_current(out), "vectors": len(kept), "encoded": 0,
+                    "resumed": 0, "unchanged": len(kept), "removed": 0, "skipped": len(skipped),
+                    "seconds": round(time.perf_counter() - start, 3), "images_per_s": None}  # fmt: skip
         have = {**kept, **resumed, **encoded}
         entries = [(f.rel, f.size, f.mtime_ns, *have[f.rel]) for f in files if f.rel in have]
         if not entries:
             raise InstretError(f"{root}: none of the {len(files)} image files could be read")
         rows, vectors, ids = with_stable_ids(entries, {rel: v[0] for rel, v in old.items()})
-        if whiten is None:
-            whiten = previous.postprocess.get("whiten", True) if previous is not None else True
         whitening, searched, extra = searched_space(encoder, root, rows, vectors, whiten, max_pixels)
         manifest = make_manifest(vectors, factory, encoder.fingerprint, encoder.model.arch, encoder.image_size,
                                  root, len(skipped), shard, extra)  # fmt: skip
@@ -196,6 +206,14 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
     log(f"index {out}: {len(rows)} vectors ({len(encoded)} encoded, {summary['removed']} removed, "
         f"{len(skipped)} skipped) in {seconds:.1f} s")  # fmt: skip
     return summary
+
+
+def unchanged(previous, root: Path, factory: str, whiten: bool, kept: int, had: int, skipped: int, new: int) -> bool:
+    """Whether a build would write what the current generation holds: every file as it was,
+    none new or gone, as many unreadable ones, the same index type and post-processing."""
+    m = previous.manifest
+    return (new == 0 and kept == had and skipped == m.get("skipped") and factory == m["factory"]
+            and whiten == previous.postprocess.get("whiten", WHITEN_BY_DEFAULT) and m["root"] == str(root.resolve()))  # fmt: skip
 
 
 def check_out(out: Path) -> None:

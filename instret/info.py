@@ -12,10 +12,10 @@ def index_info(index_dir: str | Path) -> dict:
     index = SearchIndex(index_dir)
     m = index.manifest
     sizes = {p.name: p.stat().st_size for p in sorted(index.gen_dir.iterdir()) if p.is_file()}
-    total = sum(p.stat().st_size for p in Path(index_dir).rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for p in index.dir.rglob("*") if p.is_file())
     skipped = index.skipped()
     return {
-        "index": str(index_dir), "generation": index.generation, "vectors": m["count"], "dim": m["dim"],
+        "index": str(index.dir), "generation": index.generation, "vectors": m["count"], "dim": m["dim"],
         "metric": m.get("metric"), "index_type": m["factory"], "encoder_fingerprint": m["encoder_fingerprint"],
         "encoder_arch": m.get("encoder_arch"), "image_size": m.get("image_size"), "root": m["root"],
         "updated": m.get("updated"), "skipped": len(skipped), "skipped_files": [{"path": p, "reason": r} for p, r in skipped],

@@ -98,7 +98,7 @@ def neighbour_grid(rows: list[dict], title: str | None = None):
     """One row per query: the query image, then its neighbours best first.
 
     rows: [{"query": image, "label": str (optional), "neighbours": [{"image", "score",
-    "match" (optional bool: drawn green when True, red when False)}, ...]}, ...]
+    "label" (optional), "match" (optional bool: drawn green when True, red when False)}, ...]}, ...]
     """
     plt = pyplot()
     cols = 1 + max((len(r["neighbours"]) for r in rows), default=0)
@@ -112,7 +112,8 @@ def neighbour_grid(rows: list[dict], title: str | None = None):
         for ax, n in zip(row[1:], r["neighbours"]):
             ax.imshow(_as_picture(n["image"]))
             colour = {True: "tab:green", False: "tab:red"}.get(n.get("match"), "black")
-            ax.set_title(f"{n['score']:.3f}", fontsize=7, color=colour)
+            title = f"{n['score']:.3f}" + (f"\n{n['label']}" if n.get("label") else "")
+            ax.set_title(title, fontsize=6 if n.get("label") else 7, color=colour)
     if title:
         fig.suptitle(title, fontsize=9)
     return fig
@@ -129,7 +130,8 @@ def query_grid(results: list[dict], size: int = 96):
         return np.asarray(img)
 
     rows = [{"query": picture(r["query"]), "label": _short(r["query"]),
-             "neighbours": [{"image": picture(h["path"]), "score": h["score"]} for h in r["results"]]}
+             "neighbours": [{"image": picture(h["path"]), "score": h["score"], "label": _short(h["path"], 16)}
+                            for h in r["results"]]}
             for r in results]  # fmt: skip
     return neighbour_grid(rows)
 

@@ -13,11 +13,27 @@ def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def plural(n: int, noun: str) -> str:
+    """'1 epoch', '2 epochs'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def clock(seconds: float) -> str:
+    """A duration as a person reads it: 42 s, 3 min 05 s, 1 h 02 min."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 class Progress:
     """`\\r`-redrawn bar on a terminal, throttled; silent when stderr is not a terminal."""
 
     def __init__(self, total: int, label: str, enabled: bool | None = None, min_interval: float = 0.25):
         self.total, self.label, self.done = total, label, 0
+        self.start = time.perf_counter()
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.min_interval, self._last = min_interval, 0.0
 
@@ -33,7 +49,8 @@ class Progress:
         width = 24
         filled = int(width * self.done / max(1, self.total))
         bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {status}\x1b[K")
+        left = (self._last - self.start) / max(1, self.done) * (self.total - self.done)
+        sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {status}  {clock(left)} left\x1b[K")
         sys.stderr.flush()
 
     def close(self) -> None:

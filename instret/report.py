@@ -6,7 +6,7 @@ import base64
 import html
 import io
 import json
-
+from pathlib import Path
 
 from instret.images import thumbnail
 
@@ -50,6 +50,8 @@ def thumbnail_uri(path: str, size: int = 128) -> str | None:
 def _figure(path: str, caption: str) -> str:
     uri = thumbnail_uri(path)
     img = f'<img src="{uri}" alt="">' if uri else '<div class="missing">unreadable</div>'
+    if uri:  # a click opens the image itself
+        img = f'<a href="{html.escape(Path(path).resolve().as_uri(), quote=True)}">{img}</a>'
     return (f'<figure title="{html.escape(path, quote=True)}">{img}'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")  # fmt: skip
 

@@ -22,7 +22,16 @@ def test_train_on_synthetic_folder_writes_every_run_file(image_folder, tmp_path,
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "encoder.pt", "final.json", "index", "metrics.jsonl"]
     assert json.loads(stdout) == json.loads((out / "final.json").read_text())
-    assert "epoch 2/2" in err
+    assert "epoch 2/2" in err and " left" in err and ", 2 epochs," in err
+    assert json.loads((out / "config.json").read_text())["dataset"] is None  # a folder, not the digits
+
+
+def test_nce_with_more_noise_than_images_says_so(image_folder, tmp_path, capsys):
+    code, _, err = run_cli(["train", "--data", str(image_folder), "--out", str(tmp_path / "run"), "--epochs", "1",
+                            "--image-size", "16", "--batch-size", "8", "--knn-k", "5", "--workers", "0",
+                            "--loss", "nce", "--nce-k", "100"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "note: --nce-k 100 noise samples for 36 images" in err
 
 
 def test_config_file_sets_defaults_and_flags_override(image_folder, tmp_path, capsys):
@@ -67,3 +76,21 @@ def test_bad_files_among_good_ones_are_skipped_and_listed(image_folder, tmp_path
 def test_console_script_runs_as_module():
     proc = subprocess.run([sys.executable, "-m", "instret", "train", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--nce-k" in proc.stdout and "--resume" in proc.stdout
+
+
+def test_train_help_states_the_defaults_that_actually_run(capsys):
+    import torch
+
+    from instret.config import TrainConfig, with_presets
+    from instret.trainer import resolve
+
+    def resolved(options):
+        return resolve(TrainConfig.from_dict(with_presets({"image_size": 32, **options})), torch.device("cpu"))
+
+    digits, folder = resolved({}), resolved({"data": "photos"})
+    code, out, _ = run_cli(["train", "--help"], capsys)
+    text = " ".join(out.split())
+    assert code == 0
+    assert f"Epochs [{folder.epochs}; {digits.epochs} for digits]" in text
+    assert f"Batch size [{folder.batch_size}; {digits.batch_size} for digits]" in text
+    assert f"SGD learning rate [{folder.lr}]" in text and f"[{digits.lr}]" in text

@@ -54,6 +54,8 @@ def test_html_page_holds_every_thumbnail_and_escapes_paths(indexed, tmp_path, ca
     text = page.read_text()
     assert text.count('src="data:image/jpeg;base64,') == 2 * (1 + 5)
     assert "<script>" not in text and html.escape("<script>") in text
+    # Each thumbnail links to its image file.
+    assert text.count('<a href="file:///') == 2 * (1 + 5) and (photos / "b" / "001.jpg").as_uri() in text
 
 
 def _run_of(ix):
@@ -95,13 +97,20 @@ def test_eval_retrieval_json(trained_run, capsys):
     (lambda p, ix: ["query", str(p / "a" / "001.jpg"), "--index", str(p)], "not an instret index"),
     (lambda p, ix: ["info", str(p / "missing")], "no such index folder"),
     (lambda p, ix: ["index", str(p), "--model", str(p / "a" / "001.jpg"), "--out", str(ix)], "encoder"),
+    (lambda p, ix: ["query", str(p / "empty"), "--index", str(ix)], "empty: a folder with no image files in it"),
+    # A bad --index-type is refused before any image is encoded (no "indexing ..." line), without guesses.
+    (lambda p, ix: ["index", str(p), "--model", str(ix / "gen-000001" / "encoder.pt"), "--out", str(p.parent / "n"),
+                    "--index-type", "Bogus"], "--index-type 'Bogus' is not a FAISS factory string"),
+    (lambda p, ix: ["index", str(p), "--model", str(ix / "gen-000001" / "encoder.pt"), "--out", str(p.parent / "n"),
+                    "--index-type", "IVF9999,Flat"], "could not be trained on 31 vectors"),
 ])
 def test_bad_input_one_line_error(indexed, capsys, make_args, needle):
     photos, ix = indexed
     (photos / "bad.jpg").write_text("this is text, not a JPEG")
+    (photos / "empty").mkdir()
     code, out, err = run_cli(make_args(photos, ix), capsys)
     assert code != 0 and err.count("\n") == 1 and needle in err, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "disk full" not in err
 
 
 def test_k_larger_than_index_returns_everything(indexed, capsys):
@@ -115,8 +124,23 @@ def test_train_with_data_leaves_a_queryable_index(image_folder, tmp_path, capsys
     code, _, err = run_cli(["train", "--data", str(image_folder), "--out", str(out), "--epochs", "1", "--image-size", "16",
                             "--batch-size", "8", "--knn-k", "5", "--workers", "0"], capsys)  # fmt: skip
     assert code == 0, err
+    assert f"next: instret query IMAGE --index {out}" in err
     code, stdout, err = run_cli(["query", str(image_folder / "red" / "000.png"), "--index", str(out / "index"), "-k", "1"], capsys)
     assert code == 0 and stdout.split("\t")[2].strip().endswith("red/000.png")
+    # The run folder stands for its index, for query and info alike.
+    code, by_run, _ = run_cli(["query", str(image_folder / "red" / "000.png"), "--index", str(out), "-k", "1"], capsys)
+    assert code == 0 and by_run == stdout
+    code, info, _ = run_cli(["info", str(out), "--json"], capsys)
+    assert code == 0 and json.loads(info)["index"] == str(out / "index")
+
+
+def test_query_a_folder_queries_every_image_in_it(indexed, capsys):
+    photos, ix = indexed
+    code, out, err = run_cli(["query", str(photos / "a"), "--index", str(ix), "-k", "1", "--json"], capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["query"] for r in rows] == [str(p) for p in sorted((photos / "a").glob("*.jpg"))]
+    for r in rows:  # each image finds itself first
+        assert r["results"][0]["path"].endswith("/a/" + r["query"].rsplit("/", 1)[1])
 
 
 def test_file_names_with_spaces_non_ascii_and_undecodable_bytes(trained_run, tmp_path, capsys):
@@ -135,3 +159,25 @@ def test_file_names_with_spaces_non_ascii_and_undecodable_bytes(trained_run, tmp
     assert code == 0, err
     paths = {r["path"] for r in json.loads(out)["results"]}
     assert query_path in paths
+
+
+def test_resuming_a_finished_run_keeps_its_index(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--workers", "0"]
+    code, _, err = run_cli(["train", "--data", str(image_folder), "--epochs", "1", "--image-size", "16",
+                            "--batch-size", "8", "--knn-k", "5", *args], capsys)  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(["train", "--resume", *args], capsys)
+    assert code == 0 and "0 to encode" in err and "no new generation" in err, err
+    assert [p.name for p in (out / "index").glob("gen-*")] == ["gen-000001"]
+
+
+def test_the_embedded_default_ends_with_a_search(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--epochs", "1", "--out", str(out), "--workers", "0"], capsys)
+    assert code == 0, err
+    assert len(list((out / "images").rglob("*.png"))) == 1797  # every digit, held-out ones too
+    sample = err.split("sample query ")[1].split(" ")[0]
+    assert f"next: instret query {sample} --index {out}" in err
+    code, stdout, _ = run_cli(["query", sample, "--index", str(out), "-k", "1", "--exclude-self"], capsys)
+    assert code == 0 and len(stdout.strip().splitlines()) == 1

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from instret.config import TrainConfig
 from instret.data import load_folder
 from instret.distributed import SINGLE, GlobalBatchNorm, World, process_group, world_from_env
-from instret.train import Trainer, load_checkpoint, resolve
+from instret.trainer import Trainer, load_checkpoint, resolve
 from tests.conftest import make_image_folder
 
 EPOCHS = 2

@@ -10,7 +10,7 @@ from instret.encoder import Encoder, export_encoder
 from instret.errors import InstretError
 from instret.index import SearchIndex, make_faiss_index, writer_lock
 from instret.indexer import build_index
-from instret.search import Searcher, find_duplicates, query, retrieval_metrics
+from instret.searcher import Searcher, find_duplicates, query, retrieval_metrics
 from tests.conftest import make_photos
 
 QUIET = dict(workers=0, device="cpu")

@@ -10,7 +10,7 @@ from instret import postprocess
 from instret.calibration import describe
 from instret.index import WHITENING, SearchIndex
 from instret.indexer import build_index
-from instret.search import query
+from instret.searcher import query
 from tests.conftest import make_photos
 
 QUIET = dict(workers=0, device="cpu")
@@ -20,7 +20,7 @@ QUIET = dict(workers=0, device="cpu")
 def whitened(tmp_path, trained_run, monkeypatch):
     monkeypatch.setattr(postprocess, "MIN_VECTORS", 20)  # whiten the 30-image test collection too
     photos = make_photos(tmp_path / "photos", per_group=10, seed=3)
-    build_index(photos, trained_run, tmp_path / "ix", **QUIET)
+    build_index(photos, trained_run, tmp_path / "ix", whiten=True, **QUIET)
     return photos, tmp_path / "ix"
 
 
@@ -90,13 +90,22 @@ def test_an_index_built_before_post_processing_still_loads_and_searches_plain_co
     assert set(result) == {"rank", "path", "score"}  # no score distributions to describe it with
 
 
-def test_no_whitening_when_asked_and_the_choice_is_kept_for_the_next_build(tmp_path, trained_run, monkeypatch):
+@pytest.mark.parametrize("asked", [True, False])
+def test_the_whitening_choice_is_kept_for_the_next_build(tmp_path, trained_run, monkeypatch, asked):
     monkeypatch.setattr(postprocess, "MIN_VECTORS", 20)
     photos = make_photos(tmp_path / "photos", per_group=10, seed=4)
-    build_index(photos, trained_run, tmp_path / "ix", whiten=False, **QUIET)
+    build_index(photos, trained_run, tmp_path / "ix", whiten=asked, **QUIET)
     make_photos(photos / "more", groups=("y",), per_group=2, seed=5)
     build_index(photos, trained_run, tmp_path / "ix", **QUIET)
     index = SearchIndex(tmp_path / "ix")
+    assert index.postprocess["whiten"] is asked and (index.whitening is not None) is asked
+
+
+def test_a_new_index_does_not_whiten_unless_asked(tmp_path, trained_run, monkeypatch):
+    monkeypatch.setattr(postprocess, "MIN_VECTORS", 20)
+    build_index(make_photos(tmp_path / "photos", per_group=10, seed=6), trained_run, tmp_path / "ix", **QUIET)
+    index = SearchIndex(tmp_path / "ix")
+    assert postprocess.WHITEN_BY_DEFAULT is False
     assert index.manifest["postprocess"] == {"whiten": False} and index.whitening is None
 
 

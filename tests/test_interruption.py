@@ -21,7 +21,7 @@ import pytest
 
 from instret.index import SearchIndex, writer_lock
 from instret.indexer import build_index
-from instret.train import load_checkpoint
+from instret.trainer import load_checkpoint
 from tests.conftest import make_image_folder, make_photos
 from tests.test_index import vectors_by_path
 from tests.test_train import _assert_same_run
@@ -277,7 +277,7 @@ def test_full_disk_while_writing_a_generation_keeps_the_old_index_and_the_staged
         return real_save(path, *args, **kwargs)
 
     monkeypatch.setattr(index_module.np, "save", no_space)
-    with pytest.raises(InstretError, match="No space left on device; is the disk full"):
+    with pytest.raises(InstretError, match=r"cannot write the new index \(No space left on device\)"):
         build_index(photos, trained_run, out, batch_size=8, workers=0, device="cpu")
     assert (out / "CURRENT").read_text() == live and SearchIndex(out).ntotal == PHOTOS // 3
     assert sorted(p.name for p in out.glob("gen-*")) == [live.strip()]  # the half-written one is gone

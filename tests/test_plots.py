@@ -15,7 +15,7 @@ from tests.test_cli import run_cli
 
 
 def test_library_and_commands_import_no_matplotlib():
-    code = ("import sys, instret.cli.main, instret.train, instret.search, instret.indexer, instret.explore; "
+    code = ("import sys, instret.cli.main, instret.trainer, instret.searcher, instret.indexer, instret.explore; "
             "sys.exit('matplotlib' in sys.modules)")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -52,12 +52,12 @@ def test_query_grid_png_has_a_row_per_query_and_k_plus_one_columns(trained_run, 
     code, out, err = run_cli(["query", *queries, "--index", str(tmp_path / "ix"), "-k", "4",
                               "--grid", str(tmp_path / "g.png")], capsys)  # fmt: skip
     assert code == 0, err
-    from instret.search import query
+    from instret.searcher import query
 
     fig = plots.query_grid(query(tmp_path / "ix", queries, k=4))
     assert len(fig.axes) == 2 * 5
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles[0] == "a/001.jpg" and titles[1] == "1.000"  # the query finds itself first
+    assert titles[0] == "a/001.jpg" and titles[1] == "1.000\na/001.jpg"  # the query finds itself first, named
     plots.pyplot().close(fig)
     with Image.open(tmp_path / "g.png") as img:
         assert img.format == "PNG" and img.width > img.height

@@ -6,7 +6,7 @@ import torch
 
 from instret.config import TrainConfig
 from instret.errors import InstretError
-from instret.train import Trainer, batches, load_checkpoint, lr_at, train
+from instret.trainer import Trainer, batches, load_checkpoint, lr_at, train
 
 TINY = dict(image_size=16, batch_size=8, knn_k=5, workers=0, nce_k=16)
 
@@ -210,7 +210,7 @@ def test_fused_optimizer_and_channels_last_alone_are_exact_enough(image_folder):
 
 
 def test_speed_defaults_are_off_on_cpu():
-    from instret.train import speed_options
+    from instret.trainer import speed_options
 
     assert speed_options(TrainConfig(), torch.device("cpu")) == {
         "amp": False, "compile": False, "fused_optimizer": False, "channels_last": True}

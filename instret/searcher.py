@@ -11,7 +11,7 @@ from instret.calibration import describe
 from instret.encoder import embed_images, load_encoder
 from instret.device import resolve_device
 from instret.errors import InstretError
-from instret.images import ImageReadError, file_sha256, read_image
+from instret.images import encoder_inputs, file_sha256
 from instret.index import SearchIndex, as_float32
 
 
@@ -36,33 +36,29 @@ class Searcher:
         if self.encoder.dim != self.index.dim:
             raise InstretError(f"encoder dimension {self.encoder.dim} != index dimension {self.index.dim}")
 
-    def embed_files(self, paths) -> np.ndarray:
-        """Feature rows of image files; a bad file stops with one line naming it."""
-        images = []
-        for p in paths:
-            try:
-                images.append(read_image(p, self.encoder.image_size, self.max_pixels))
-            except ImageReadError as e:
-                raise InstretError(f"{p}: cannot read image: {e}") from None
-        batch = torch.stack(images).to(self.device)
-        return as_float32(embed_images(self.encoder.model, batch, self.encoder.mean, self.encoder.std))
+    def embed(self, items) -> tuple[list[str], np.ndarray]:
+        """(a name for each, feature rows) of image files, PIL images or image tensors
+        (instret.images.encoder_inputs); a bad file stops with one line naming it."""
+        names, images = encoder_inputs(items, self.encoder.image_size, self.max_pixels)
+        vectors = embed_images(self.encoder.model, images.to(self.device), self.encoder.mean, self.encoder.std)
+        return names, as_float32(vectors)
 
-    def query(self, paths, k: int = 10, min_score: float | None = None, exclude_self: bool = False) -> list[dict]:
-        """One {"query", "results": [{"rank", "path", "score", ...}]} per query image, best first;
+    def query(self, items, k: int = 10, min_score: float | None = None, exclude_self: bool = False) -> list[dict]:
+        """One {"query", "results": [{"rank", "path", "score", ...}]} per query image (a file, a
+        PIL image or an image tensor; "query" is the file's path or "<image i>"), best first;
         with the index's score distributions, each result also says how unusual its score is
         (instret.calibration.describe: "unrelated_above", "copies_below")."""
         if k < 1:
             raise InstretError(f"-k must be at least 1, not {k}")
-        paths = [str(p) for p in paths]
-        vectors = self.embed_files(paths)
+        names, vectors = self.embed(items)
         extra = 1 if exclude_self else 0
+        scores = self.index.manifest.get("scores")
         out = []
-        for path, hits in zip(paths, self.index.search(vectors, k + extra)):
-            if exclude_self:
-                hits = _without_self(path, hits)
+        for name, hits in zip(names, self.index.search(vectors, k + extra)):
+            if exclude_self and not name.startswith("<image "):
+                hits = _without_self(name, hits)
             hits = [h for h in hits if min_score is None or h.score >= min_score][:k]
-            scores = self.index.manifest.get("scores")
-            out.append({"query": path, "results": [
+            out.append({"query": name, "results": [
                 {"rank": r, "path": h.path, "score": round(h.score, 6), **describe(h.score, scores)}
                 for r, h in enumerate(hits, 1)
             ]})  # fmt: skip

@@ -25,7 +25,7 @@ from instret import losses
 from instret.storage import atomic_torch_save, atomic_write_text, load_torch_file, remove_stale_temps
 from instret.augment import Augment, channel_stats
 from instret.bank import MemoryBank
-from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, TrainConfig, with_presets
+from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, PAPER_EPOCHS, TrainConfig, with_presets
 from instret.data import ImageSet, TrainData, auto_image_size, load_train_data
 from instret.device import resolve_device
 from instret.distributed import SINGLE, World, all_sum, broadcast_object, gather_rows, global_batch_norm, process_group
@@ -35,7 +35,7 @@ from instret.errors import InstretError
 from instret.imagesource import ResidentImages, StreamedImages, chunks, evenly_spaced
 from instret.knn import FeatureIndex, knn_evaluate
 from instret.monitor import label_free_metrics
-from instret.progress import Progress, log
+from instret.progress import Progress, clock, log, plural
 
 CHECKPOINT = "checkpoint.pt"
 STATS_SAMPLE = 10000  # images the normalisation statistics are measured on
@@ -84,7 +84,6 @@ class Trainer:
         self.cfg, self.data, self.out, self.device, self.world = cfg, data, out, device, world
         self.deadline: float | None = None  # time.perf_counter() by which a time-budgeted run ends
         self.max_epochs: int | None = None  # the most epochs a time budget may plan
-        self.epoch_seconds: list[float] = []  # wall time of each epoch of this process, monitor included
         torch.manual_seed(cfg.seed)
         self.speed = speed_options(cfg, device)
         # channels_last: faster convolutions on CPUs and on tensor-core GPUs alike.
@@ -335,19 +334,21 @@ class Trainer:
     def fit(self) -> dict | None:
         """Train to cfg.epochs; returns final.json's content. With several processes, only rank 0
         evaluates and writes; the others return None (their bank and weights are the same)."""
+        start, first = time.perf_counter(), self.epoch
         while self.epoch < self.cfg.epochs:
-            epoch_start = time.perf_counter()
             row = self.train_epoch()
             self.epoch += 1
             self.history.append(row)
             eval_model = self.monitor(row) if self.world.main and self.monitor_due() else None
-            self.epoch_seconds.append(time.perf_counter() - epoch_start)
             if self.deadline is not None:  # every process plans (rank 0's plan is broadcast)
-                recent = self.epoch_seconds[-3:]
-                self.plan(time.perf_counter(), sum(recent) / len(recent), in_progress=False)
+                # The mean over every epoch so far, monitors and saves included: a steady plan,
+                # so that the step schedule's milestones do not move back and forth.
+                now = time.perf_counter()
+                self.plan(now, (now - start) / (self.epoch - first), in_progress=False)
             if self.world.main:
                 self.save(eval_model)
-                log(_format_row(row, self.cfg.epochs))
+                per_epoch = (time.perf_counter() - start) / (self.epoch - first)
+                log(_format_row(row, self.cfg.epochs) + f"  {clock(per_epoch * (self.cfg.epochs - self.epoch))} left")
         if not self.world.main:
             return None
         final = {"epochs": self.epoch, "train_seconds": round(sum(r["seconds"] for r in self.history), 1)}
@@ -377,10 +378,12 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     """Fill in what `auto` and `None` mean, so config.json records what actually ran."""
     d = cfg.to_dict()
     d["arch"] = resolve_arch(cfg.arch, device)
+    if cfg.data is not None:
+        d["dataset"] = None  # a folder: no built-in dataset is used
     if cfg.image_size is None:
         d["image_size"] = auto_image_size(cfg.data, device.type) if cfg.data is not None else 32
     if cfg.epochs is None and cfg.time_budget is None:
-        d["epochs"] = DEFAULT_EPOCHS.get(cfg.dataset if cfg.data is None else "", 200)
+        d["epochs"] = DEFAULT_EPOCHS.get(cfg.dataset if cfg.data is None else "", PAPER_EPOCHS)
     if cfg.out is None:
         d["out"] = str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     return TrainConfig.from_dict(d)
@@ -419,6 +422,9 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World, s
     data = load_train_data(cfg, world)
     if len(data.train) < 2:
         raise InstretError("need at least 2 training images")
+    if cfg.loss == "nce" and cfg.nce_k >= len(data.train):
+        log(f"note: --nce-k {cfg.nce_k} noise samples for {len(data.train)} images: the noise repeats images; "
+            f"the exact softmax (--loss softmax) costs no more here")  # fmt: skip
     if cfg.batch_size < 2 * world.size:
         raise InstretError(f"--batch-size {cfg.batch_size} is too small for {world.size} processes (2 images each at least)")
     ckpt = load_checkpoint(out / CHECKPOINT) if resume and (out / CHECKPOINT).exists() else None
@@ -442,17 +448,37 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World, s
     if ckpt is not None:
         log(f"resuming {out} after epoch {trainer.epoch}/{cfg.epochs}")  # log(): rank 0 speaks for all
     processes = f", {world.size} processes" if world.distributed else ""
-    length = f"epochs planned for a {cfg.time_budget:g}-minute budget" if budgeted else f"{cfg.epochs} epochs"
+    length = f"epochs planned for a {cfg.time_budget:g}-minute budget" if budgeted else plural(cfg.epochs, "epoch")
     log(f"training {cfg.arch} at {cfg.image_size} px on {data.name}: {len(data.train)} images, {length}, "
         f"{cfg.loss} loss, device {device}{processes}, run folder {out}")  # fmt: skip
     final = trainer.fit()
-    if cfg.data is not None and world.main:  # train then query, with no extra step
+    if world.main and cfg.data is not None:  # train then query, with no extra step
         from instret.indexer import build_index
 
-        # rebuild: the run's own index always follows the run's latest encoder.
-        build_index(cfg.data, out, out / "index", workers=cfg.workers, device=str(device), rebuild=True,
-                    max_pixels=cfg.max_image_pixels)  # fmt: skip
+        # The run's own index follows the run's latest encoder: rebuilt when the encoder changed,
+        # left as it is when a finished run is resumed.
+        build_index(cfg.data, out, out / "index", workers=cfg.workers, device=str(device),
+                    rebuild=not index_is_of(out / "index", out), max_pixels=cfg.max_image_pixels)  # fmt: skip
+        log(f"next: instret query IMAGE --index {out}   (or a folder of images; --html page.html shows them)")
+    elif world.main and cfg.dataset == "digits" and not index_is_of(out / "index", out):
+        from instret.demo import first_search
+
+        first_search(data, out, cfg.workers, str(device))
     return final
+
+
+def index_is_of(index_dir: Path, run: Path) -> bool:
+    """Whether index_dir holds an index built with the run's current encoder."""
+    from instret.encoder import load_encoder
+    from instret.index import SearchIndex, read_current
+
+    if not index_dir.is_dir() or read_current(index_dir) is None:
+        return False
+    index = SearchIndex(index_dir)
+    try:
+        return index.manifest["encoder_fingerprint"] == load_encoder(run).fingerprint
+    finally:
+        index.close()
 
 
 def _resumed_config(given: dict) -> TrainConfig:

@@ -1,0 +1,70 @@
+"""Flat borders: the frame, padding or letterbox bars a copy of a photo often gains.
+
+A border is a run of lines at an edge of the image that are (nearly) all one colour: the colour
+of the outermost line. Trimming it before the encoder sees the image makes a framed or
+letterboxed copy look like its original again (on the retrieval benchmark, recall@1 of
+bordered copies rose from 0.71; README: "Search quality"). Trimming is cautious: JPEG noise
+and a slight blur stay within the tolerance, a flat image is left alone, and no more than
+MAX_SIDE of a side is taken on each edge.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+TOLERANCE = 16  # largest channel difference (of 255) from the border colour that is still "flat"
+FLAT_SHARE = 0.98  # share of a line's pixels within the tolerance for the line to be border
+MAX_SIDE = 0.3  # at most this share of the width (height) is trimmed at each edge
+MIN_LINES = 2  # thinner runs are left: an edge line of a photo is not a frame
+WORK_SIDE = 512  # larger images are measured on a box-reduced copy
+
+
+def border_box(img: Image.Image) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the image without its flat borders: the whole image
+    when it has none."""
+    w, h = img.size
+    factor = max(1, max(w, h) // WORK_SIDE)
+    a = np.asarray(img.reduce(factor) if factor > 1 else img)
+    sh, sw = a.shape[:2]
+    if sh < 2 * MIN_LINES or sw < 2 * MIN_LINES:
+        return (0, 0, w, h)
+    columns = a.transpose(1, 0, 2)
+    sides = (columns, a, columns[::-1], a[::-1])  # lines from the left, top, right, bottom edge
+    # Most images: no edge's outermost lines span less than twice the tolerance; cheap to see.
+    if not any(_spread(lines[:MIN_LINES]) <= 2 * TOLERANCE for lines in sides):
+        return (0, 0, w, h)
+    depths = tuple(_depth(lines, n) for lines, n in zip(sides, (sw, sh, sw, sh)))
+    if depths == (int(sw * MAX_SIDE), int(sh * MAX_SIDE)) * 2 and _spread(a) <= TOLERANCE:
+        return (0, 0, w, h)  # all one colour: nothing is a border
+    left, top, right, bottom = depths
+
+    # Back to full-size pixels, each trim rounded up: no line of border is left.
+    def up(lines, full, reduced):
+        return -(-lines * full // reduced)
+
+    return (up(left, w, sw), up(top, h, sh), w - up(right, w, sw), h - up(bottom, h, sh))
+
+
+def _depth(lines: np.ndarray, side: int) -> int:
+    """How many lines from the start of `lines` (L x M x 3) are flat in the first line's colour."""
+    most = int(side * MAX_SIDE)
+    if most < MIN_LINES or lines.shape[1] < 4:
+        return 0
+    head = lines[:most].astype(np.int16)
+    colour = head[0].mean(axis=0).round().astype(np.int16)
+    flat = (np.abs(head - colour).max(axis=2) <= TOLERANCE).mean(axis=1) >= FLAT_SHARE
+    run = len(flat) if flat.all() else int(np.argmin(flat))
+    return run if run >= MIN_LINES else 0
+
+
+def _spread(pixels: np.ndarray) -> int:
+    """The largest range of a channel over these pixels (... x 3 uint8)."""
+    flat = pixels.reshape(-1, 3)
+    return int((flat.max(axis=0) - flat.min(axis=0)).max())
+
+
+def trim_borders(img: Image.Image) -> Image.Image:
+    """The image without its flat borders (the image itself when it has none)."""
+    box = border_box(img)
+    return img if box == (0, 0, *img.size) else img.crop(box)

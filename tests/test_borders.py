@@ -1,0 +1,72 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from instret.borders import MAX_SIDE, WORK_SIDE, border_box, trim_borders
+from instret.images import square_tensor
+
+
+def noise(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def jpeg(img: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+@pytest.mark.parametrize("pad", [(7, 5, 9, 3), (0, 12, 0, 12), (20, 0, 0, 0)])
+@pytest.mark.parametrize("fill", [(0, 0, 0), (255, 255, 255), (40, 120, 200)])
+def test_a_flat_frame_is_trimmed_to_the_exact_content(pad, fill):
+    content = noise(90, 70)
+    framed = ImageOps.expand(content, border=pad, fill=fill)
+    left, top, right, bottom = pad
+    assert border_box(framed) == (left, top, left + 90, top + 70)
+    assert np.array_equal(np.asarray(trim_borders(framed)), np.asarray(content))
+
+
+def test_a_jpeg_copy_of_a_framed_image_is_trimmed_within_its_blocks():
+    framed = jpeg(ImageOps.expand(noise(96, 80), border=(16, 24, 16, 24), fill=(0, 0, 0)), quality=30)
+    box = np.array(border_box(framed))
+    assert np.abs(box - np.array([16, 24, 112, 104])).max() <= 2
+
+
+def test_without_a_border_the_image_is_returned_unchanged():
+    img = noise(64, 48)
+    assert border_box(img) == (0, 0, 64, 48)
+    assert trim_borders(img) is img
+
+
+def test_a_single_coloured_image_is_not_a_border():
+    img = Image.new("RGB", (50, 40), (10, 200, 30))
+    assert border_box(img) == (0, 0, 50, 40)
+
+
+def test_a_one_pixel_edge_line_is_kept():
+    framed = ImageOps.expand(noise(60, 60), border=1, fill=(255, 255, 255))
+    assert border_box(framed) == (0, 0, 62, 62)
+
+
+def test_no_more_than_max_side_is_taken_from_an_edge():
+    # A bar half the height at the top: only MAX_SIDE of the height goes.
+    img = ImageOps.expand(noise(80, 50), border=(0, 50, 0, 0), fill=(0, 0, 0))
+    assert border_box(img) == (0, int(100 * MAX_SIDE), 80, 100)
+
+
+def test_large_images_are_measured_on_a_reduced_copy_and_trim_no_content():
+    content = noise(4 * WORK_SIDE, 3 * WORK_SIDE // 2)
+    framed = ImageOps.expand(content, border=(100, 60, 100, 60), fill=(255, 255, 255))
+    left, top, right, bottom = border_box(framed)
+    factor = max(framed.size) // WORK_SIDE
+    assert 100 <= left <= 100 + factor and 60 <= top <= 60 + factor
+    assert 100 + content.width - factor <= right <= 100 + content.width
+    assert 60 + content.height - factor <= bottom <= 60 + content.height
+
+
+def test_the_encoder_input_of_a_letterboxed_copy_is_the_original_input():
+    original = noise(120, 90, seed=3)
+    letterboxed = ImageOps.expand(original, border=(0, 15, 0, 15), fill=(0, 0, 0))
+    assert np.array_equal(square_tensor(letterboxed, 32).numpy(), square_tensor(original, 32).numpy())
