@@ -28,9 +28,9 @@ from instret.errors import InstretError
 DEFAULT_SHRINKAGE = 0.25
 MIN_VECTORS = 256  # fewer vectors than this give a covariance too noisy to whiten with
 # Whether a new index whitens (`index --whiten` turns it on). Off: on the retrieval benchmark
-# (README: "Search quality") whitening lifts the untrained network (copy mAP 0.687 -> 0.802)
-# but costs a trained encoder a little (0.966 -> 0.962 and 0.963 -> 0.959 in two 15-minute
-# runs; category mAP 0.197 -> 0.186), now that flat borders are trimmed before encoding.
+# (README: "Search quality"), with flat borders trimmed before encoding, whitening lifts the
+# untrained network (copy mAP 0.691 -> 0.805) but moves a trained encoder's copy mAP by
+# -0.004, -0.004 and +0.002 in three 15-minute runs and costs category mAP 0.005-0.011.
 WHITEN_BY_DEFAULT = False
 
 

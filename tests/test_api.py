@@ -38,7 +38,8 @@ def test_index_search_and_duplicates_twice_each(trained_run, tmp_path):
     assert hits[0]["query"] == str(query) and hits[0]["results"][0]["path"] == str(query)
     assert hits[0]["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
     searcher = instret.Searcher(tmp_path / "idx")
-    assert searcher.query(query, k=1) == searcher.query([query], k=1)  # one path alone is one query
+    # One path alone is one query; a second Searcher answers the same.
+    assert searcher.query(query, k=1) == instret.Searcher(tmp_path / "idx").query([query], k=1)
     assert instret.find_duplicates(tmp_path / "idx", threshold=0.9999) == instret.find_duplicates(tmp_path / "idx", threshold=0.9999)
 
 
@@ -46,6 +47,7 @@ def test_embed_takes_paths_pil_images_and_tensors_alike(trained_run, tmp_path):
     png = tmp_path / "one.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(png)
     enc = instret.load_encoder(trained_run)
+    assert instret.load_encoder(trained_run).fingerprint == enc.fingerprint
     pil = Image.open(png)
     as_uint8 = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
     rows = enc.embed([png, pil, as_uint8, as_uint8.float() / 255])

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from instret.images import ImageReadError, list_image_files, read_image, square_tensor
+from instret.images import ImageReadError, list_image_files, open_rgb, read_image, square_tensor
 
 
 def test_square_tensor_resizes_shorter_side_and_centre_crops():
@@ -41,3 +41,18 @@ def test_listing_is_recursive_sorted_and_filters_extensions(tmp_path):
     for p in ("b/2.JPG", "a.png", "b/1.png", "notes.txt"):
         (tmp_path / p).write_bytes(b"x")
     assert [p.relative_to(tmp_path).as_posix() for p in list_image_files(tmp_path)] == ["a.png", "b/1.png", "b/2.JPG"]
+
+
+def test_jpeg_draft_decoding_gives_the_full_decode_within_two_levels(tmp_path):
+    # read_image decodes a JPEG at 1/2, 1/4 or 1/8 scale when the target is that small (Image.draft).
+    rng = np.random.default_rng(0)
+    low = (rng.uniform(0, 1, (12, 16, 3)) * 255).astype(np.uint8)
+    photo = Image.fromarray(low).resize((640, 480), Image.BICUBIC)
+    path = tmp_path / "photo.jpg"
+    photo.save(path, quality=92)
+    for size in (32, 64):
+        drafted = open_rgb(path, draft=size)
+        assert drafted.size[1] < 480  # the draft did take a smaller scale
+        fast = square_tensor(drafted, size, trim=False).float()
+        full = square_tensor(open_rgb(path), size, trim=False).float()
+        assert (fast - full).abs().mean() < 2.0 and torch.equal(read_image(path, size), square_tensor(drafted, size))

@@ -289,3 +289,11 @@ def test_recipes_set_the_augmentation_under_the_options_given():
     assert {k: folder[k] for k in RECIPES["retrieval"]} == RECIPES["retrieval"]
     assert with_presets({"data": "x", "recipe": "colour", "hue": 0.1})["hue"] == 0.1  # an option beats the recipe
     assert "rotate" not in with_presets({"dataset": "cifar10"})  # the built-in sets keep the paper's recipe
+
+
+def test_the_epoch_line_prints_lr_as_a_person_writes_it():
+    from instret.trainer import _format_row
+
+    row = {"epoch": 3, "loss": 1.25, "lr": 0.03 * 0.1 * 0.1, "images_per_s": 900.0, "seconds": 1.0}
+    assert 0.03 * 0.1 * 0.1 != 0.0003  # the float the schedule computes
+    assert _format_row(row, 4) == "epoch 3/4  loss 1.2500  lr 0.0003  900 img/s"
