@@ -62,14 +62,17 @@ def latency_ms(index_dir, paths, n: int, seed: int = 0) -> tuple[float, float]:
     return float(np.percentile(times, 50)), float(np.percentile(times, 95))
 
 
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child of this
+# (large) benchmark process would report the parent's size (1,031 MB against 581 measured alone).
 RSS_PROBE = """
-import resource, sys
+import sys
 from instret.cli.main import main
 try:
     main(sys.argv[1:])
 except SystemExit:
     pass
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+with open("/proc/self/status") as f:
+    print(next(line.split()[1] for line in f if line.startswith("VmHWM:")), file=sys.stderr)
 """
 
 
@@ -77,7 +80,7 @@ def query_rss_mb(index_dir, image) -> float:
     """Peak resident memory of a fresh process running `instret query IMAGE --index DIR`."""
     proc = subprocess.run([sys.executable, "-c", RSS_PROBE, "query", str(image), "--index", str(index_dir)],
                           check=True, capture_output=True, text=True)  # fmt: skip
-    return int(proc.stderr.strip().splitlines()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+    return int(proc.stderr.strip().splitlines()[-1]) / 1024  # VmHWM is in KiB
 
 
 def bench_collection(name, folder, model, workers, queries, tmp) -> dict:
