@@ -61,16 +61,21 @@ def copy_scores(encoder: LoadedEncoder, paths: list[Path], searched: np.ndarray,
 
 
 def score_distributions(encoder: LoadedEncoder, searched: np.ndarray, paths: list[Path], transform,
-                        max_pixels: int | None = None, seed: int = 0) -> dict | None:  # fmt: skip
+                        max_pixels: int | None = None, seed: int = 0, known: dict | None = None) -> dict | None:  # fmt: skip
     """The manifest entry: quantiles of unrelated-pair and edited-copy scores (None below 2 images).
 
-    searched: the index's vectors as searched (n x D); paths: the file of each row."""
+    searched: the index's vectors as searched (n x D); paths: the file of each row. known: a
+    previous entry whose edited-copy quantiles still hold (same encoder and search space, few
+    files changed): they are kept rather than measured again, the costly half (200 files
+    decoded in full, edited and encoded); the unrelated pairs are always measured anew."""
     if len(searched) < 2:
         return None
-    pick = np.random.default_rng(seed).choice(len(paths), min(COPY_SAMPLE, len(paths)), replace=False)
-    copies = copy_scores(encoder, [paths[i] for i in pick], searched[pick], transform, seed, max_pixels)
     unrelated = unrelated_scores(searched, seed=seed)
     entry = {"levels": len(LEVELS), "unrelated": _quantiles(unrelated), "unrelated_pairs": len(unrelated)}
+    if known is not None and "copies" in known:
+        return {**entry, "copies": known["copies"], "copies_measured": known["copies_measured"]}
+    pick = np.random.default_rng(seed).choice(len(paths), min(COPY_SAMPLE, len(paths)), replace=False)
+    copies = copy_scores(encoder, [paths[i] for i in pick], searched[pick], transform, seed, max_pixels)
     if len(copies):
         entry.update({"copies": _quantiles(copies), "copies_measured": len(copies)})
     return entry

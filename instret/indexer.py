@@ -32,6 +32,8 @@ from instret.index import (
 from instret.postprocess import WHITEN_BY_DEFAULT, fit_for_index
 from instret.progress import Progress, log
 
+REUSE_SCORES_SHARE = 0.1  # an update changing at most this share of files keeps the copy scores
+
 
 @dataclass
 class FileState:
@@ -186,7 +188,12 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
         if not entries:
             raise InstretError(f"{root}: none of the {len(files)} image files could be read")
         rows, vectors, ids = with_stable_ids(entries, {rel: v[0] for rel, v in old.items()})
-        whitening, searched, extra = searched_space(encoder, root, rows, vectors, whiten, max_pixels)
+        # A few files changed (at most a tenth, and one at least unchanged): the edited-copy
+        # scores of the last build still describe the collection.
+        changed = len(encoded) + len(resumed) + len(set(old) - {r[1] for r in rows})
+        few = previous is not None and kept and changed <= REUSE_SCORES_SHARE * len(rows)
+        known = previous.manifest.get("scores") if few and not previous.postprocess.get("whitening") else None
+        whitening, searched, extra = searched_space(encoder, root, rows, vectors, whiten, max_pixels, known)
         manifest = make_manifest(vectors, factory, encoder.fingerprint, encoder.model.arch, encoder.image_size,
                                  root, len(skipped), shard, extra)  # fmt: skip
         if previous is not None:
@@ -249,14 +256,17 @@ def with_stable_ids(entries: list[tuple], old_ids: dict[str, int]):
 
 
 def searched_space(encoder: LoadedEncoder, root: Path, rows: list[tuple], vectors: np.ndarray, whiten: bool,
-                   max_pixels: int | None = None):  # fmt: skip
+                   max_pixels: int | None = None, known_scores: dict | None = None):  # fmt: skip
     """(whitening or None, the vectors as searched, the manifest entries "postprocess" and
     "scores") of an index of `vectors`, the encoder vectors of the files `rows` (id, path, ...)
-    under root."""
+    under root. known_scores: the previous generation's, when its edited-copy scores still
+    hold (calibration.score_distributions); used only when nothing is whitened (a whitening
+    is fitted anew on every build, so its space moves)."""
     whitening, post = fit_for_index(vectors, whiten)
     transform = whitening if whitening is not None else as_float32
     searched = transform(vectors)
-    scores = score_distributions(encoder, searched, [root / r[1] for r in rows], transform, max_pixels)
+    known = known_scores if whitening is None else None
+    scores = score_distributions(encoder, searched, [root / r[1] for r in rows], transform, max_pixels, known=known)
     return whitening, searched, {"postprocess": post, "scores": scores}
 
 

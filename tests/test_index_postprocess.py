@@ -132,3 +132,23 @@ def test_describe_reads_shares_off_the_quantiles():
     assert describe(1.5, uniform) == {"unrelated_above": 0.0005, "copies_below": 1.0}
     assert describe(-1.0, uniform)["unrelated_above"] == 1.0
     assert describe(0.3, None) == {}
+
+
+@pytest.mark.parametrize("added, whiten, measured_again", [(2, False, False), (6, False, True), (2, True, True)])
+def test_a_small_update_keeps_the_edited_copy_scores(tmp_path, trained_run, monkeypatch, added, whiten, measured_again):
+    from instret import calibration
+
+    monkeypatch.setattr(postprocess, "MIN_VECTORS", 20)
+    photos = make_photos(tmp_path / "photos", per_group=10, seed=7)
+    build_index(photos, trained_run, tmp_path / "ix", whiten=whiten, **QUIET)
+    before = SearchIndex(tmp_path / "ix").manifest["scores"]
+    calls = []
+    real = calibration.copy_scores
+    monkeypatch.setattr(calibration, "copy_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    make_photos(photos / "more", groups=("z",), per_group=added, seed=8)  # 2 of 32 files: under a tenth
+    build_index(photos, trained_run, tmp_path / "ix", **QUIET)
+    after = SearchIndex(tmp_path / "ix").manifest["scores"]
+    assert bool(calls) is measured_again
+    if not measured_again:
+        assert after["copies"] == before["copies"] and after["copies_measured"] == before["copies_measured"]
+    assert after["unrelated"] != before["unrelated"]  # the unrelated pairs are always measured anew
