@@ -41,7 +41,7 @@ from PIL import Image
 from instret.borders import trim_borders
 from instret.edits import EDITS, edited_copy
 from instret.encoder import Encoder, calibrated_copy, embed_images, load_encoder
-from instret.images import list_image_files, open_rgb, square_tensor
+from instret.images import encoder_inputs, list_image_files, open_rgb
 from instret.postprocess import augment_database, expand_queries, fit_whitening, normalise
 from instret.searcher import retrieval_metrics
 
@@ -120,15 +120,14 @@ def phash(paths) -> np.ndarray:
 
 
 def encoder_vectors(model, mean, std, size: int, paths) -> np.ndarray:
-    images = torch.stack([square_tensor(open_rgb(p, draft=size), size) for p in paths])
-    return embed_images(model, images, mean, std, batch_size=256).numpy()
+    return embed_images(model, encoder_inputs(paths, size)[1], mean, std, batch_size=256).numpy()
 
 
 def untrained(db_paths, size: int, seed: int):
     """The network before training, BatchNorm statistics measured on the collection."""
     torch.manual_seed(seed)
     model = Encoder("small", 128, size)
-    images = torch.stack([square_tensor(open_rgb(p, draft=size), size) for p in db_paths])
+    images = encoder_inputs(db_paths, size)[1]  # read as instret index reads a file
     x = images.float() / 255
     mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
     std = tuple(x.std(dim=(0, 2, 3)).tolist())

@@ -31,10 +31,13 @@ def write_images(data: TrainData, root: Path) -> list[Path]:
 
 
 def first_search(data: TrainData, out: Path, workers: int, device: str) -> None:
-    """Write the images, index them with the run's encoder, and show one query and what to run next."""
+    """Write the images, index them with the run's encoder, and show one query and what to run
+    next; nothing when the run's index is of its current encoder already (a resumed finished run)."""
     from instret.indexer import build_index
     from instret.searcher import query
 
+    if _index_is_current(out):
+        return
     images = out / "images"
     written = write_images(data, images)
     build_index(images, out, out / "index", workers=workers, device=device, rebuild=True)
@@ -47,3 +50,14 @@ def first_search(data: TrainData, out: Path, workers: int, device: str) -> None:
         log(f"  {h['rank']}  {h['score']:.3f}  {one_line(h['path'])}")
     log(f"next: instret query {one_line(str(sample))} --index {one_line(str(out))} --html page.html; "
         f"instret plot {one_line(str(out))}")  # fmt: skip
+
+
+def _index_is_current(out: Path) -> bool:
+    from instret.encoder import load_encoder
+    from instret.index import SearchIndex, read_current
+
+    if not (out / "index").is_dir() or read_current(out / "index") is None:
+        return False
+    index = SearchIndex(out / "index")
+    index.close()
+    return index.manifest["encoder_fingerprint"] == load_encoder(out).fingerprint

@@ -127,11 +127,15 @@ class LoadedEncoder:
     def embed(self, items, max_pixels: int | None = None) -> np.ndarray:
         """Feature rows (float32, L2-normalised; before an index's whitening) of image files, PIL
         images or image tensors (instret.images.encoder_inputs says which), in order."""
+        return self.embed_named(items, max_pixels)[1]
+
+    def embed_named(self, items, max_pixels: int | None = None) -> tuple[list[str], np.ndarray]:
+        """(a name for each item: a file's path or "<image i>", its feature rows)."""
         from instret.images import encoder_inputs
 
-        _, images = encoder_inputs(items, self.image_size, max_pixels)
+        names, images = encoder_inputs(items, self.image_size, max_pixels)
         device = next(self.model.parameters()).device
-        return embed_images(self.model, images.to(device), self.mean, self.std).float().cpu().numpy()
+        return names, embed_images(self.model, images.to(device), self.mean, self.std).float().cpu().numpy()
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> LoadedEncoder:

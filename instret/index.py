@@ -58,41 +58,47 @@ def as_float32(x) -> np.ndarray:
 def check_factory(factory: str, dim: int, count: int) -> None:
     """Refuse an index type FAISS cannot build for `count` vectors of `dim`, before any image is
     read: the string is parsed, and a layout that needs training is trained on random vectors
-    of that number (up to 10,000; beyond, the string alone is checked)."""
-    if count <= 10_000:
-        random = normalise(np.random.default_rng(0).standard_normal((count, dim)).astype(np.float32))
-        make_faiss_index(random, np.arange(count), factory)
-    else:
-        make_faiss_index(np.zeros((0, dim), np.float32), np.zeros(0, np.int64), factory, train=False)
+    of that number (up to 10,000; beyond, the string alone is checked). Nothing is added."""
+    index = _layout(factory, dim)
+    if not index.is_trained and count <= 10_000:
+        _train(index, normalise(np.random.default_rng(0).standard_normal((count, dim)).astype(np.float32)), factory)
 
 
-def make_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str, seed: int = 0, train: bool = True):
-    """A FAISS index of `factory` layout over the vectors, with the given ids (train=False:
-    the untrained layout alone, to check the string)."""
+def make_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str, seed: int = 0):
+    """A FAISS index of `factory` layout over the vectors, with the given ids."""
     import faiss
 
-    dim = vectors.shape[1] if vectors.ndim == 2 else 0
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise InstretError(f"--index-type {factory!r} is not a FAISS factory string FAISS accepts: "
-                           f"{str(e).strip().splitlines()[-1]}") from None  # fmt: skip
-    if not train:
-        return index
+    index = _layout(factory, vectors.shape[1] if vectors.ndim == 2 else 0)
     if not index.is_trained:
-        if len(vectors) == 0:
-            raise InstretError(f"--index-type {factory!r} needs training vectors, and there are none")
-        rng = np.random.default_rng(seed)
-        sample = vectors[rng.choice(len(vectors), min(len(vectors), TRAIN_SAMPLE), replace=False)]
-        try:
-            index.train(sample)
-        except RuntimeError as e:
-            raise InstretError(f"--index-type {factory!r} could not be trained on {len(sample)} vectors: "
-                               f"{str(e).strip().splitlines()[-1]}") from None  # fmt: skip
+        _train(index, vectors, factory, seed)
     index = faiss.IndexIDMap2(index)
     if len(vectors):
         index.add_with_ids(vectors, ids.astype(np.int64))
     return index
+
+
+def _layout(factory: str, dim: int):
+    """The empty, untrained FAISS index a factory string describes."""
+    import faiss
+
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise InstretError(f"--index-type {factory!r} is not a FAISS factory string FAISS accepts: "
+                           f"{str(e).strip().splitlines()[-1]}") from None  # fmt: skip
+
+
+def _train(index, vectors: np.ndarray, factory: str, seed: int = 0) -> None:
+    """Train a layout on a sample of up to TRAIN_SAMPLE of the vectors."""
+    if len(vectors) == 0:
+        raise InstretError(f"--index-type {factory!r} needs training vectors, and there are none")
+    rng = np.random.default_rng(seed)
+    sample = vectors[rng.choice(len(vectors), min(len(vectors), TRAIN_SAMPLE), replace=False)]
+    try:
+        index.train(sample)
+    except RuntimeError as e:
+        raise InstretError(f"--index-type {factory!r} could not be trained on {len(sample)} vectors: "
+                           f"{str(e).strip().splitlines()[-1]}") from None  # fmt: skip
 
 
 def set_search_breadth(index, nprobe: int | None = None, ef_search: int | None = None) -> None:

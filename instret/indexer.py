@@ -115,10 +115,13 @@ def encode_files(encoder: LoadedEncoder, root: Path, files: list[FileState], sta
 
 
 def build_index(images_dir: str | Path, model: str | Path, out: str | Path, factory: str | None = None,
-                batch_size: int = 256, workers: int = 2, device: str = "auto", rebuild: bool = False,
+                batch_size: int = 256, workers: int = 2, device: str = "auto", rebuild: bool | None = False,
                 max_pixels: int | None = None, shard: tuple[int, int] | None = None,
                 whiten: bool | None = None) -> dict:  # fmt: skip
     """Create or incrementally update the index of a folder; returns a summary of what was done.
+
+    rebuild: re-encode everything; None: only when the index was built with another encoder
+    (False refuses that).
 
     whiten: fit whitening on the collection and search through it (instret.postprocess); None
     keeps the previous build's choice (a new index: postprocess.WHITEN_BY_DEFAULT, off).
@@ -133,7 +136,10 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
     encoder = load_encoder(model, torch_device)
     start = time.perf_counter()
     with writer_lock(out):
-        previous = SearchIndex(out) if read_current(out) and not rebuild else None
+        previous = SearchIndex(out) if read_current(out) and rebuild is not True else None
+        if previous is not None and previous.manifest["encoder_fingerprint"] != encoder.fingerprint and rebuild is None:
+            previous.close()
+            previous = None  # rebuild=None: a new encoder re-encodes everything
         if previous is not None and previous.manifest["encoder_fingerprint"] != encoder.fingerprint:
             raise InstretError(
                 f"{out} was built with encoder {previous.manifest['encoder_fingerprint']}, not {encoder.fingerprint} "
@@ -146,9 +152,12 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
         files, skipped = scan(root, shard)
         if not files:
             raise InstretError(f"{root}: no image files found")
-        check_factory(factory, encoder.dim, len(files))
+        if previous is None or factory != previous.manifest["factory"]:  # a factory built before is known good
+            check_factory(factory, encoder.dim, len(files))
         # rel -> (id, size, mtime_ns, sha256, vector)
         old = {rel: (i, *rest) for i, rel, *rest in previous.entries()} if previous is not None else {}
+        if previous is not None:
+            previous.close()  # read: only its manifest (in memory) is used from here on
         kept, todo = {}, []
         for f in files:
             prev = old.get(f.rel)
@@ -174,44 +183,41 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
         report_skipped(skipped)
         if whiten is None:
             whiten = previous.postprocess.get("whiten", WHITEN_BY_DEFAULT) if previous is not None else WHITEN_BY_DEFAULT
-        if previous is not None and unchanged(previous, root, factory, whiten, len(kept), len(old), len(skipped),
-                                              len(encoded) + len(resumed)):  # fmt: skip
-            previous.close()
-            staging.close()
-            (out / "staging.sqlite").unlink(missing_ok=True)
-            log(f"index {out}: nothing changed since {read_current(out)}; no new generation")
-            return {"index": str(out), "generation": read_current(out), "vectors": len(kept), "encoded": 0,
-                    "resumed": 0, "unchanged": len(kept), "removed": 0, "skipped": len(skipped),
-                    "seconds": round(time.perf_counter() - start, 3), "images_per_s": None}  # fmt: skip
-        have = {**kept, **resumed, **encoded}
-        entries = [(f.rel, f.size, f.mtime_ns, *have[f.rel]) for f in files if f.rel in have]
-        if not entries:
-            raise InstretError(f"{root}: none of the {len(files)} image files could be read")
-        rows, vectors, ids = with_stable_ids(entries, {rel: v[0] for rel, v in old.items()})
-        # A few files changed (at most a tenth, and one at least unchanged): the edited-copy
-        # scores of the last build still describe the collection.
-        changed = len(encoded) + len(resumed) + len(set(old) - {r[1] for r in rows})
-        few = previous is not None and kept and changed <= REUSE_SCORES_SHARE * len(rows)
-        known = previous.manifest.get("scores") if few and not previous.postprocess.get("whitening") else None
-        whitening, searched, extra = searched_space(encoder, root, rows, vectors, whiten, max_pixels, known)
-        manifest = make_manifest(vectors, factory, encoder.fingerprint, encoder.model.arch, encoder.image_size,
-                                 root, len(skipped), shard, extra)  # fmt: skip
-        if previous is not None:
-            previous.close()
-        src = Path(model) / "encoder.pt" if Path(model).is_dir() else Path(model)
-        name = write_generation(out, next_generation(out), manifest, vectors, ids, rows, skipped, src, whitening,
-                                searched)  # fmt: skip
+        new = len(encoded) + len(resumed)
+        same = previous is not None and unchanged(previous, root, factory, whiten, len(kept), len(old), len(skipped), new)
+        if same:
+            name, count, removed = read_current(out), len(kept), 0
+        else:
+            have = {**kept, **resumed, **encoded}
+            entries = [(f.rel, f.size, f.mtime_ns, *have[f.rel]) for f in files if f.rel in have]
+            if not entries:
+                raise InstretError(f"{root}: none of the {len(files)} image files could be read")
+            rows, vectors, ids = with_stable_ids(entries, {rel: v[0] for rel, v in old.items()})
+            count, removed = len(rows), len(set(old) - {r[1] for r in rows})
+            # A few files changed (at most a tenth, and one at least unchanged): the edited-copy
+            # scores of the last build still describe the collection.
+            few = previous is not None and kept and new + removed <= REUSE_SCORES_SHARE * count
+            known = previous.manifest.get("scores") if few and not previous.postprocess.get("whitening") else None
+            whitening, searched, extra = searched_space(encoder, root, rows, vectors, whiten, max_pixels, known)
+            manifest = make_manifest(vectors, factory, encoder.fingerprint, encoder.model.arch, encoder.image_size,
+                                     root, len(skipped), shard, extra)  # fmt: skip
+            src = Path(model) / "encoder.pt" if Path(model).is_dir() else Path(model)
+            name = write_generation(out, next_generation(out), manifest, vectors, ids, rows, skipped, src, whitening,
+                                    searched)  # fmt: skip
         staging.close()
         (out / "staging.sqlite").unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     summary = {
-        "index": str(out), "generation": name, "vectors": len(rows), "encoded": len(encoded),
-        "resumed": len(resumed), "unchanged": len(kept), "removed": len(set(old) - {r[1] for r in rows}),
+        "index": str(out), "generation": name, "vectors": count, "encoded": len(encoded),
+        "resumed": len(resumed), "unchanged": len(kept), "removed": removed,
         "skipped": len(skipped), "seconds": round(seconds, 3),
         "images_per_s": round(len(encoded) / encode_seconds, 1) if encoded else None,
     }  # fmt: skip
-    log(f"index {out}: {len(rows)} vectors ({len(encoded)} encoded, {summary['removed']} removed, "
-        f"{len(skipped)} skipped) in {seconds:.1f} s")  # fmt: skip
+    if not same:
+        log(f"index {out}: {count} vectors ({len(encoded)} encoded, {removed} removed, "
+            f"{len(skipped)} skipped) in {seconds:.1f} s")  # fmt: skip
+    else:
+        log(f"index {out}: nothing changed since {name}; no new generation")
     return summary
 
 

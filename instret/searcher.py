@@ -8,10 +8,10 @@ import numpy as np
 import torch
 
 from instret.calibration import describe
-from instret.encoder import embed_images, load_encoder
+from instret.encoder import load_encoder
 from instret.device import resolve_device
 from instret.errors import InstretError
-from instret.images import encoder_inputs, file_sha256
+from instret.images import file_sha256
 from instret.index import SearchIndex, as_float32
 
 
@@ -36,13 +36,6 @@ class Searcher:
         if self.encoder.dim != self.index.dim:
             raise InstretError(f"encoder dimension {self.encoder.dim} != index dimension {self.index.dim}")
 
-    def embed(self, items) -> tuple[list[str], np.ndarray]:
-        """(a name for each, feature rows) of image files, PIL images or image tensors
-        (instret.images.encoder_inputs); a bad file stops with one line naming it."""
-        names, images = encoder_inputs(items, self.encoder.image_size, self.max_pixels)
-        vectors = embed_images(self.encoder.model, images.to(self.device), self.encoder.mean, self.encoder.std)
-        return names, as_float32(vectors)
-
     def query(self, items, k: int = 10, min_score: float | None = None, exclude_self: bool = False) -> list[dict]:
         """One {"query", "results": [{"rank", "path", "score", ...}]} per query image (a file, a
         PIL image or an image tensor; "query" is the file's path or "<image i>"), best first;
@@ -50,7 +43,7 @@ class Searcher:
         (instret.calibration.describe: "unrelated_above", "copies_below")."""
         if k < 1:
             raise InstretError(f"-k must be at least 1, not {k}")
-        names, vectors = self.embed(items)
+        names, vectors = self.encoder.embed_named(items, self.max_pixels)
         extra = 1 if exclude_self else 0
         scores = self.index.manifest.get("scores")
         out = []

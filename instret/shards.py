@@ -13,6 +13,7 @@ from pathlib import Path
 
 from instret.errors import InstretError
 from instret.index import SearchIndex, read_current, write_generation, writer_lock
+from instret.postprocess import WHITEN_BY_DEFAULT
 from instret.encoder import load_encoder
 from instret.indexer import check_out, make_manifest, next_generation, searched_space, with_stable_ids
 from instret.progress import log
@@ -60,7 +61,7 @@ def merge_shards(shard_dirs: list[str | Path], out: str | Path, factory: str | N
         rows, vectors, ids = with_stable_ids(entries, old_ids)
         encoder = load_encoder(shards[0].gen_dir / "encoder.pt")
         whitening, searched, extra = searched_space(encoder, Path(first["root"]), rows, vectors,
-                                          shards[0].postprocess.get("whiten", True))  # fmt: skip
+                                          shards[0].postprocess.get("whiten", WHITEN_BY_DEFAULT))  # fmt: skip
         manifest = make_manifest(vectors, factory or first["factory"], first["encoder_fingerprint"],
                                  first.get("encoder_arch"), first.get("image_size"), Path(first["root"]), len(skipped),
                                  extra=extra)  # fmt: skip

@@ -340,14 +340,14 @@ class Trainer:
             self.epoch += 1
             self.history.append(row)
             eval_model = self.monitor(row) if self.world.main and self.monitor_due() else None
+            # The mean over every epoch so far, monitors and saves included: the time left, and a
+            # steady plan, so that the step schedule's milestones do not move back and forth.
+            now = time.perf_counter()
+            per_epoch = (now - start) / (self.epoch - first)
             if self.deadline is not None:  # every process plans (rank 0's plan is broadcast)
-                # The mean over every epoch so far, monitors and saves included: a steady plan,
-                # so that the step schedule's milestones do not move back and forth.
-                now = time.perf_counter()
-                self.plan(now, (now - start) / (self.epoch - first), in_progress=False)
+                self.plan(now, per_epoch, in_progress=False)
             if self.world.main:
                 self.save(eval_model)
-                per_epoch = (time.perf_counter() - start) / (self.epoch - first)
                 log(_format_row(row, self.cfg.epochs) + f"  {clock(per_epoch * (self.cfg.epochs - self.epoch))} left")
         if not self.world.main:
             return None
@@ -455,30 +455,16 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World, s
     if world.main and cfg.data is not None:  # train then query, with no extra step
         from instret.indexer import build_index
 
-        # The run's own index follows the run's latest encoder: rebuilt when the encoder changed,
-        # left as it is when a finished run is resumed.
-        build_index(cfg.data, out, out / "index", workers=cfg.workers, device=str(device),
-                    rebuild=not index_is_of(out / "index", out), max_pixels=cfg.max_image_pixels)  # fmt: skip
+        # The run's own index follows the run's latest encoder (rebuild=None: re-encoded when the
+        # encoder changed, left as it is when a finished run is resumed).
+        build_index(cfg.data, out, out / "index", workers=cfg.workers, device=str(device), rebuild=None,
+                    max_pixels=cfg.max_image_pixels)  # fmt: skip
         log(f"next: instret query IMAGE --index {out}   (or a folder of images; --html page.html shows them)")
-    elif world.main and cfg.dataset == "digits" and not index_is_of(out / "index", out):
+    elif world.main and cfg.dataset == "digits":
         from instret.demo import first_search
 
         first_search(data, out, cfg.workers, str(device))
     return final
-
-
-def index_is_of(index_dir: Path, run: Path) -> bool:
-    """Whether index_dir holds an index built with the run's current encoder."""
-    from instret.encoder import load_encoder
-    from instret.index import SearchIndex, read_current
-
-    if not index_dir.is_dir() or read_current(index_dir) is None:
-        return False
-    index = SearchIndex(index_dir)
-    try:
-        return index.manifest["encoder_fingerprint"] == load_encoder(run).fingerprint
-    finally:
-        index.close()
 
 
 def _resumed_config(given: dict) -> TrainConfig:
