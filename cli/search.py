@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import click
-
 from instret.cli.options import max_pixels_option
+
+from instret.errors import InstretError
 from instret.storage import atomic_write_text
 
 
@@ -82,23 +83,89 @@ def query_cmd(images, index_dir, k, min_score, as_json, html_file, grid_file, ex
         click.echo(f"wrote {save_figure(query_grid(results), grid_file)}", err=True)
 
 
-@click.command("dups")
-@click.argument("index_dir")
-@click.option("--threshold", default=0.95, show_default=True, type=float, help="Cosine similarity for a duplicate.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout: the threshold and every group.")
-@click.option("--html", "html_file", help="Also write a self-contained HTML page of the groups' thumbnails.")
-def dups_cmd(index_dir, threshold, as_json, html_file):
-    """Groups of near-duplicate images in an index."""
-    from instret import report
-    from instret.searcher import find_duplicates
+KEEP_CHOICES = ["largest", "oldest", "newest", "path"]  # instret.duplicates.KEEP_RULES (not imported: --help stays light)
 
-    groups = find_duplicates(index_dir, threshold)
-    text = json.dumps({"threshold": threshold, "groups": groups}) if as_json else report.dups_text(groups)
+
+@click.command("dups")
+@click.argument("index_dir", required=False)
+@click.option("--precision", default=0.99, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Wanted share of true copies among the pairs reported; the threshold is calibrated on the index.")
+@click.option("--threshold", type=float, help="A raw cosine similarity instead of --precision.")
+@click.option("--keep", type=click.Choice(KEEP_CHOICES), default="largest", show_default=True,
+              help="The member each group keeps: largest (most pixels, then oldest, then path), oldest, newest, path.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout: the threshold, why, and every group.")
+@click.option("--html", "html_file", help="Also write a self-contained HTML page: each group side by side, sizes and dates.")
+@click.option("--move-to", "move_to", help="Move every member but the kept one into this folder (keeping its path under "
+              "the indexed folder), writing a journal first.")
+@click.option("--link-to", "link_to", help="Make symbolic links of each group in this folder for review; nothing moves.")
+@click.option("--undo", "undo_journal", help="Put back every file a --move-to journal moved (no INDEX_DIR needed).")
+def dups_cmd(index_dir, precision, threshold, keep, as_json, html_file, move_to, link_to, undo_journal):
+    """Groups of duplicate images in an index: byte copies (exact), then edited copies (near).
+
+    In a group every two members are within the threshold of each other, so groups never chain
+    unrelated images through a third. The default lists only; nothing is ever deleted."""
+    from instret import moves, report
+
+    if undo_journal:
+        if index_dir or move_to or link_to:
+            raise click.UsageError("--undo JOURNAL takes no INDEX_DIR, --move-to or --link-to")
+        counts = moves.undo(undo_journal)
+        click.echo(f"restored {counts['restored']} file(s); {counts['already_in_place']} already in place", err=True)
+        return
+    if not index_dir:
+        raise click.UsageError("give INDEX_DIR (or --undo JOURNAL)")
+    if move_to and link_to:
+        raise click.UsageError("give --move-to or --link-to, not both")
+    from instret.duplicates import find_duplicates
+
+    found = find_duplicates(index_dir, threshold, precision, keep)
+    groups = found["groups"]
+    text = json.dumps(found) if as_json else report.dups_text(groups)
     if text:
         click.echo(text)
-    click.echo(f"{len(groups)} group(s) at similarity >= {threshold}", err=True)
+    exact = sum(g["tier"] == "exact" for g in groups)
+    click.echo(f"{len(groups)} group(s): {exact} exact, {len(groups) - exact} near, at similarity >= "
+               f"{found['threshold']:.4f} ({found['reason']})", err=True)  # fmt: skip
     if html_file:
         _write_html(html_file, report.dups_html(groups))
+    if link_to:
+        made = moves.link_groups(groups, Path(link_to))
+        click.echo(f"made {made} link(s) in {link_to}", err=True)
+    if move_to:
+        _move(found, index_dir, Path(move_to))
+
+
+def _move(found: dict, index_dir: str, dest: Path) -> None:
+    """Finish any interrupted move into dest, then move this run's duplicates there."""
+    from instret import moves
+    from instret.index import SearchIndex
+
+    root = Path(SearchIndex(index_dir).manifest["root"])
+    if dest.resolve() == root.resolve() or root.resolve() in dest.resolve().parents:
+        raise click.UsageError(f"--move-to {dest} is inside the indexed folder {root}: the next `instret index` "
+                               f"would index the moved copies again; choose a folder outside it")  # fmt: skip
+    for journal in moves.unfinished(dest):
+        counts = _complete(journal)
+        click.echo(f"finished the interrupted move of {journal}: {counts['moved']} more file(s)", err=True)
+    plan, notes = moves.plan_moves(found["groups"], root, dest)
+    for note in notes:
+        click.echo(note, err=True)
+    if not plan:
+        click.echo("nothing to move", err=True)
+        return
+    journal = moves.write_journal(dest, plan, root)
+    counts = _complete(journal)
+    click.echo(f"moved {counts['moved']} file(s) to {dest}; undo with: instret dups --undo {journal}", err=True)
+
+
+def _complete(journal: Path) -> dict:
+    from instret import moves
+
+    try:
+        return moves.complete(journal)
+    except KeyboardInterrupt:
+        raise InstretError(f"interrupted; {journal} records every move: rerun the same command to finish them, "
+                           f"or undo them with `instret dups --undo {journal}`") from None  # fmt: skip
 
 
 @click.command("eval-retrieval")

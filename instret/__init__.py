@@ -6,7 +6,7 @@ The library reads like the command line (README: "From Python"):
     instret.train({"data": "photos/", "time_budget": 15, "out": "runs/photos"})
     instret.build_index("photos/", "runs/photos", "photos.index")
     hits = instret.search("photos.index", ["query.jpg"], k=5)
-    groups = instret.find_duplicates("photos.index")
+    groups = instret.find_duplicates("photos.index")["groups"]
     vectors = instret.load_encoder("runs/photos").embed([pil_image, "a.jpg", tensor])
 
 Names are loaded on first use, so `import instret` does not import torch.
@@ -23,7 +23,7 @@ _EXPORTS = {
     "build_index": ("instret.indexer", "build_index"),
     "Searcher": ("instret.searcher", "Searcher"),
     "search": ("instret.searcher", "query"),
-    "find_duplicates": ("instret.searcher", "find_duplicates"),
+    "find_duplicates": ("instret.duplicates", "find_duplicates"),
 }
 
 

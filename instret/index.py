@@ -232,6 +232,23 @@ class SearchIndex:
             for srow, irow in zip(scores, ids)
         ]
 
+    def within(self, queries, radius: float, fallback_k: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every indexed vector scoring above `radius` with each query's encoder vector, as flat
+        arrays (query row, id, score). Layouts FAISS cannot range-search (and GPU copies) answer
+        through their `fallback_k` nearest neighbours instead."""
+        q = self.transform(queries)
+        index = self.faiss_index()
+        try:
+            lims, scores, ids = index.range_search(q, float(radius))
+            rows = np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64)))
+        except RuntimeError:
+            scores, ids = index.search(q, min(fallback_k, self.ntotal))
+            rows = np.repeat(np.arange(len(q)), scores.shape[1])
+            scores, ids = scores.ravel(), ids.ravel()
+            keep = (ids >= 0) & (scores > radius)
+            rows, scores, ids = rows[keep], scores[keep], ids[keep]
+        return rows, ids.astype(np.int64), scores.astype(np.float32)
+
     def paths_of(self, ids) -> dict[int, str]:
         ids = list(ids)
         out = {}

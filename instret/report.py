@@ -32,8 +32,13 @@ def json_lines(objects) -> str:
 
 
 def dups_text(groups: list[dict]) -> str:
-    blocks = [f"# group {n} ({g['size']} images, min score {g['min_score']:.4f})\n" + "\n".join(map(one_line, g["paths"]))
-              for n, g in enumerate(groups, 1)]  # fmt: skip
+    """A block per group: a header, then `keep|dup<TAB>score<TAB>WxH<TAB>path` per member."""
+    blocks = []
+    for n, g in enumerate(groups, 1):
+        lines = [f"# group {n}: {g['tier']}, {len(g['members'])} files, min score {g['min_score']:.4f}"]
+        lines += [f"{'keep' if m['path'] == g['keep'] else 'dup'}\t{m['score']:.4f}\t{m['width']}x{m['height']}\t"
+                  f"{one_line(m['path'])}" for m in g["members"]]  # fmt: skip
+        blocks.append("\n".join(lines))
     return "\n".join(blocks)
 
 
@@ -91,8 +96,17 @@ def query_html(results: list[dict]) -> str:
 
 
 def dups_html(groups: list[dict]) -> str:
-    rows = []
+    """One section per group (with an anchor, #group-N): its members side by side, the kept one
+    first, each with its score, pixel size, file size and date."""
+    sections = []
     for n, g in enumerate(groups, 1):
-        head = f"<h2>group {n}: {g['size']} images, min score {g['min_score']:.4f}</h2>"
-        rows.append(head + '<div class="row">' + "".join(_figure(p, p) for p in g["paths"]) + "</div>")
-    return PAGE.format(title="instret near-duplicates", body="\n".join(rows))
+        head = (f'<h2 id="group-{n}">group {n}: {g["tier"]}, {len(g["members"])} files, '
+                f'min score {g["min_score"]:.4f}</h2>')  # fmt: skip
+        cells = []
+        for m in g["members"]:
+            role = "keep" if m["path"] == g["keep"] else ("identical bytes" if m["identical"] else f"{m['score']:.4f}")
+            caption = (f"{role} · {m['width']}x{m['height']} · {m['bytes'] / 1024:.0f} KB · "
+                       f"{m['modified'][:10]} · {m['path']}")  # fmt: skip
+            cells.append(_figure(m["path"], caption))
+        sections.append(head + '<div class="row">' + "".join(cells) + "</div>")
+    return PAGE.format(title="instret duplicates", body="\n".join(sections))

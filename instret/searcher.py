@@ -1,4 +1,4 @@
-"""Queries against an index, near-duplicate groups, and retrieval metrics."""
+"""Queries against an index, and retrieval metrics."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from instret.calibration import describe
-from instret.encoder import load_encoder
 from instret.device import resolve_device
+from instret.encoder import load_encoder
 from instret.errors import InstretError
 from instret.images import file_sha256
 from instret.index import SearchIndex, as_float32
@@ -80,52 +80,6 @@ def _without_self(query: str, hits):
 def query(index_dir, images, k=10, min_score=None, exclude_self=False, model=None, device="cpu",
           max_pixels=None, nprobe=None, ef_search=None) -> list[dict]:  # fmt: skip
     return Searcher(index_dir, model, device, max_pixels, nprobe, ef_search).query(images, k, min_score, exclude_self)
-
-
-# --- near-duplicates --------------------------------------------------------------------
-
-
-def find_duplicates(index_dir: str | Path, threshold: float = 0.95, k: int = 20) -> list[dict]:
-    """Groups of images whose cosine similarity is >= threshold (connected through such pairs)."""
-    index = SearchIndex(index_dir)
-    vectors, ids = index.vectors()
-    n = len(ids)
-    parent = list(range(n))
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    row_of = {int(i): r for r, i in enumerate(ids)}
-    best: dict[tuple[int, int], float] = {}
-    chunk = 4096
-    for start in range(0, n, chunk):
-        q = np.asarray(vectors[start:start + chunk])
-        hits = index.search(q, min(k + 1, n))
-        for r, row_hits in enumerate(hits, start):
-            for h in row_hits:
-                j = row_of[h.id]
-                if j != r and h.score >= threshold:
-                    a, b = sorted((r, j))
-                    best[(a, b)] = max(best.get((a, b), -1.0), h.score)
-                    parent[find(a)] = find(b)
-    groups: dict[int, list[int]] = {}
-    for a, b in best:
-        for x in (a, b):
-            groups.setdefault(find(x), [])
-    for x in range(n):
-        if find(x) in groups:
-            groups[find(x)].append(x)
-    paths = index.paths_of(int(ids[x]) for g in groups.values() for x in g)
-    out = []
-    for members in groups.values():
-        member_set = set(members)
-        sims = [s for (a, _), s in best.items() if a in member_set]
-        out.append({"size": len(members), "min_score": round(min(sims), 6),
-                    "paths": sorted(paths[int(ids[x])] for x in members)})  # fmt: skip
-    return sorted(out, key=lambda g: (-g["size"], g["paths"]))
 
 
 # --- retrieval metrics ------------------------------------------------------------------

@@ -35,6 +35,7 @@ def test_scripts_without_data_exit_with_a_clear_message(tmp_path):
     for script, args in (("train_throughput.py", ["--data", str(tmp_path / "none")]),
                          ("fidelity.py", ["--data", str(tmp_path / "none")]),
                          ("retrieval_quality.py", ["--shared", str(tmp_path / "none")]),
+                         ("dups.py", ["--shared", str(tmp_path / "none")]),
                          ("search.py", ["--model", "x", "--cifar", str(tmp_path / "none")])):  # fmt: skip
         proc = subprocess.run([sys.executable, BENCH / script, *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and "not found" in proc.stderr and "Traceback" not in proc.stderr, script
@@ -58,3 +59,24 @@ def test_retrieval_quality_script_scores_every_method_on_a_small_collection():
         for variant in (method, method + "+pp"):
             assert 0 < result[variant]["copy"]["mAP"] <= 1 and 0 <= result[variant]["category"]["mAP"] <= 1
     assert result["setup"] == {"originals": 20, "distractors": 20, "queries": 20, "seed": 0}
+
+
+@pytest.mark.skipif(not (SHARED / "imagenette2" / "val").is_dir(), reason="needs ../shared/datasets (Imagenette)")
+def test_dups_script_scores_instret_and_the_perceptual_hash_on_planted_copies():
+    proc = subprocess.run([sys.executable, BENCH / "dups.py", "--photos", "40", "--planted", "10", "--minutes", "0.2"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = last_json_line(proc.stdout)["results"]
+    assert {"instret", "instret --whiten", "phash, d <= 10"} <= set(result)
+    for row in result.values():
+        if isinstance(row, dict):
+            assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+            assert row["recall_by_edit"]["byte copy"] == 1.0  # two of the ten plants are byte copies: never missed
+
+
+def test_dups_scale_script_reports_time_and_memory():
+    proc = subprocess.run([sys.executable, BENCH / "dups_scale.py", "--sizes", "3000"], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    row = last_json_line(proc.stdout)["results"][0]
+    assert row["vectors"] == 3000 and row["peak_rss_mb"] >= row["imports_mb"] > 0 and row["planted_found"] > 0.9

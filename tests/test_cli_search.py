@@ -71,7 +71,7 @@ def test_dups_json_and_info_and_env(indexed, capsys):
     build_index(photos, _run_of(ix), ix, workers=0, device="cpu")
     code, out, _ = run_cli(["dups", str(ix), "--threshold", "0.99999", "--json"], capsys)
     groups = json.loads(out)["groups"]
-    assert code == 0 and len(groups) == 1 and groups[0]["size"] == 2
+    assert code == 0 and len(groups) == 1 and len(groups[0]["members"]) == 2 and groups[0]["tier"] == "exact"
     code, out, _ = run_cli(["info", str(ix), "--json"], capsys)
     info = json.loads(out)
     assert info["vectors"] == 31 and info["dim"] == 128 and info["index_type"] == "Flat" and info["bytes_total"] > 0

@@ -6,11 +6,12 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from instret import indexer
+from instret.duplicates import find_duplicates
 from instret.encoder import Encoder, export_encoder
 from instret.errors import InstretError
 from instret.index import SearchIndex, make_faiss_index, writer_lock
 from instret.indexer import build_index
-from instret.searcher import Searcher, find_duplicates, query, retrieval_metrics
+from instret.searcher import Searcher, query, retrieval_metrics
 from tests.conftest import make_photos
 
 QUIET = dict(workers=0, device="cpu")
@@ -134,9 +135,10 @@ def test_planted_duplicates_are_found_and_nothing_else(photos, trained_run, tmp_
     shutil.copy(photos / "c" / "005.jpg", photos / "a" / "dup_of_c5.jpg")
     shutil.copy(photos / "c" / "005.jpg", photos / "b" / "dup2_of_c5.jpg")
     build_index(photos, trained_run, tmp_path / "ix", **QUIET)
-    groups = find_duplicates(tmp_path / "ix", threshold=0.99999)
-    names = [sorted(p.split("photos/")[1] for p in g["paths"]) for g in groups]
+    groups = find_duplicates(tmp_path / "ix", threshold=0.99999)["groups"]
+    names = [sorted(m["path"].split("photos/")[1] for m in g["members"]) for g in groups]
     assert names == [["a/dup_of_c5.jpg", "b/dup2_of_c5.jpg", "c/005.jpg"], ["a/002.jpg", "b/dup_of_a2.jpg"]]
+    assert [g["tier"] for g in groups] == ["exact", "exact"]  # byte copies
     # and the threshold is meaningful: distinct photos stay below it
     index = SearchIndex(tmp_path / "ix")
     v, _ = index.vectors()

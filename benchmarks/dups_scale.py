@@ -1,0 +1,125 @@
+"""`instret dups` at scale: 100,000 and 1,000,000 synthetic vectors, time and peak memory.
+
+    python benchmarks/dups_scale.py [--sizes 100000,1000000] [--planted 0.01] [--seed 0]
+
+For each size an index folder is written as `instret index` writes one (metadata, vectors,
+FAISS index, score distributions), from synthetic 128-d vectors: clusters of photos (a few
+hundred directions, each with spread), plus a near copy (cosine about 0.97) of `--planted`
+of them. The 100,000 index is Flat (exhaustive), the 1,000,000 one IVF1024,Flat searched
+with the default nprobe, as the README's sizing advice has it. Then `find_duplicates` runs
+in a fresh process, so that its peak resident memory (VmHWM) is its own: the time, the peak,
+the vectors' own size for scale, and the share of planted pairs found. The last stdout line
+is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def synthetic(n: int, planted: float, seed: int, dim: int = 128) -> tuple[np.ndarray, int]:
+    """n unit vectors: the last `planted` share are near copies of the first ones."""
+    rng = np.random.default_rng(seed)
+    copies = int(n * planted)
+    centres = rng.standard_normal((500, dim)).astype(np.float32)
+    x = np.empty((n, dim), np.float32)
+    for start in range(0, n - copies, 100_000):
+        stop = min(start + 100_000, n - copies)
+        x[start:stop] = centres[rng.integers(0, 500, stop - start)] + 1.0 * rng.standard_normal((stop - start, dim))
+    x[n - copies:] = x[:copies] + 0.12 * rng.standard_normal((copies, dim)).astype(np.float32) * np.linalg.norm(
+        x[:copies], axis=1, keepdims=True) / np.sqrt(dim)  # fmt: skip
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, copies
+
+
+def write_index(folder: Path, n: int, planted: float, seed: int) -> int:
+    from instret.calibration import unrelated_distribution
+    from instret.encoder import Encoder, export_encoder
+    from instret.index import INDEX_FORMAT_VERSION, METRIC, write_generation
+
+    vectors, copies = synthetic(n, planted, seed)
+    ids = np.arange(n, dtype=np.int64)
+    files = [(i, f"img-{i:07d}.jpg", 1000, 10**18 + i, f"{i:064x}") for i in range(n)]
+    scores = unrelated_distribution(vectors, seed)  # as `instret index` measures it
+    factory = "Flat" if n <= 200_000 else "IVF1024,Flat"
+    manifest = {"format_version": INDEX_FORMAT_VERSION, "dim": 128, "metric": METRIC, "factory": factory,
+                "encoder_fingerprint": "synthetic", "root": str(folder / "images"), "count": n, "skipped": 0,
+                "postprocess": {"whiten": False}, "scores": scores}  # fmt: skip
+    encoder = folder / "encoder.pt"
+    export_encoder(Encoder("small", 128, 32), encoder, (0.5,) * 3, (0.25,) * 3)
+    (folder / "index").mkdir(parents=True)
+    write_generation(folder / "index", 1, manifest, vectors, ids, files, [], encoder)
+    return copies
+
+
+def measure(index: str, copies: int, n: int) -> dict:
+    """In this (fresh) process: find_duplicates, its time and this process's peak memory."""
+    from instret.duplicates import find_duplicates
+
+    imported = rss_mb("VmRSS")  # python, torch and faiss alone
+    start = time.perf_counter()
+    found = find_duplicates(index)
+    seconds = time.perf_counter() - start
+    planted = {(i, n - copies + i) for i in range(copies)}
+    pairs = set()
+    for g in found["groups"]:
+        rows = sorted(int(Path(m["path"]).stem.split("-")[1]) for m in g["members"])
+        pairs |= {(a, b) for k, a in enumerate(rows) for b in rows[k + 1:]}
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(rss_mb("VmHWM")), "imports_mb": round(imported),
+            "threshold": found["threshold"],
+            "groups": len(found["groups"]), "planted_found": round(len(pairs & planted) / max(1, copies), 4),
+            "pairs_not_planted": len(pairs - planted)}  # fmt: skip
+
+
+def rss_mb(field: str) -> float:
+    """VmHWM: this process's peak resident memory; VmRSS: its present one."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--planted", type=float, default=0.01)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)  # INDEX COPIES N: the child process
+    args = ap.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure[0], int(args.measure[1]), int(args.measure[2]))))
+        return
+    results = []
+    for n in map(int, args.sizes.split(",")):
+        work = Path(tempfile.mkdtemp(prefix="instret-dups-scale-"))
+        try:
+            start = time.perf_counter()
+            copies = write_index(work, n, args.planted, args.seed)
+            setup = time.perf_counter() - start
+            child = subprocess.run([sys.executable, __file__, "--measure", str(work / "index"), str(copies), str(n)],
+                                   capture_output=True, text=True)  # fmt: skip
+            if child.returncode != 0:
+                sys.exit(f"dups_scale: find_duplicates failed on {n} vectors:\n{child.stderr}")
+            row = {"vectors": n, "planted": copies, "vectors_mb": round(n * 128 * 4 / 2**20), "setup_seconds": round(setup, 1),
+                   **json.loads(child.stdout.strip().splitlines()[-1])}  # fmt: skip
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        results.append(row)
+        print(f"{n:>9,} vectors ({row['vectors_mb']} MB): dups {row['seconds']} s, peak {row['peak_rss_mb']} MB "
+              f"({row['imports_mb']} MB of it the imports), "
+              f"threshold {row['threshold']:.4f}, planted pairs found {row['planted_found']:.3f}, "
+              f"other pairs {row['pairs_not_planted']}", flush=True)  # fmt: skip
+    print(json.dumps({"results": results}))
+
+
+if __name__ == "__main__":
+    main()

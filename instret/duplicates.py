@@ -1,0 +1,288 @@
+"""Near-duplicate groups of an index: byte copies, then edited copies, in groups that never chain.
+
+Tiers. Files with the same bytes (the sha256 in meta.sqlite) are "exact" duplicates. Distinct
+contents whose vectors score at least the threshold are "near" duplicates: the same photo
+re-encoded, resized, cropped or recoloured. A group holding two or more distinct contents is
+"near"; its byte copies are marked "identical".
+
+No chaining. Groups are complete-linkage: every member scores at least the threshold with
+every other member, so a chain a~b~c never joins a and c through b, and whichever member
+`keep` picks, everything else in its group is a near copy of it. Pairs are joined strongest
+first; a group grows only while all its pairs stay above the threshold. A file is in one
+group at most.
+
+The threshold. With a wanted precision (the default, 0.99), it is the lowest score at which
+the pairs found are still that precise by the index's own calibration (instret.calibration):
+scanning the candidate pairs from the best down, at each score t the expected number of
+unrelated pairs is (pairs of distinct images) x (share of unrelated pairs at or above t), and
+the estimated precision is 1 - expected unrelated / pairs found; the scan stops at the first
+score where that falls below the precision. A raw threshold can be given instead. Indexes
+built before the calibration existed use FALLBACK_THRESHOLD.
+
+Scale. The candidate pairs come from range searches of the index by blocks of BLOCK vectors,
+through the index's own layout (exhaustive for Flat, an IVF layout visits nprobe lists), at a
+floor where the calibration expects about one unrelated pair per image, keeping each image's
+PER_IMAGE best: memory holds a block of vectors and at most PER_IMAGE candidate pairs per
+image, never an n x n matrix.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from instret.calibration import score_for_unrelated_share, unrelated_share
+from instret.errors import InstretError
+from instret.index import SearchIndex, from_db
+
+DEFAULT_PRECISION = 0.99
+FALLBACK_THRESHOLD = 0.95  # indexes without score distributions
+BLOCK = 4096  # query vectors per range search
+PER_IMAGE = 32  # candidate pairs kept per image (its best): more near copies of one photo is rare
+
+
+@dataclass
+class Member:
+    id: int
+    path: str  # absolute
+    bytes: int
+    mtime_ns: int
+    sha256: str
+    width: int = 0  # 0 x 0: the file cannot be read now
+    height: int = 0
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def present(self) -> bool:
+        return self.width > 0
+
+
+# Which member of a group is kept; the rest are its duplicates. Missing files are never kept.
+KEEP_RULES = {
+    "largest": lambda m: (not m.present, -m.pixels, m.mtime_ns, m.path),  # then oldest, then path
+    "oldest": lambda m: (not m.present, m.mtime_ns, -m.pixels, m.path),
+    "newest": lambda m: (not m.present, -m.mtime_ns, -m.pixels, m.path),
+    "path": lambda m: (not m.present, m.path),
+}
+
+
+# --- candidate pairs ---------------------------------------------------------------------
+
+
+def candidate_pairs(within, vectors, floor: float, rep_row: np.ndarray | None = None, ids: np.ndarray | None = None,
+                    block: int = BLOCK, per_image: int = PER_IMAGE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Pairs of distinct rows scoring above `floor`, each once: (row a < row b, score); each
+    row's `per_image` best at most, which bounds memory whatever the collection holds.
+
+    within(vectors) -> (query row, id, score) (SearchIndex.within); vectors: n x D rows (a
+    memory map is read block by block); ids: the id of each row (ascending; default the row
+    number); rep_row: the row standing for each row's content (byte copies share one): only
+    those rows query, and hits are folded onto them."""
+    n = len(vectors)
+    ids = np.arange(n, dtype=np.int64) if ids is None else ids
+    rep_row = np.arange(n) if rep_row is None else rep_row
+    found_a, found_b, found_s = [], [], []
+    for start in range(0, n, block):
+        rows = np.arange(start, min(start + block, n))
+        rows = rows[rep_row[rows] == rows]
+        if not len(rows):
+            continue
+        q, hit_ids, scores = within(np.asarray(vectors[rows]), floor)
+        a, b = rows[q], rep_row[np.searchsorted(ids, hit_ids)]
+        keep = a != b  # itself, or a byte copy of itself
+        a, b, scores = _closest(*_best_of_each_pair(a[keep], b[keep], scores[keep]), per_image)
+        found_a.append(np.minimum(a, b))
+        found_b.append(np.maximum(a, b))
+        found_s.append(scores)
+    if not found_a:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+    # Found from both ends (or once, by an approximate layout): each pair once, its best score.
+    return _best_of_each_pair(np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_s))
+
+
+def _best_of_each_pair(a: np.ndarray, b: np.ndarray, s: np.ndarray):
+    """Each (a, b) once, with its best score; sorted by a, then b."""
+    order = np.lexsort((-s, b, a))
+    a, b, s = a[order], b[order], s[order]
+    first = np.ones(len(a), bool)
+    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    return a[first], b[first], s[first]
+
+
+def _closest(a: np.ndarray, b: np.ndarray, s: np.ndarray, per_image: int):
+    """The `per_image` best pairs of each a."""
+    order = np.lexsort((-s, a))
+    a, b, s = a[order], b[order], s[order]
+    rank = np.arange(len(a)) - np.searchsorted(a, a)  # position among a's own pairs
+    keep = rank < per_image
+    return a[keep], b[keep], s[keep]
+
+
+# --- the threshold -----------------------------------------------------------------------
+
+
+def search_floor(distributions: dict | None, contents: int, threshold: float | None) -> float:
+    """The lowest score worth a candidate pair: the raw threshold, or where the calibration
+    expects about one unrelated pair per distinct image (the precision threshold lies above)."""
+    if threshold is not None:
+        return threshold - 1e-6  # range search keeps scores above the radius: keep those equal too
+    if not distributions:
+        return FALLBACK_THRESHOLD - 1e-6
+    return score_for_unrelated_share(contents / max(1.0, _pairs(contents)), distributions)
+
+
+def threshold_for_precision(scores: np.ndarray, contents: int, distributions: dict, precision: float) -> dict:
+    """{"threshold", "pairs", "expected_unrelated"}: the lowest candidate score at which the
+    pairs found, counted from the best down, are still estimated `precision` precise."""
+    desc = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    expected = _pairs(contents) * unrelated_share(desc, distributions) if len(desc) else np.empty(0)
+    estimated = 1.0 - expected / np.arange(1, len(desc) + 1)
+    failing = np.flatnonzero(estimated < precision)
+    last = (failing[0] if len(failing) else len(desc)) - 1
+    if last < 0:  # not even the best pair: the score at which one pair alone would be precise enough
+        t = score_for_unrelated_share((1.0 - precision) / max(1.0, _pairs(contents)), distributions)
+        return {"threshold": round(float(t), 6), "pairs": 0, "expected_unrelated": 0.0}
+    return {"threshold": round(float(desc[last]), 6), "pairs": int(last) + 1,
+            "expected_unrelated": round(float(expected[last]), 2)}  # fmt: skip
+
+
+def _pairs(contents: int) -> float:
+    return contents * (contents - 1) / 2
+
+
+# --- groups ------------------------------------------------------------------------------
+
+
+def complete_linkage(a: np.ndarray, b: np.ndarray, s: np.ndarray, threshold: float) -> list[list[int]]:
+    """Groups (of 2 or more) in which every two members have a pair scoring >= threshold,
+    joined strongest pair first; each row in one group at most."""
+    keep = s >= threshold
+    a, b, s = a[keep], b[keep], s[keep]
+    linked = set(zip(a.tolist(), b.tolist()))
+    group_of: dict[int, list[int]] = {}
+    for i in np.lexsort((b, a, -s)):
+        x, y = int(a[i]), int(b[i])
+        gx, gy = group_of.get(x, [x]), group_of.get(y, [y])
+        if gx is gy:
+            continue
+        if all((min(u, v), max(u, v)) in linked for u in gx for v in gy):
+            gx.extend(gy)
+            for member in gx:
+                group_of[member] = gx
+    groups = {id(g): g for g in group_of.values()}
+    return [sorted(g) for g in groups.values()]
+
+
+def find_duplicates(index_dir: str | Path, threshold: float | None = None, precision: float = DEFAULT_PRECISION,
+                    keep: str = "largest") -> dict:  # fmt: skip
+    """{"threshold", "reason", "keep_rule", "groups": [{"tier", "keep", "min_score", "members"}]}
+    of an index: exact groups first, then near ones, largest first. `threshold` (a cosine
+    similarity) overrides the one calibrated for `precision`."""
+    if keep not in KEEP_RULES:
+        raise InstretError(f"--keep must be one of {', '.join(KEEP_RULES)}, not {keep!r}")
+    if threshold is None and not 0 < precision < 1:
+        raise InstretError(f"--precision must be between 0 and 1 (exclusive), not {precision}")
+    index = SearchIndex(index_dir)
+    vectors, ids = index.vectors()
+    rep_row = np.searchsorted(ids, _content_reps(index.meta, ids))
+    contents = int((rep_row == np.arange(len(ids))).sum())
+    distributions = index.manifest.get("scores")
+    floor = search_floor(distributions, contents, threshold)
+    a, b, s = candidate_pairs(index.within, vectors, floor, rep_row, ids)
+    choice = _threshold(s, contents, distributions, threshold, precision)
+    near = complete_linkage(a, b, s, choice["threshold"])
+    grouped = {r for g in near for r in g}
+    exact = [[r] for r in np.unique(rep_row[rep_row != np.arange(len(ids))]).tolist() if r not in grouped]
+    groups = [_describe_group(index, vectors, ids, rep_row, rows, keep) for rows in exact + near]
+    groups.sort(key=lambda g: (g["tier"] != "exact", -len(g["members"]), g["keep"]))
+    index.close()
+    return {**choice, "keep_rule": keep, "groups": groups}
+
+
+def _threshold(s, contents, distributions, threshold, precision) -> dict:
+    if threshold is not None:
+        return {"threshold": threshold, "reason": f"--threshold {threshold}, as given"}
+    if not distributions:
+        return {"threshold": FALLBACK_THRESHOLD,
+                "reason": f"{FALLBACK_THRESHOLD}: this index has no score distributions to calibrate with "
+                          f"(built by an older instret; `instret index --rebuild` measures them)"}  # fmt: skip
+    found = threshold_for_precision(s, contents, distributions, precision)
+    t = found["threshold"]
+    copies = ""
+    if "copies" in distributions:
+        share = 1.0 - float(np.interp(t, distributions["copies"], np.linspace(0, 1, len(distributions["copies"]))))
+        copies = f"; {share:.0%} of edited copies of this index's images (instret.edits) score at least this"
+    reason = (f"--precision {precision}: calibrated on this index, {found['pairs']} pair(s) of distinct images "
+              f"score at least {t:.4f}, of which about {found['expected_unrelated']:g} would be unrelated "
+              f"images by chance{copies}")  # fmt: skip
+    return {**found, "precision": precision, "reason": reason}
+
+
+def _content_reps(meta: sqlite3.Connection, ids: np.ndarray) -> np.ndarray:
+    """For each id (ascending), the lowest id with the same bytes (its own when it is unique);
+    streamed into an array, so that a million files cost 16 MB, not a dict."""
+    rows = meta.execute("SELECT id, MIN(id) OVER (PARTITION BY sha256) FROM files ORDER BY id")
+    pairs = np.fromiter(chain.from_iterable(rows), np.int64).reshape(-1, 2)
+    if not np.array_equal(pairs[:, 0], ids):
+        raise InstretError("the index's metadata and vectors list different files; the index is damaged, rebuild it")
+    return pairs[:, 1]
+
+
+def _describe_group(index: SearchIndex, vectors, ids, rep_row, rows: list[int], keep: str) -> dict:
+    """The JSON of one group: its files (every byte copy of every content in it), the kept one,
+    and each member's score with the kept one."""
+    all_rows = np.flatnonzero(np.isin(rep_row, rows))
+    members = _members(index, [int(ids[r]) for r in all_rows])
+    kept = min(members, key=KEEP_RULES[keep])
+    row_of = {int(ids[r]): int(r) for r in all_rows}
+    searched = index.transform(np.asarray(vectors[np.sort(all_rows)]))
+    position = {int(r): i for i, r in enumerate(np.sort(all_rows))}
+    kept_vec = searched[position[row_of[kept.id]]]
+    out = []
+    for m in sorted(members, key=KEEP_RULES[keep]):
+        identical = m.sha256 == kept.sha256
+        score = 1.0 if identical else float(searched[position[row_of[m.id]]] @ kept_vec)
+        out.append({"path": m.path, "score": round(score, 6), "identical": identical, "width": m.width,
+                    "height": m.height, "bytes": m.bytes, "modified": _iso(m.mtime_ns)})  # fmt: skip
+    pair_scores = searched @ searched.T
+    distinct = len({m.sha256 for m in members})
+    return {"tier": "near" if distinct > 1 else "exact", "keep": kept.path,
+            "min_score": round(float(pair_scores.min()), 6), "members": out}  # fmt: skip
+
+
+def _members(index: SearchIndex, member_ids: list[int]) -> list[Member]:
+    rows = []
+    for start in range(0, len(member_ids), 900):  # SQLite's limit on bound parameters
+        chunk = member_ids[start:start + 900]
+        rows += index.meta.execute(f"SELECT id, path, size, mtime_ns, sha256 FROM files WHERE id IN "
+                                   f"({','.join('?' * len(chunk))})", chunk).fetchall()  # fmt: skip
+    root = Path(index.manifest["root"])
+    members = [Member(i, str(root / from_db(p)), size, mtime, sha) for i, p, size, mtime, sha in rows]
+    for m in members:
+        m.width, m.height = _image_size(m.path)
+    return members
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the file's header, upright; (0, 0) when it cannot be read now."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return 0, 0
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _iso(mtime_ns: int) -> str:
+    return datetime.fromtimestamp(mtime_ns / 1e9, timezone.utc).isoformat(timespec="seconds")
