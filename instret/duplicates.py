@@ -140,14 +140,16 @@ def search_floor(distributions: dict | None, contents: int, threshold: float | N
 
 
 def threshold_for_precision(scores: np.ndarray, contents: int, distributions: dict, precision: float) -> dict:
-    """{"threshold", "pairs", "expected_unrelated"}: the lowest candidate score at which the
-    pairs found, counted from the best down, are still estimated `precision` precise."""
+    """{"threshold", "pairs", "expected_unrelated"}: the lowest candidate score t at which the
+    pairs scoring t or more are estimated `precision` precise (a step-up rule, as
+    Benjamini-Hochberg's: a few pairs at the very top may look less certain than the many
+    just below them, so the whole list is scanned)."""
     desc = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
     expected = _pairs(contents) * unrelated_share(desc, distributions) if len(desc) else np.empty(0)
     estimated = 1.0 - expected / np.arange(1, len(desc) + 1)
-    failing = np.flatnonzero(estimated < precision)
-    last = (failing[0] if len(failing) else len(desc)) - 1
-    if last < 0:  # not even the best pair: the score at which one pair alone would be precise enough
+    passing = np.flatnonzero(estimated >= precision)
+    last = passing[-1] if len(passing) else -1
+    if last < 0:  # no pair: the score at which one pair alone would be precise enough
         t = score_for_unrelated_share((1.0 - precision) / max(1.0, _pairs(contents)), distributions)
         return {"threshold": round(float(t), 6), "pairs": 0, "expected_unrelated": 0.0}
     return {"threshold": round(float(desc[last]), 6), "pairs": int(last) + 1,

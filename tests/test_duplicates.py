@@ -61,6 +61,10 @@ def test_the_threshold_is_the_lowest_score_still_precise_enough():
     # At 0.99: 5 pairs, 0.5 expected unrelated: precision 0.8999 < 0.9; at 0.995 it is 0.984.
     assert found == {"threshold": 0.995, "pairs": 4, "expected_unrelated": 0.06}
     assert threshold_for_precision(scores, contents, tail, precision=0.85)["threshold"] == 0.99
+    # One pair at 0.99 alone would be doubtful (0.5 expected unrelated), but with 99 more at
+    # 0.989 (0.67 expected unrelated among 100) the lot is 99.3 % precise: step-up takes them all.
+    crowd = threshold_for_precision(np.array([0.99] + [0.989] * 99), contents, tail, precision=0.99)
+    assert crowd == {"threshold": 0.989, "pairs": 100, "expected_unrelated": 0.67}
     # Nothing precise enough: the score at which a single pair would be.
     alone = threshold_for_precision(np.array([0.9]), contents, tail, precision=0.99)
     assert alone["pairs"] == 0 and alone["threshold"] == pytest.approx(1 - (0.01 / 500_500) ** (1 / 3), abs=1e-6)
