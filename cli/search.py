@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -94,11 +95,12 @@ KEEP_CHOICES = ["largest", "oldest", "newest", "path"]  # instret.duplicates.KEE
 @click.option("--keep", type=click.Choice(KEEP_CHOICES), default="largest", show_default=True,
               help="The member each group keeps: largest (most pixels, then oldest, then path), oldest, newest, path.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout: the threshold, why, and every group.")
-@click.option("--html", "html_file", help="Also write a self-contained HTML page: each group side by side, sizes and dates.")
-@click.option("--move-to", "move_to", help="Move every member but the kept one into this folder (keeping its path under "
+@click.option("--html", "html_file", metavar="FILE",
+              help="Also write a self-contained HTML page: each group side by side, sizes and dates.")
+@click.option("--move-to", "move_to", metavar="DIR", help="Move every member but the kept one into this folder (keeping its path under "
               "the indexed folder), writing a journal first.")
-@click.option("--link-to", "link_to", help="Make symbolic links of each group in this folder for review; nothing moves.")
-@click.option("--undo", "undo_journal", help="Put back every file a --move-to journal moved (no INDEX_DIR needed).")
+@click.option("--link-to", "link_to", metavar="DIR", help="Make symbolic links of each group in this folder for review; nothing moves.")
+@click.option("--undo", "undo_journal", metavar="JOURNAL", help="Put back every file a --move-to journal moved (no INDEX_DIR needed).")
 def dups_cmd(index_dir, precision, threshold, keep, as_json, html_file, move_to, link_to, undo_journal):
     """Groups of duplicate images in an index: byte copies (exact), then edited copies (near).
 
@@ -132,7 +134,7 @@ def dups_cmd(index_dir, precision, threshold, keep, as_json, html_file, move_to,
         made = moves.link_groups(groups, Path(link_to))
         click.echo(f"made {made} link(s) in {link_to}", err=True)
     if move_to:
-        _move(found, index_dir, Path(move_to))
+        _move(found, index_dir, Path(os.path.abspath(move_to)))  # the journal must hold absolute paths
 
 
 def _move(found: dict, index_dir: str, dest: Path) -> None:

@@ -74,7 +74,11 @@ def complete(path: str | Path) -> dict:
 
 
 def undo(path: str | Path) -> dict:
-    """Put every file of a journal back where it was: {"restored", "already_in_place"}."""
+    """Put every file of a journal back where it was: {"restored", "already_in_place"}. The
+    journal is marked first, so that a rerun of the move never redoes what an undo began."""
+    journal = read_journal(path)
+    if "undo" not in journal:
+        atomic_write_text(path, json.dumps({**journal, "undo": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
     changed, already = _settle(path, forward=False)
     return {"restored": changed, "already_in_place": already}
 
@@ -83,6 +87,8 @@ def _settle(path: str | Path, forward: bool) -> tuple[int, int]:
     """Bring each file of the journal to its destination (forward) or back to its source, from
     whatever state a run left it in. Returns (files brought, files already there)."""
     journal = read_journal(path)
+    if forward and "undo" in journal:
+        raise InstretError(f"{path}: these moves were undone; run `instret dups` again to plan new ones")
     changed = already = 0
     for m in journal["moves"] if forward else reversed(journal["moves"]):
         src, dst = Path(m["from"]), Path(m["to"])
@@ -104,11 +110,12 @@ def _settle(path: str | Path, forward: bool) -> tuple[int, int]:
 
 
 def unfinished(dest: Path) -> list[Path]:
-    """Journals in dest with moves not done (an interrupted run)."""
+    """Journals in dest with moves not done (an interrupted run), leaving out those an undo began."""
     out = []
     for path in sorted(dest.glob(JOURNAL_GLOB)) if dest.is_dir() else []:
-        moves = read_journal(path)["moves"]
-        if any(_state(Path(m["from"]), Path(m["to"]), m["sha256"]) != "moved" for m in moves):
+        journal = read_journal(path)
+        if "undo" not in journal and any(_state(Path(m["from"]), Path(m["to"]), m["sha256"]) != "moved"
+                                         for m in journal["moves"]):  # fmt: skip
             out.append(path)
     return out
 

@@ -251,6 +251,10 @@ def test_move_then_undo_restores_every_byte_and_path(odd_collection, tmp_path, c
     assert code == 0 and "restored 3 file(s)" in err
     assert snapshot(photos) == before
     assert [p.name for p in (tmp_path / "moved").iterdir()] == [journal.name]  # emptied folders removed
+    # A later --move-to does not take the undone journal for an interrupted one.
+    code, _, err = run_cli(["dups", str(ix), "--threshold", "0.9999", "--json", "--move-to", str(tmp_path / "moved"),
+                            "--keep", "path"], capsys)  # fmt: skip
+    assert code == 0 and "interrupted" not in err and "moved 3 file(s)" in err
 
 
 def instret_process(*args):
