@@ -33,9 +33,19 @@ def make_images(root: Path, n: int, size: int = 32, seed: int = 0) -> Path:
 
 
 def run(folder: Path, out: Path, nproc: int, args) -> float:
-    cmd = [sys.executable, "-m", "instret", "train", "--data", str(folder), "--out", str(out), "--arch", "small",
-           "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--knn-k", "20", "--workers", "0",
-           "--nproc-per-node", str(nproc)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        *"-m instret train --data".split(),
+        str(folder),
+        "--out",
+        str(out),
+        *"--arch small --epochs".split(),
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        *"--knn-k 20 --workers 0 --nproc-per-node".split(),
+        str(nproc),
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return rows[-1]["images_per_s"]
@@ -51,8 +61,17 @@ def main() -> None:
         folder = make_images(Path(tmp) / "img", args.images)
         one = run(folder, Path(tmp) / "one", 1, args)
         two = run(folder, Path(tmp) / "two", 2, args)
-    print(json.dumps({"images": args.images, "global_batch": args.batch_size, "one_process_images_per_s": one,
-                      "two_processes_images_per_s": two, "ratio": round(two / one, 3)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "images": args.images,
+                "global_batch": args.batch_size,
+                "one_process_images_per_s": one,
+                "two_processes_images_per_s": two,
+                "ratio": round(two / one, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

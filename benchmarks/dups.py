@@ -82,7 +82,7 @@ def build_collection(shared: Path, folder: Path, photos: int, planted: int, seed
         placed.append(dst)
     pairs, kinds = [], []
     kind_names = list(EDITS)
-    for n, (original, name) in enumerate(zip(rng.sample(placed, planted), names[len(files):])):
+    for n, (original, name) in enumerate(zip(rng.sample(placed, planted), names[len(files) :])):
         kind = kind_names[n % len(kind_names)]
         if EDITS[kind] is None:
             copy = folder / f"img-{name:06d}{original.suffix}"
@@ -98,11 +98,15 @@ def build_collection(shared: Path, folder: Path, photos: int, planted: int, seed
 def score(found: set[frozenset], truth: list[frozenset], kinds: list[str]) -> dict:
     true = set(truth)
     hits = found & true
-    out = {"pairs_reported": len(found), "true_pairs_found": len(hits),
-           "precision": round(len(hits) / len(found), 4) if found else 1.0,
-           "recall": round(len(hits) / len(true), 4)}  # fmt: skip
-    out["recall_by_edit"] = {k: round(float(np.mean([t in found for t, kk in zip(truth, kinds) if kk == k])), 4)
-                             for k in EDITS}  # fmt: skip
+    out = {
+        "pairs_reported": len(found),
+        "true_pairs_found": len(hits),
+        "precision": round(len(hits) / len(found), 4) if found else 1.0,
+        "recall": round(len(hits) / len(true), 4),
+    }
+    out["recall_by_edit"] = {
+        k: round(float(np.mean([t in found for t, kk in zip(truth, kinds) if kk == k])), 4) for k in EDITS
+    }
     return out
 
 
@@ -110,7 +114,7 @@ def group_pairs(groups: list[dict]) -> set[frozenset]:
     pairs = set()
     for g in groups:
         paths = [m["path"] for m in g["members"]]
-        pairs |= {frozenset((p, q)) for i, p in enumerate(paths) for q in paths[i + 1:]}
+        pairs |= {frozenset((p, q)) for i, p in enumerate(paths) for q in paths[i + 1 :]}
     return pairs
 
 
@@ -127,9 +131,16 @@ def instret_rows(folder: Path, work: Path, model: str, precision: float, truth, 
         found = find_duplicates(index, precision=precision)
         seconds = time.perf_counter() - start
         row = score(group_pairs(found["groups"]), truth, kinds)
-        row.update({"threshold": found["threshold"], "reason": found["reason"], "index_seconds": round(built, 1),
-                    "dups_seconds": round(seconds, 2),
-                    "groups": len(found["groups"]), "largest_group": max((len(g["members"]) for g in found["groups"]), default=0)})  # fmt: skip
+        row.update(
+            {
+                "threshold": found["threshold"],
+                "reason": found["reason"],
+                "index_seconds": round(built, 1),
+                "dups_seconds": round(seconds, 2),
+                "groups": len(found["groups"]),
+                "largest_group": max((len(g["members"]) for g in found["groups"]), default=0),
+            }
+        )
         results[label] = row
         report(label, row)
         say(f"    {found['reason']}")
@@ -175,7 +186,9 @@ def phash_rows(folder: Path, truth, kinds, results: dict) -> None:
 
 def report(label: str, row: dict) -> None:
     edits = "  ".join(f"{k} {v:.2f}" for k, v in row["recall_by_edit"].items())
-    say(f"{label:34s} precision {row['precision']:.4f}  recall {row['recall']:.4f}  ({row['pairs_reported']} pairs)   {edits}")
+    say(
+        f"{label:34s} precision {row['precision']:.4f}  recall {row['recall']:.4f}  ({row['pairs_reported']} pairs)   {edits}"
+    )
 
 
 def main() -> None:
@@ -210,8 +223,17 @@ def main() -> None:
     phash_rows(folder, truth, kinds, results)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({"photos": args.photos, "planted": args.planted, "model": args.model or "trained",
-                      "precision_asked": args.precision, "results": results}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "photos": args.photos,
+                "planted": args.planted,
+                "model": args.model or "trained",
+                "precision_asked": args.precision,
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def synthetic(n: int, planted: float, seed: int) -> tuple[np.ndarray, int]:
     x = np.empty((n, 128), np.float32)
     x[: n - copies] = clustered(n - copies, seed)
     noise = np.random.default_rng(seed).standard_normal((copies, 128)).astype(np.float32)
-    x[n - copies:] = x[:copies] + 0.1 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
+    x[n - copies :] = x[:copies] + 0.1 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x, copies
 
@@ -46,16 +46,23 @@ def synthetic(n: int, planted: float, seed: int) -> tuple[np.ndarray, int]:
 def write_index(folder: Path, n: int, planted: float, seed: int) -> int:
     from instret.calibration import unrelated_distribution
     from instret.encoder import Encoder, export_encoder
-    from instret.index import INDEX_FORMAT_VERSION, METRIC, write_generation
+    from instret.index import make_manifest, write_generation
 
     vectors, copies = synthetic(n, planted, seed)
     ids = np.arange(n, dtype=np.int64)
     files = [(i, f"img-{i:07d}.jpg", 1000, 10**18 + i, f"{i:064x}") for i in range(n)]
     scores = unrelated_distribution(vectors, seed)  # as `instret index` measures it
     factory = "Flat" if n <= 200_000 else "IVF4096,Flat"
-    manifest = {"format_version": INDEX_FORMAT_VERSION, "dim": 128, "metric": METRIC, "factory": factory,
-                "encoder_fingerprint": "synthetic", "root": str(folder / "images"), "count": n, "skipped": 0,
-                "postprocess": {"whiten": False}, "scores": scores}  # fmt: skip
+    manifest = make_manifest(
+        vectors,
+        factory,
+        "synthetic",
+        "small",
+        32,
+        folder / "images",
+        0,
+        extra={"postprocess": {"whiten": False}, "scores": scores},
+    )
     encoder = folder / "encoder.pt"
     export_encoder(Encoder("small", 128, 32), encoder, (0.5,) * 3, (0.25,) * 3)
     (folder / "index").mkdir(parents=True)
@@ -75,11 +82,16 @@ def measure(index: str, copies: int, n: int) -> dict:
     pairs = set()
     for g in found["groups"]:
         rows = sorted(int(Path(m["path"]).stem.split("-")[1]) for m in g["members"])
-        pairs |= {(a, b) for k, a in enumerate(rows) for b in rows[k + 1:]}
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(rss_mb("VmHWM")), "imports_mb": round(imported),
-            "threshold": found["threshold"],
-            "groups": len(found["groups"]), "planted_found": round(len(pairs & planted) / max(1, copies), 4),
-            "pairs_not_planted": len(pairs - planted)}  # fmt: skip
+        pairs |= {(a, b) for k, a in enumerate(rows) for b in rows[k + 1 :]}
+    return {
+        "seconds": round(seconds, 1),
+        "peak_rss_mb": round(rss_mb("VmHWM")),
+        "imports_mb": round(imported),
+        "threshold": found["threshold"],
+        "groups": len(found["groups"]),
+        "planted_found": round(len(pairs & planted) / max(1, copies), 4),
+        "pairs_not_planted": len(pairs - planted),
+    }
 
 
 def rss_mb(field: str) -> float:
@@ -107,19 +119,30 @@ def main() -> None:
             start = time.perf_counter()
             copies = write_index(work, n, args.planted, args.seed)
             setup = time.perf_counter() - start
-            child = subprocess.run([sys.executable, __file__, "--measure", str(work / "index"), str(copies), str(n)],
-                                   capture_output=True, text=True)  # fmt: skip
+            child = subprocess.run(
+                [sys.executable, __file__, "--measure", str(work / "index"), str(copies), str(n)],
+                capture_output=True,
+                text=True,
+            )
             if child.returncode != 0:
                 sys.exit(f"dups_scale: find_duplicates failed on {n} vectors:\n{child.stderr}")
-            row = {"vectors": n, "planted": copies, "vectors_mb": round(n * 128 * 4 / 2**20), "setup_seconds": round(setup, 1),
-                   **json.loads(child.stdout.strip().splitlines()[-1])}  # fmt: skip
+            row = {
+                "vectors": n,
+                "planted": copies,
+                "vectors_mb": round(n * 128 * 4 / 2**20),
+                "setup_seconds": round(setup, 1),
+                **json.loads(child.stdout.strip().splitlines()[-1]),
+            }
         finally:
             shutil.rmtree(work, ignore_errors=True)
         results.append(row)
-        print(f"{n:>9,} vectors ({row['vectors_mb']} MB): dups {row['seconds']} s, peak {row['peak_rss_mb']} MB "
-              f"({row['imports_mb']} MB of it the imports), "
-              f"threshold {row['threshold']:.4f}, planted pairs found {row['planted_found']:.3f}, "
-              f"other pairs {row['pairs_not_planted']}", flush=True)  # fmt: skip
+        print(
+            f"{n:>9,} vectors ({row['vectors_mb']} MB): dups {row['seconds']} s, peak {row['peak_rss_mb']} MB "
+            f"({row['imports_mb']} MB of it the imports), "
+            f"threshold {row['threshold']:.4f}, planted pairs found {row['planted_found']:.3f}, "
+            f"other pairs {row['pairs_not_planted']}",
+            flush=True,
+        )
     print(json.dumps({"results": results}))
 
 

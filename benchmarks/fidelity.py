@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_instdisc import SmallCNN, train_reference  # noqa: E402
+from reference_instdisc import SmallCNN, train_reference
 
-from instret.augment import channel_stats  # noqa: E402
-from instret.config import TrainConfig  # noqa: E402
-from instret.data import load_folder  # noqa: E402
-from instret.trainer import Trainer, train  # noqa: E402
+from instret.augment import channel_stats
+from instret.config import TrainConfig
+from instret.data import load_folder
+from instret.trainer import Trainer, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -44,14 +44,13 @@ CPU_CONFIG = {"arch": "small", "bank_init": "features"}
 
 
 def run_instret(data, cfg: dict, out: Path) -> tuple[dict, list[dict]]:
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(TrainConfig.from_dict({**cfg, "out": str(out)}), data, out, torch.device("cpu"))
+    trainer = Trainer(TrainConfig.from_dict({**cfg, "out": str(out)}), data, torch.device("cpu"))
     while trainer.epoch < trainer.cfg.epochs:
         row = trainer.train_epoch()
-        trainer.epoch += 1
-        trainer.history.append(row)
-        print(f"instret epoch {row['epoch']}/{trainer.cfg.epochs} loss {row['loss']:.4f} "
-              f"{row['images_per_s']:.0f} img/s", flush=True)  # fmt: skip
+        print(
+            f"instret epoch {row['epoch']}/{trainer.cfg.epochs} loss {row['loss']:.4f} {row['images_per_s']:.0f} img/s",
+            flush=True,
+        )
     return trainer.final_eval(), trainer.history
 
 
@@ -92,27 +91,62 @@ def main() -> None:
             torch.manual_seed(0)
             t = time.perf_counter()
             rows, ref_top1 = train_reference(
-                SmallCNN(), data.train.images, data.train.labels, data.eval.images, data.eval.labels,
-                epochs=args.epochs, mean=mean, std=std, workers=args.workers, flip=True,
-            )  # fmt: skip
+                SmallCNN(),
+                data.train.images,
+                data.train.labels,
+                data.eval.images,
+                data.eval.labels,
+                epochs=args.epochs,
+                mean=mean,
+                std=std,
+                workers=args.workers,
+                flip=True,
+            )
             ref_s = sum(r["seconds"] for r in rows) / len(rows)
-            print(f"reference: kNN top-1 {ref_top1:.4f}, {ref_s:.1f} s/epoch ({time.perf_counter() - t:.0f} s)", flush=True)
-            final, hist = run_instret(data, {"arch": "small", "epochs": args.epochs, "workers": args.workers}, tmp / "a")
+            print(
+                f"reference: kNN top-1 {ref_top1:.4f}, {ref_s:.1f} s/epoch ({time.perf_counter() - t:.0f} s)",
+                flush=True,
+            )
+            final, hist = run_instret(
+                data, {"arch": "small", "epochs": args.epochs, "workers": args.workers}, tmp / "a"
+            )
             ours_s = sum(r["seconds"] for r in hist) / len(hist)
             print(f"instret:   kNN top-1 {final['knn_top1']:.4f}, {ours_s:.1f} s/epoch", flush=True)
-            result.update({"epochs": args.epochs, "ref_top1": round(ref_top1, 4), "instret_top1": round(final["knn_top1"], 4),
-                           "ref_s_per_epoch": round(ref_s, 2), "instret_s_per_epoch": round(ours_s, 2),
-                           "fidelity_met": final["knn_top1"] >= ref_top1 - 0.01})  # fmt: skip
+            result.update(
+                {
+                    "epochs": args.epochs,
+                    "ref_top1": round(ref_top1, 4),
+                    "instret_top1": round(final["knn_top1"], 4),
+                    "ref_s_per_epoch": round(ref_s, 2),
+                    "instret_s_per_epoch": round(ours_s, 2),
+                    "fidelity_met": final["knn_top1"] >= ref_top1 - 0.01,
+                }
+            )
         if args.minutes > 0:
             t = time.perf_counter()
-            final = train({"data": args.data, "out": str(tmp / "b"), "time_budget": args.minutes,
-                           "workers": args.workers, **cpu_config})  # fmt: skip
+            final = train(
+                {
+                    "data": args.data,
+                    "out": str(tmp / "b"),
+                    "time_budget": args.minutes,
+                    "workers": args.workers,
+                    **cpu_config,
+                }
+            )
             wall = time.perf_counter() - t
-            print(f"budget run: kNN top-1 {final['knn_top1']:.4f} after {final['epochs']} epochs, "
-                  f"{wall / 60:.1f} min", flush=True)  # fmt: skip
-            result.update({"budget_minutes": args.minutes, "budget_epochs": final["epochs"],
-                           "budget_wall_minutes": round(wall / 60, 2), "budget_top1": final["knn_top1"],
-                           "budget_config": cpu_config})  # fmt: skip
+            print(
+                f"budget run: kNN top-1 {final['knn_top1']:.4f} after {final['epochs']} epochs, {wall / 60:.1f} min",
+                flush=True,
+            )
+            result.update(
+                {
+                    "budget_minutes": args.minutes,
+                    "budget_epochs": final["epochs"],
+                    "budget_wall_minutes": round(wall / 60, 2),
+                    "budget_top1": final["knn_top1"],
+                    "budget_config": cpu_config,
+                }
+            )
             if args.with_reference:
                 result.update(reference_in_budget(data, args.minutes * 60, args.workers))
     finally:

@@ -27,7 +27,7 @@ import torch
 from instret.config import TrainConfig
 from instret.data import ImageSet, TrainData, load_folder
 from instret.device import resolve_device
-from instret.trainer import Trainer, batches
+from instret.trainer import Trainer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CLASSES = [str(i) for i in range(10)]
@@ -38,7 +38,9 @@ def load(args) -> TrainData:
         z = np.load(args.npz)
 
         def part(x, y):
-            return ImageSet(torch.from_numpy(z[x]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(z[y]).long(), CLASSES)
+            return ImageSet(
+                torch.from_numpy(z[x]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(z[y]).long(), CLASSES
+            )
 
         return TrainData(part("train_x", "train_y"), part("test_x", "test_y"), "cifar10")
     if not Path(args.data).is_dir():
@@ -63,7 +65,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig.from_dict({"arch": args.arch, "epochs": 200, "out": str(out), "device": str(device)})
-    trainer = Trainer(cfg, data, out, device)
+    trainer = Trainer(cfg, data, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.arch} on {name}: {len(data.train)} training images", flush=True)
     if device.type == "cuda":
@@ -72,24 +74,23 @@ def main() -> None:
     start = time.perf_counter()
     rows, steps = [], 0
     while time.perf_counter() - start < budget and (args.max_steps is None or steps < args.max_steps):
-        if args.max_steps is not None:  # smoke test: a few steps, no whole epoch
-            perm = torch.randperm(len(trainer.train_images), device=device)
-            t = time.perf_counter()
-            for idx in batches(perm, cfg.batch_size)[: args.max_steps]:
-                trainer.step(idx)
-                steps += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            rows.append({"epoch": 0, "seconds": time.perf_counter() - t, "images_per_s": steps * cfg.batch_size / (time.perf_counter() - t)})
-            break
-        row = trainer.train_epoch()
-        trainer.epoch += 1
-        row.update(trainer.knn(trainer.bank.features, trainer.eval_model()))
+        row = trainer.train_epoch(max_steps=args.max_steps)  # smoke test: a few steps, no whole epoch
+        steps += args.max_steps or 0
+        trainer.monitor()  # as `instret train` monitors an epoch
         rows.append(row)
-        print(f"epoch {row['epoch']}: {row['seconds']:.1f} s, {row['images_per_s']:.0f} img/s, kNN {row['knn_top1']:.4f}", flush=True)
+        if args.max_steps is not None:
+            break
+        print(
+            f"epoch {row['epoch']}: {row['seconds']:.1f} s, {row['images_per_s']:.0f} img/s, kNN {row['knn_top1']:.4f}",
+            flush=True,
+        )
     final = trainer.final_eval() if trainer.epoch > 0 else {}
     timed = rows[1:] or rows  # the first epoch pays for warm-up
-    sec_per_epoch = sum(r["seconds"] for r in timed) / len(timed) * (len(data.train) / (cfg.batch_size * steps) if args.max_steps else 1)
+    sec_per_epoch = (
+        sum(r["seconds"] for r in timed)
+        / len(timed)
+        * (len(data.train) / (cfg.batch_size * steps) if args.max_steps else 1)
+    )
     result = {
         "device": name,
         "date": date.today().isoformat(),
@@ -100,7 +101,9 @@ def main() -> None:
         "knn_top1": round(final.get("knn_top1", rows[-1].get("knn_top1", float("nan"))), 4),
         "bank_knn_top1": rows[-1].get("knn_top1"),
         "projected_200_epoch_minutes": round(sec_per_epoch * 200 / 60, 1),
-        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if device.type == "cuda"
+        else None,
     }
     if args.record:
         path = Path(__file__).resolve().parent / "results" / f"gpu_cifar10-{result['date']}.json"

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from instret.index import make_faiss_index, set_search_breadth  # noqa: E402
+from instret.index import make_faiss_index, set_search_breadth
 
 LAYOUTS = ["Flat", "IVF4096,Flat", "IVF4096,PQ16", "HNSW32"]
 DIM, LATENT, CENTRES, QUERIES = 128, 16, 1_000, 200
@@ -43,7 +43,7 @@ def clustered(rows: int, seed: int = 0, chunk: int = 1_000_000) -> np.ndarray:
         n = min(chunk, rows - start)
         z = centres[rng.integers(0, CENTRES, n)] + 0.5 * rng.normal(size=(n, LATENT)).astype(np.float32)
         x = z @ mix + 0.1 * rng.normal(size=(n, DIM)).astype(np.float32)
-        out[start:start + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        out[start : start + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
 
@@ -66,8 +66,14 @@ def measure(x: np.ndarray, queries: np.ndarray, truth: np.ndarray, layout: str) 
         times.append(time.perf_counter() - t)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     recall = np.mean([len(set(found[i]) & set(truth[i])) / 10 for i in range(len(queries))])
-    return {"rows": len(x), "layout": layout, "build_s": round(build, 1), "bytes_per_vector": round(size / len(x), 1),
-            "query_p50_ms": round(float(np.median(times)) * 1000, 2), "recall_at_10": round(float(recall), 3)}  # fmt: skip
+    return {
+        "rows": len(x),
+        "layout": layout,
+        "build_s": round(build, 1),
+        "bytes_per_vector": round(size / len(x), 1),
+        "query_p50_ms": round(float(np.median(times)) * 1000, 2),
+        "recall_at_10": round(float(recall), 3),
+    }
 
 
 def main() -> None:

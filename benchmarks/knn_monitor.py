@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_instdisc import dense_knn_predict  # noqa: E402
+from reference_instdisc import dense_knn_predict
+from timing import seconds_per_step
 
-from instret.knn import FeatureIndex, knn_vote  # noqa: E402
+from instret.knn import FeatureIndex, knn_class_scores
 
 
 def clustered(n, d, classes, g):
@@ -37,11 +38,7 @@ def clustered(n, d, classes, g):
 def instret_predict(bank, labels, queries, k, sigma, num_classes):
     index = FeatureIndex()
     index.sync(bank)  # the per-epoch mirror of the bank is part of the cost
-    preds = []
-    for start in range(0, len(queries), 4096):
-        sims, ids = index.search(queries[start:start + 4096], k)
-        preds.append(knn_vote(sims, labels[ids], num_classes, sigma).argmax(dim=1))
-    return torch.cat(preds)
+    return torch.cat([s.argmax(dim=1) for _, s in knn_class_scores(index, labels, queries, num_classes, k, sigma)])
 
 
 def epoch_seconds(images: int = 50000, batch: int = 128, steps: int = 20) -> float:
@@ -51,16 +48,13 @@ def epoch_seconds(images: int = 50000, batch: int = 128, steps: int = 20) -> flo
     from instret.trainer import Trainer
 
     g = torch.Generator().manual_seed(0)
-    data = TrainData(ImageSet(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=g)), None, "random")
+    data = TrainData(
+        ImageSet(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=g)), None, "random"
+    )
     cfg = TrainConfig.from_dict({"arch": "small", "epochs": 1, "out": "/tmp/unused", "batch_size": batch})
-    trainer = Trainer(cfg, data, Path("/tmp"), torch.device("cpu"))
+    trainer = Trainer(cfg, data, torch.device("cpu"))
     perm = torch.randperm(images, generator=g)
-    for i in range(3):
-        trainer.step(perm[i * batch:(i + 1) * batch])
-    start = time.perf_counter()
-    for i in range(3, steps + 3):
-        trainer.step(perm[i * batch:(i + 1) * batch])
-    return (time.perf_counter() - start) / (steps * batch) * images
+    return seconds_per_step(lambda i: trainer.step(perm[i * batch : (i + 1) * batch]), steps, warmup=3) / batch * images
 
 
 def main() -> None:
@@ -85,16 +79,32 @@ def main() -> None:
         times["authors"].append(time.perf_counter() - t)
     agree = float((ours == theirs).float().mean())
     instret_s, authors_s = min(times["instret"]), min(times["authors"])
-    print(f"instret (FAISS mirror + vote): {instret_s:.3f} s   authors (dense product + topk): {authors_s:.3f} s", flush=True)
+    print(
+        f"instret (FAISS mirror + vote): {instret_s:.3f} s   authors (dense product + topk): {authors_s:.3f} s",
+        flush=True,
+    )
     print(f"speedup {authors_s / instret_s:.2f}x; predictions agree on {agree:.4%} of queries", flush=True)
     assert agree > 0.999, "predictions differ beyond ties"
     epoch = epoch_seconds()
-    print(f"one CIFAR-10 epoch of the default CPU configuration: {epoch:.1f} s; "
-          f"monitor share {instret_s / epoch:.4f}", flush=True)  # fmt: skip
-    print(json.dumps({"instret_s": round(instret_s, 4), "authors_s": round(authors_s, 4),
-                      "speedup": round(authors_s / instret_s, 3), "agreement": agree,
-                      "epoch_s": round(epoch, 2), "monitor_share": round(instret_s / epoch, 4),
-                      "bank": args.bank, "queries": args.queries, "k": args.k}))  # fmt: skip
+    print(
+        f"one CIFAR-10 epoch of the default CPU configuration: {epoch:.1f} s; monitor share {instret_s / epoch:.4f}",
+        flush=True,
+    )
+    print(
+        json.dumps(
+            {
+                "instret_s": round(instret_s, 4),
+                "authors_s": round(authors_s, 4),
+                "speedup": round(authors_s / instret_s, 3),
+                "agreement": agree,
+                "epoch_s": round(epoch, 2),
+                "monitor_share": round(instret_s / epoch, 4),
+                "bank": args.bank,
+                "queries": args.queries,
+                "k": args.k,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

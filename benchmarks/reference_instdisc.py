@@ -28,10 +28,18 @@ class SmallCNN(nn.Module):
             return layers + [nn.ReLU(inplace=True)] if relu else layers
 
         self.net = nn.Sequential(
-            *block(3, w // 2), *block(w // 2, w), nn.MaxPool2d(2), *block(w, 2 * w), nn.MaxPool2d(2),
-            *block(2 * w, 4 * w), nn.MaxPool2d(2), *block(4 * w, 4 * w, relu=False),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, low_dim),
-        )  # fmt: skip
+            *block(3, w // 2),
+            *block(w // 2, w),
+            nn.MaxPool2d(2),
+            *block(w, 2 * w),
+            nn.MaxPool2d(2),
+            *block(2 * w, 4 * w),
+            nn.MaxPool2d(2),
+            *block(4 * w, 4 * w, relu=False),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4 * w, low_dim),
+        )
 
     def forward(self, x):
         return F.normalize(self.net(x), dim=1)
@@ -52,11 +60,7 @@ class IndexedImages(torch.utils.data.Dataset):
 
 
 def paper_transform(size: int, mean, std, flip: bool = True):
-    steps = [
-        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        T.ColorJitter(0.4, 0.4, 0.4, 0.4),
-        T.RandomGrayscale(p=0.2),
-    ]
+    steps = [T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomGrayscale(p=0.2)]
     if flip:
         steps.append(T.RandomHorizontalFlip())
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
@@ -70,7 +74,7 @@ def dense_knn_predict(queries, bank, bank_labels, num_classes, k=200, sigma=0.1,
     one_hot = torch.zeros(batch * k, num_classes)
     preds = []
     for start in range(0, len(queries), batch):
-        features = queries[start:start + batch]
+        features = queries[start : start + batch]
         b = len(features)
         dist = torch.mm(features, train_features)  # b x n
         yd, yi = dist.topk(k, dim=1, largest=True, sorted=True)
@@ -90,23 +94,43 @@ def embed(model, images, mean, std, batch=500):
     model.eval()
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
-    out = [model((images[i:i + batch].float() / 255 - m) / s) for i in range(0, len(images), batch)]
+    out = [model((images[i : i + batch].float() / 255 - m) / s) for i in range(0, len(images), batch)]
     model.train()
     return torch.cat(out)
 
 
-def train_reference(model: nn.Module, images, labels, test_images, test_labels, *, epochs, mean, std,
-                    batch_size=128, lr=0.03, tau=0.1, bank_momentum=0.5, low_dim=128, workers=2, seed=0,
-                    flip=True, log=print):  # fmt: skip
+def train_reference(
+    model: nn.Module,
+    images,
+    labels,
+    test_images,
+    test_labels,
+    *,
+    epochs,
+    mean,
+    std,
+    batch_size=128,
+    lr=0.03,
+    tau=0.1,
+    bank_momentum=0.5,
+    low_dim=128,
+    workers=2,
+    seed=0,
+    flip=True,
+    log=print,
+):
     """Train `model` (ending in an L2-normalised low_dim output); returns per-epoch rows."""
     torch.manual_seed(seed)
     n = len(images)
     bank = F.normalize(torch.randn(n, low_dim), dim=1)
     loader = torch.utils.data.DataLoader(
         IndexedImages(images, paper_transform(images.shape[-1], mean, std, flip)),
-        batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
         persistent_workers=workers > 0,
-    )  # fmt: skip
+    )
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     rows = []
     for epoch in range(epochs):

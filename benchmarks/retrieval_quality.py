@@ -98,8 +98,9 @@ def picture(path) -> Image.Image:
 
 
 def pixels(paths) -> np.ndarray:
-    return np.stack([np.asarray(picture(p).resize((32, 32), Image.BILINEAR), dtype=np.float32).ravel() / 255
-                     for p in paths])  # fmt: skip
+    return np.stack(
+        [np.asarray(picture(p).resize((32, 32), Image.BILINEAR), dtype=np.float32).ravel() / 255 for p in paths]
+    )
 
 
 def colour_histogram(paths, bins: int = 8) -> np.ndarray:
@@ -116,7 +117,9 @@ def phash(paths) -> np.ndarray:
     import imagehash
 
     # +-1 bits / 8: the inner product is 1 - 2 * Hamming / 64, the same ranking as Hamming distance.
-    return np.stack([np.where(imagehash.phash(picture(p)).hash.ravel(), 1.0, -1.0) / 8 for p in paths]).astype(np.float32)
+    return np.stack([np.where(imagehash.phash(picture(p)).hash.ravel(), 1.0, -1.0) / 8 for p in paths]).astype(
+        np.float32
+    )
 
 
 def encoder_vectors(model, mean, std, size: int, paths) -> np.ndarray:
@@ -156,8 +159,11 @@ def copy_detection(db: np.ndarray, queries: np.ndarray, targets: np.ndarray, see
     sims = sims + np.random.default_rng(seed).uniform(0, 1e-6, sims.shape)  # random order among equal scores
     target = sims[np.arange(len(targets)), targets]
     ranks = 1 + (sims > target[:, None]).sum(axis=1)
-    return {"recall@1": float((ranks == 1).mean()), "recall@10": float((ranks <= 10).mean()),
-            "mAP": float((1 / ranks).mean())}, ranks  # fmt: skip
+    return {
+        "recall@1": float((ranks == 1).mean()),
+        "recall@10": float((ranks <= 10).mean()),
+        "mAP": float((1 / ranks).mean()),
+    }, ranks
 
 
 def category(db: np.ndarray, labels: np.ndarray) -> dict:
@@ -172,11 +178,17 @@ def evaluate(name: str, db: np.ndarray, queries: np.ndarray, labels, targets, ki
     variants = {name: (db, queries), f"{name}+pp": (white(db), white(queries))}
     for label, (d, q) in variants.items():
         copy, ranks = copy_detection(d, q, targets, seed)
-        results[label] = {"copy": copy, "category": category(d, labels),
-                          "copy_recall@1_by_edit": {k: float(np.mean([r == 1 for r, kk in zip(ranks, kinds) if kk == k]))
-                                                    for k in sorted(set(kinds))}}  # fmt: skip
-        say(f"{label:18s} copy mAP {copy['mAP']:.3f} R@1 {copy['recall@1']:.3f} R@10 {copy['recall@10']:.3f}   "
-            f"category mAP {results[label]['category']['mAP']:.3f} P@10 {results[label]['category']['precision@10']:.3f}")  # fmt: skip
+        results[label] = {
+            "copy": copy,
+            "category": category(d, labels),
+            "copy_recall@1_by_edit": {
+                k: float(np.mean([r == 1 for r, kk in zip(ranks, kinds) if kk == k])) for k in sorted(set(kinds))
+            },
+        }
+        say(
+            f"{label:18s} copy mAP {copy['mAP']:.3f} R@1 {copy['recall@1']:.3f} R@10 {copy['recall@10']:.3f}   "
+            f"category mAP {results[label]['category']['mAP']:.3f} P@10 {results[label]['category']['precision@10']:.3f}"
+        )
     return white
 
 
@@ -196,8 +208,12 @@ def main() -> None:
         sys.exit(f"retrieval_quality: {shared}/imagenette2/val or cifar10/test not found (pass --shared)")
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="instret-quality-"))
     start = time.perf_counter()
-    db_paths, labels, q_paths, targets, kinds = build_collection(shared, work, args.originals, args.copies, args.distractors, args.seed)
-    say(f"collection: {sum(labels >= 0)} photos + {sum(labels < 0)} distractors; {len(q_paths)} edited copies as queries")
+    db_paths, labels, q_paths, targets, kinds = build_collection(
+        shared, work, args.originals, args.copies, args.distractors, args.seed
+    )
+    say(
+        f"collection: {sum(labels >= 0)} photos + {sum(labels < 0)} distractors; {len(q_paths)} edited copies as queries"
+    )
     results: dict = {}
     common = (labels, targets, kinds, args.seed, results)
     for name, fn in (("pixels", pixels), ("colour_hist", colour_histogram), ("phash", phash)):
@@ -205,8 +221,13 @@ def main() -> None:
     trained = None
     if args.minutes > 0:
         trained, seconds, cfg = train_encoder(work / "collection", work, args.minutes, json.loads(args.set), args.seed)
-        results["training"] = {"seconds": round(seconds, 1), "epochs": cfg["epochs"], "image_size": cfg["image_size"],
-                               "arch": cfg["arch"], "budget_minutes": args.minutes}  # fmt: skip
+        results["training"] = {
+            "seconds": round(seconds, 1),
+            "epochs": cfg["epochs"],
+            "image_size": cfg["image_size"],
+            "arch": cfg["arch"],
+            "budget_minutes": args.minutes,
+        }
         say(f"trained {cfg['arch']} at {cfg['image_size']} px for {cfg['epochs']} epochs in {seconds:.0f} s")
     size = results.get("training", {}).get("image_size", 64)
     random_net = untrained(db_paths, size, args.seed)
@@ -221,11 +242,17 @@ def main() -> None:
         for name, (d2, q2) in (("instret+pp+qe", (d, qe)), ("instret+pp+dba", (augment_database(d, k=2), w))):
             copy, _ = copy_detection(d2, q2, targets, args.seed)
             results[name] = {"copy": copy, "category": category(d2, labels)}
-            say(f"{name:18s} copy mAP {copy['mAP']:.3f} R@1 {copy['recall@1']:.3f}   "
-                f"category mAP {results[name]['category']['mAP']:.3f}")  # fmt: skip
+            say(
+                f"{name:18s} copy mAP {copy['mAP']:.3f} R@1 {copy['recall@1']:.3f}   "
+                f"category mAP {results[name]['category']['mAP']:.3f}"
+            )
     results["seconds"] = round(time.perf_counter() - start, 1)
-    results["setup"] = {"originals": int(sum(labels >= 0)), "distractors": int(sum(labels < 0)),
-                        "queries": len(q_paths), "seed": args.seed}  # fmt: skip
+    results["setup"] = {
+        "originals": int(sum(labels >= 0)),
+        "distractors": int(sum(labels < 0)),
+        "queries": len(q_paths),
+        "seed": args.seed,
+    }
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results))

@@ -78,8 +78,12 @@ with open("/proc/self/status") as f:
 
 def query_rss_mb(index_dir, image) -> float:
     """Peak resident memory of a fresh process running `instret query IMAGE --index DIR`."""
-    proc = subprocess.run([sys.executable, "-c", RSS_PROBE, "query", str(image), "--index", str(index_dir)],
-                          check=True, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", RSS_PROBE, "query", str(image), "--index", str(index_dir)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return int(proc.stderr.strip().splitlines()[-1]) / 1024  # VmHWM is in KiB
 
 
@@ -96,9 +100,16 @@ def bench_collection(name, folder, model, workers, queries, tmp) -> dict:
     say(f"[{name}] index build: {seconds:.1f} s, {build_ips:.0f} images/s (efficiency {build_ips / fwd:.2f})")
     p50, p95 = latency_ms(index_dir, paths, queries)
     say(f"[{name}] warm single-image query: p50 {p50:.1f} ms, p95 {p95:.1f} ms")
-    return {"images": len(paths), "build_seconds": round(seconds, 2), "build_images_per_s": round(build_ips, 1),
-            "forward_images_per_s": round(fwd, 1), "build_efficiency": round(build_ips / fwd, 3),
-            "query_p50_ms": round(p50, 2), "query_p95_ms": round(p95, 2), "index_dir": index_dir}  # fmt: skip
+    return {
+        "images": len(paths),
+        "build_seconds": round(seconds, 2),
+        "build_images_per_s": round(build_ips, 1),
+        "forward_images_per_s": round(fwd, 1),
+        "build_efficiency": round(build_ips / fwd, 3),
+        "query_p50_ms": round(p50, 2),
+        "query_p95_ms": round(p95, 2),
+        "index_dir": index_dir,
+    }
 
 
 def main() -> None:
@@ -134,11 +145,16 @@ def main() -> None:
     for name, r in (("cifar10", cifar), ("imagenette", nette)):
         r.pop("index_dir")
         result[name] = r
-    result.update({
-        "build_efficiency": cifar["build_efficiency"], "query_p50_ms": cifar["query_p50_ms"],
-        "query_p95_ms": cifar["query_p95_ms"], "query_rss_mb": round(rss, 1),
-        "imagenette_retrieval": metrics, "incremental_10_seconds": round(inc, 3),
-    })  # fmt: skip
+    result.update(
+        {
+            "build_efficiency": cifar["build_efficiency"],
+            "query_p50_ms": cifar["query_p50_ms"],
+            "query_p95_ms": cifar["query_p95_ms"],
+            "query_rss_mb": round(rss, 1),
+            "imagenette_retrieval": metrics,
+            "incremental_10_seconds": round(inc, 3),
+        }
+    )
     print(json.dumps(result))
 
 

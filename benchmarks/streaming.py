@@ -33,16 +33,22 @@ def measure(args) -> dict:
     from instret.trainer import Trainer
 
     torch.set_num_threads(2)
-    cfg = TrainConfig(data=args.data, image_size=args.image_size, arch="small", epochs=args.epochs,
-                      workers=args.workers, stream=args.mode == "stream", out="unused")  # fmt: skip
+    cfg = TrainConfig(
+        data=args.data,
+        image_size=args.image_size,
+        arch="small",
+        epochs=args.epochs,
+        workers=args.workers,
+        stream=args.mode == "stream",
+        out="unused",
+    )
     start = time.perf_counter()
     data = load_train_data(cfg)
-    trainer = Trainer(cfg, data, Path("unused"), torch.device("cpu"))
+    trainer = Trainer(cfg, data, torch.device("cpu"))
     loaded = time.perf_counter() - start
     rss_loaded = current_rss_mb()
     for _ in range(args.epochs):
         row = trainer.train_epoch()
-        trainer.epoch += 1
     kib = 1024
     return {
         "mode": args.mode,
@@ -79,18 +85,34 @@ def main() -> None:
         sys.exit(f"streaming.py: {args.data} is not a folder (pass --data)")
     rows = {}
     for mode in ("resident", "stream"):
-        cmd = [sys.executable, __file__, "--mode", mode, "--data", args.data, "--image-size", str(args.image_size),
-               "--workers", str(args.workers), "--epochs", str(args.epochs)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--mode",
+            mode,
+            "--data",
+            args.data,
+            "--image-size",
+            str(args.image_size),
+            "--workers",
+            str(args.workers),
+            "--epochs",
+            str(args.epochs),
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows[mode] = json.loads(out.strip().splitlines()[-1])
         print(json.dumps(rows[mode]), flush=True)
     r, s = rows["resident"], rows["stream"]
-    print(json.dumps({
-        "decoded_set_mb": round(r["images"] * 3 * args.image_size**2 / 2**20),
-        "stream_over_resident_images_per_s": round(s["images_per_s"] / r["images_per_s"], 2),
-        "resident_minus_stream_rss_after_load_mb": r["rss_after_load_mb"] - s["rss_after_load_mb"],
-        "stream_over_resident_peak_rss": round(s["peak_rss_mb"] / r["peak_rss_mb"], 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "decoded_set_mb": round(r["images"] * 3 * args.image_size**2 / 2**20),
+                "stream_over_resident_images_per_s": round(s["images_per_s"] / r["images_per_s"], 2),
+                "resident_minus_stream_rss_after_load_mb": r["rss_after_load_mb"] - s["rss_after_load_mb"],
+                "stream_over_resident_peak_rss": round(s["peak_rss_mb"] / r["peak_rss_mb"], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_instdisc import IndexedImages, paper_transform  # noqa: E402
+from reference_instdisc import IndexedImages, paper_transform
+from timing import seconds_per_step
 
-from instret.augment import channel_stats  # noqa: E402
-from instret.config import TrainConfig  # noqa: E402
-from instret.data import ImageSet, TrainData, read_folder  # noqa: E402
-from instret.encoder import Encoder  # noqa: E402
-from instret.trainer import Trainer  # noqa: E402
+from instret.augment import channel_stats
+from instret.config import TrainConfig
+from instret.data import ImageSet, TrainData, read_folder
+from instret.encoder import Encoder
+from instret.trainer import Trainer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -36,14 +37,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 def instret_ips(images, arch, steps, batch) -> float:
     data = TrainData(ImageSet(images), None, "cifar10")
     cfg = TrainConfig.from_dict({"arch": arch, "epochs": 1, "out": "/tmp/unused", "batch_size": batch})
-    trainer = Trainer(cfg, data, Path("/tmp"), torch.device("cpu"))
+    trainer = Trainer(cfg, data, torch.device("cpu"))
     perm = torch.randperm(len(images))
-    for i in range(2):  # warm-up
-        trainer.step(perm[i * batch:(i + 1) * batch])
-    start = time.perf_counter()
-    for i in range(2, steps + 2):
-        trainer.step(perm[i * batch:(i + 1) * batch])
-    return steps * batch / (time.perf_counter() - start)
+    return batch / seconds_per_step(lambda i: trainer.step(perm[i * batch : (i + 1) * batch]), steps)
 
 
 def authors_ips(images, arch, steps, batch, workers) -> float:
@@ -52,13 +48,16 @@ def authors_ips(images, arch, steps, batch, workers) -> float:
     model = Encoder(arch, 128, 32)
     bank = F.normalize(torch.randn(len(images), 128), dim=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=5e-4)
-    loader = torch.utils.data.DataLoader(IndexedImages(images, paper_transform(32, mean, std)), batch_size=batch,
-                                         shuffle=True, num_workers=workers, drop_last=True)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        IndexedImages(images, paper_transform(32, mean, std)),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+    )
     it = iter(loader)
-    seen, start = 0, None
-    for i in range(steps + 2):
-        if i == 2:  # warm-up done (workers started, first batches prefetched)
-            start, seen = time.perf_counter(), 0
+
+    def step(_):
         x, idx = next(it)
         f = model(x)
         loss = F.cross_entropy(f @ bank.T / 0.1, idx)
@@ -67,8 +66,9 @@ def authors_ips(images, arch, steps, batch, workers) -> float:
         opt.step()
         with torch.no_grad():
             bank[idx] = F.normalize(bank[idx] * 0.5 + f.detach() * 0.5, dim=1)
-        seen += len(idx)
-    return seen / (time.perf_counter() - start)
+
+    # warm-up: the workers start and prefetch; drop_last keeps every batch full
+    return batch / seconds_per_step(step, steps)
 
 
 def main() -> None:
@@ -93,8 +93,11 @@ def main() -> None:
             theirs.append(authors_ips(images, arch, steps, args.batch_size, args.workers))
             print(f"{arch}: instret {ours[-1]:.0f} img/s, authors' style {theirs[-1]:.0f} img/s", flush=True)
         best_ours, best_theirs = max(ours), max(theirs)
-        result[arch] = {"instret_ips": round(best_ours, 1), "authors_ips": round(best_theirs, 1),
-                        "speedup": round(best_ours / best_theirs, 3)}  # fmt: skip
+        result[arch] = {
+            "instret_ips": round(best_ours, 1),
+            "authors_ips": round(best_theirs, 1),
+            "speedup": round(best_ours / best_theirs, 3),
+        }
         print(f"{arch}: speedup {best_ours / best_theirs:.2f}x", flush=True)
     print(json.dumps(result))
 

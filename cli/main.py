@@ -9,6 +9,7 @@ import sys
 import click
 
 from instret.errors import InstretError
+from instret.rank import rank as process_rank
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
 def _fail(message: str, code: int, every_rank: bool = False) -> None:
     """Print `instret: error: ...` and exit. Under torchrun every process meets the same user
     error, so rank 0 alone tells it; a fault of one process (every_rank) is told with its rank."""
-    rank = int(os.environ.get("RANK", "0"))
+    rank = process_rank()
     one_line = " ".join(str(message).split())
     if rank == 0 or every_rank:
         print(f"instret: error: {f'[rank {rank}] ' if rank else ''}{one_line}", file=sys.stderr)

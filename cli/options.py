@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 max_pixels_option = click.option(
-    "--max-image-pixels", type=click.IntRange(0),
+    "--max-image-pixels",
+    type=click.IntRange(0),
     help="Refuse image files with more pixels (decompression bombs); 0: no limit [89478485, Pillow's].",
-)  # fmt: skip
+)

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import click
-from instret.cli.options import max_pixels_option
 
+from instret.cli.options import max_pixels_option
 from instret.errors import InstretError
 from instret.storage import atomic_write_text
 
@@ -22,24 +22,41 @@ def _write_html(path: str, page: str) -> None:
 @click.argument("images_dir")
 @click.option("--model", required=True, help="encoder.pt, or a run folder holding one.")
 @click.option("--out", required=True, help="Index folder (created, or updated incrementally).")
-@click.option("--index-type", default=None, help="FAISS factory string, e.g. Flat, IVF256,Flat, HNSW32, IVF256,PQ16 [Flat].")
+@click.option(
+    "--index-type", default=None, help="FAISS factory string, e.g. Flat, IVF256,Flat, HNSW32, IVF256,PQ16 [Flat]."
+)
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
 @click.option("--device", default="auto", show_default=True)
 @click.option("--rebuild", is_flag=True, help="Re-encode everything (e.g. with a new encoder).")
 @max_pixels_option
 @click.option("--shard", help="I/N: index only shard I of N (every N-th file); join them with merge-index.")
-@click.option("--whiten/--no-whiten", default=None,
-              help="Search through whitening fitted on the collection (from 256 images) [off; an update keeps "
-                   "the index's choice].")  # fmt: skip
-def index_cmd(images_dir, model, out, index_type, batch_size, workers, device, rebuild, max_image_pixels, shard,
-              whiten):  # fmt: skip
+@click.option(
+    "--whiten/--no-whiten",
+    default=None,
+    help="Search through whitening fitted on the collection (from 256 images) [off; an update keeps "
+    "the index's choice].",
+)
+def index_cmd(
+    images_dir, model, out, index_type, batch_size, workers, device, rebuild, max_image_pixels, shard, whiten
+):
     """Build or update the search index of a folder of images."""
     from instret.indexer import build_index
     from instret.shards import parse_shard
 
-    summary = build_index(images_dir, model, out, index_type, batch_size, workers, device, rebuild,
-                          max_image_pixels, parse_shard(shard) if shard else None, whiten)  # fmt: skip
+    summary = build_index(
+        images_dir,
+        model,
+        out,
+        index_type,
+        batch_size,
+        workers,
+        device,
+        rebuild,
+        max_image_pixels,
+        parse_shard(shard) if shard else None,
+        whiten,
+    )
     click.echo(json.dumps(summary))
 
 
@@ -57,7 +74,13 @@ def merge_index_cmd(shard_dirs, out, index_type):
 @click.command("query")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--index", "index_dir", required=True, help="Index folder, or a run folder of `train --data`.")
-@click.option("-k", default=10, show_default=True, type=click.IntRange(1), help="Results per query (all when the index holds fewer).")
+@click.option(
+    "-k",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Results per query (all when the index holds fewer).",
+)
 @click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query on stdout.")
 @click.option("--html", "html_file", help="Also write a self-contained HTML page of thumbnails.")
@@ -68,8 +91,21 @@ def merge_index_cmd(shard_dirs, out, index_type):
 @max_pixels_option
 @click.option("--nprobe", type=click.IntRange(1), help="IVF layouts: lists visited per query [16].")
 @click.option("--ef-search", type=click.IntRange(1), help="HNSW layouts: candidate list length [64].")
-def query_cmd(images, index_dir, k, min_score, as_json, html_file, grid_file, exclude_self, model, device,
-              max_image_pixels, nprobe, ef_search):  # fmt: skip
+def query_cmd(
+    images,
+    index_dir,
+    k,
+    min_score,
+    as_json,
+    html_file,
+    grid_file,
+    exclude_self,
+    model,
+    device,
+    max_image_pixels,
+    nprobe,
+    ef_search,
+):
     """Find the indexed images most similar to each IMAGE (a file, or a folder: each image in it), best first."""
     from instret import report
     from instret.searcher import query
@@ -84,23 +120,57 @@ def query_cmd(images, index_dir, k, min_score, as_json, html_file, grid_file, ex
         click.echo(f"wrote {save_figure(query_grid(results), grid_file)}", err=True)
 
 
-KEEP_CHOICES = ["largest", "oldest", "newest", "path"]  # instret.duplicates.KEEP_RULES (not imported: --help stays light)
+KEEP_CHOICES = [
+    "largest",
+    "oldest",
+    "newest",
+    "path",
+]  # instret.duplicates.KEEP_RULES (not imported: --help stays light)
 
 
 @click.command("dups")
 @click.argument("index_dir", required=False)
-@click.option("--precision", default=0.99, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="Wanted share of true copies among the pairs reported; the threshold is calibrated on the index.")
+@click.option(
+    "--precision",
+    default=0.99,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Wanted share of true copies among the pairs reported; the threshold is calibrated on the index.",
+)
 @click.option("--threshold", type=float, help="A raw cosine similarity instead of --precision.")
-@click.option("--keep", type=click.Choice(KEEP_CHOICES), default="largest", show_default=True,
-              help="The member each group keeps: largest (most pixels, then oldest, then path), oldest, newest, path.")
+@click.option(
+    "--keep",
+    type=click.Choice(KEEP_CHOICES),
+    default="largest",
+    show_default=True,
+    help="The member each group keeps: largest (most pixels, then oldest, then path), oldest, newest, path.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout: the threshold, why, and every group.")
-@click.option("--html", "html_file", metavar="FILE",
-              help="Also write a self-contained HTML page: each group side by side, sizes and dates.")
-@click.option("--move-to", "move_to", metavar="DIR", help="Move every member but the kept one into this folder (keeping its path under "
-              "the indexed folder), writing a journal first.")
-@click.option("--link-to", "link_to", metavar="DIR", help="Make symbolic links of each group in this folder for review; nothing moves.")
-@click.option("--undo", "undo_journal", metavar="JOURNAL", help="Put back every file a --move-to journal moved (no INDEX_DIR needed).")
+@click.option(
+    "--html",
+    "html_file",
+    metavar="FILE",
+    help="Also write a self-contained HTML page: each group side by side, sizes and dates.",
+)
+@click.option(
+    "--move-to",
+    "move_to",
+    metavar="DIR",
+    help="Move every member but the kept one into this folder (keeping its path under "
+    "the indexed folder), writing a journal first.",
+)
+@click.option(
+    "--link-to",
+    "link_to",
+    metavar="DIR",
+    help="Make symbolic links of each group in this folder for review; nothing moves.",
+)
+@click.option(
+    "--undo",
+    "undo_journal",
+    metavar="JOURNAL",
+    help="Put back every file a --move-to journal moved (no INDEX_DIR needed).",
+)
 def dups_cmd(index_dir, precision, threshold, keep, as_json, html_file, move_to, link_to, undo_journal):
     """Groups of duplicate images in an index: byte copies (exact), then edited copies (near).
 
@@ -126,8 +196,11 @@ def dups_cmd(index_dir, precision, threshold, keep, as_json, html_file, move_to,
     if text:
         click.echo(text)
     exact = sum(g["tier"] == "exact" for g in groups)
-    click.echo(f"{len(groups)} group(s): {exact} exact, {len(groups) - exact} near, at similarity >= "
-               f"{found['threshold']:.4f} ({found['reason']})", err=True)  # fmt: skip
+    click.echo(
+        f"{len(groups)} group(s): {exact} exact, {len(groups) - exact} near, at similarity >= "
+        f"{found['threshold']:.4f} ({found['reason']})",
+        err=True,
+    )
     if html_file:
         _write_html(html_file, report.dups_html(groups))
     if link_to:
@@ -144,8 +217,10 @@ def _move(found: dict, index_dir: str, dest: Path) -> None:
 
     root = Path(SearchIndex(index_dir).manifest["root"])
     if dest.resolve() == root.resolve() or root.resolve() in dest.resolve().parents:
-        raise click.UsageError(f"--move-to {dest} is inside the indexed folder {root}: the next `instret index` "
-                               f"would index the moved copies again; choose a folder outside it")  # fmt: skip
+        raise click.UsageError(
+            f"--move-to {dest} is inside the indexed folder {root}: the next `instret index` "
+            f"would index the moved copies again; choose a folder outside it"
+        )
     for journal in moves.unfinished(dest):
         counts = _complete(journal)
         click.echo(f"finished the interrupted move of {journal}: {counts['moved']} more file(s)", err=True)
@@ -166,8 +241,10 @@ def _complete(journal: Path) -> dict:
     try:
         return moves.complete(journal)
     except KeyboardInterrupt:
-        raise InstretError(f"interrupted; {journal} records every move: rerun the same command to finish them, "
-                           f"or undo them with `instret dups --undo {journal}`") from None  # fmt: skip
+        raise InstretError(
+            f"interrupted; {journal} records every move: rerun the same command to finish them, "
+            f"or undo them with `instret dups --undo {journal}`"
+        ) from None
 
 
 @click.command("eval-retrieval")
@@ -216,7 +293,7 @@ def info_cmd(index_dir, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def env_cmd(as_json):
     """Versions of Python, torch, torchvision, faiss, and whether each sees a GPU."""
-    from instret.info import environment
+    from instret.env import environment
 
     env = environment()
     click.echo(json.dumps(env) if as_json else "\n".join(f"{k}\t{v}" for k, v in env.items()))

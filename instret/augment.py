@@ -53,8 +53,9 @@ class Augment:
     erase_p: float = 0.0  # chance of a flat-colour box over 2-15 % of the image
     blur_p: float = 0.0  # chance of a 3 x 3 blur
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator, rows: slice | None = None,
-                 batch: int | None = None) -> torch.Tensor:  # fmt: skip
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator, rows: slice | None = None, batch: int | None = None
+    ) -> torch.Tensor:
         """uint8 N x 3 x H x W -> augmented, normalised float N x 3 x size x size.
 
         rows, batch: the images are these rows of a batch of `batch`, and get the parameters
@@ -137,8 +138,9 @@ def crop_boxes(u_area, u_ratio, u_pos, height: int, width: int, scale, ratio) ->
     return torch.stack([top, left, h, w], dim=1)
 
 
-def crop_resize_flip(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, size: int,
-                     angle: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def crop_resize_flip(
+    x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, size: int, angle: torch.Tensor | None = None
+) -> torch.Tensor:
     """Bilinear crop of each box to size x size, mirrored where flip and turned by angle (radians,
     about the box's centre): one affine grid_sample."""
     n, _, height, width = x.shape

@@ -16,13 +16,6 @@ class MemoryBank:
     def __len__(self) -> int:
         return self.features.shape[0]
 
-    @property
-    def dim(self) -> int:
-        return self.features.shape[1]
-
-    def __getitem__(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.features[indices]
-
     @torch.no_grad()
     def update(self, indices: torch.Tensor, features: torch.Tensor, momentum: float) -> None:
         """v_i <- normalise(momentum * v_i + (1 - momentum) * f_i) for each i in indices (unique)."""

@@ -52,8 +52,12 @@ def unrelated_scores(searched: np.ndarray, pairs: int = PAIRS, seed: int = 0) ->
 def unrelated_distribution(searched: np.ndarray, seed: int = 0) -> dict:
     """The unrelated half of the manifest entry: quantiles of PAIRS random pairs, and the far tail."""
     unrelated = unrelated_scores(searched, seed=seed)
-    return {"levels": len(LEVELS), "unrelated": _quantiles(unrelated), "unrelated_pairs": len(unrelated),
-            **unrelated_tail(searched, seed=seed)}  # fmt: skip
+    return {
+        "levels": len(LEVELS),
+        "unrelated": _quantiles(unrelated),
+        "unrelated_pairs": len(unrelated),
+        **unrelated_tail(searched, seed=seed),
+    }
 
 
 def unrelated_tail(searched: np.ndarray, seed: int = 0) -> dict:
@@ -62,14 +66,22 @@ def unrelated_tail(searched: np.ndarray, seed: int = 0) -> dict:
     index: twenty draws of each pair it has), drawn in chunks (bounded memory)."""
     n = len(searched)
     pairs = min(TAIL_PAIRS, max(PAIRS, 10 * n * (n - 1)))
-    chunks = [unrelated_scores(searched, min(100_000, pairs - done), seed + 1 + k)
-              for k, done in enumerate(range(0, pairs, 100_000))]  # fmt: skip
+    chunks = [
+        unrelated_scores(searched, min(100_000, pairs - done), seed + 1 + k)
+        for k, done in enumerate(range(0, pairs, 100_000))
+    ]
     quantiles = np.quantile(np.concatenate(chunks), TAIL_LEVELS)
     return {"tail": [round(float(v), 6) for v in quantiles], "tail_pairs": pairs}
 
 
-def copy_scores(encoder: LoadedEncoder, paths: list[Path], searched: np.ndarray, transform, seed: int = 0,
-                max_pixels: int | None = None) -> np.ndarray:  # fmt: skip
+def copy_scores(
+    encoder: LoadedEncoder,
+    paths: list[Path],
+    searched: np.ndarray,
+    transform,
+    seed: int = 0,
+    max_pixels: int | None = None,
+) -> np.ndarray:
     """Scores of an edited copy of each file against its own searched row (rows in `paths` order);
     files that cannot be read now are left out."""
     rng = random.Random(seed)
@@ -89,8 +101,15 @@ def copy_scores(encoder: LoadedEncoder, paths: list[Path], searched: np.ndarray,
     return np.einsum("pd,pd->p", transform(copies.cpu().numpy()), searched[rows])
 
 
-def score_distributions(encoder: LoadedEncoder, searched: np.ndarray, paths: list[Path], transform,
-                        max_pixels: int | None = None, seed: int = 0, known: dict | None = None) -> dict | None:  # fmt: skip
+def score_distributions(
+    encoder: LoadedEncoder,
+    searched: np.ndarray,
+    paths: list[Path],
+    transform,
+    max_pixels: int | None = None,
+    seed: int = 0,
+    known: dict | None = None,
+) -> dict | None:
     """The manifest entry: quantiles of unrelated-pair and edited-copy scores (None below 2 images).
 
     searched: the index's vectors as searched (n x D); paths: the file of each row. known: a
@@ -131,8 +150,11 @@ def unrelated_share(score, distributions: dict):
     q = np.asarray(distributions["unrelated"])
     s = np.asarray(score, dtype=np.float64)
     read = _share_at_or_above(s, q, distributions["unrelated_pairs"])
-    levels, at = (TAIL_LEVELS, np.asarray(distributions["tail"])) if "tail" in distributions else \
-        ((0.95, 0.99), np.interp((0.95, 0.99), LEVELS[: len(q)], q))  # fmt: skip
+    levels, at = (
+        (TAIL_LEVELS, np.asarray(distributions["tail"]))
+        if "tail" in distributions
+        else ((0.95, 0.99), np.interp((0.95, 0.99), LEVELS[: len(q)], q))
+    )
     gaps = 1.0 - at
     if gaps[0] > gaps[1] > 0:  # else a degenerate distribution: no slope to extrapolate with
         dimension = np.log((1 - levels[0]) / (1 - levels[1])) / np.log(gaps[0] / gaps[1])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from instret.errors import InstretError
@@ -32,8 +32,15 @@ DATASETS = ("digits", "cifar10")
 RECIPES = {
     "paper": {},
     "retrieval": {"bank_init": "features", "rotate": 10.0, "erase_p": 0.25, "blur_p": 0.2},
-    "colour": {"bank_init": "features", "rotate": 10.0, "erase_p": 0.25, "blur_p": 0.2,
-               "jitter": 0.3, "hue": 0.02, "grayscale_p": 0.05},
+    "colour": {
+        "bank_init": "features",
+        "rotate": 10.0,
+        "erase_p": 0.25,
+        "blur_p": 0.2,
+        "jitter": 0.3,
+        "hue": 0.02,
+        "grayscale_p": 0.05,
+    },
 }
 
 
@@ -94,19 +101,18 @@ class TrainConfig:
     # decoded set in memory; None: streamed when it would take over a quarter of the memory
     stream: bool | None = None
     seed: int = 0
-    extra: dict = field(default_factory=dict)  # room for later options without a format bump
 
     def to_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
         version = d.pop("format_version", FORMAT_VERSION)
+        if d.get("extra") == {}:  # an empty field that runs written before 2026-11-29 carry; never used
+            del d["extra"]
         if version > FORMAT_VERSION:
-            raise InstretError(
-                f"configuration has format version {version}; this instret reads up to {FORMAT_VERSION}"
-            )
+            raise InstretError(f"configuration has format version {version}; this instret reads up to {FORMAT_VERSION}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -127,8 +133,10 @@ class TrainConfig:
         need(self.bank_init in BANK_INITS, f"--bank-init must be one of {', '.join(BANK_INITS)}")
         need(self.lr_schedule in SCHEDULES, f"--lr-schedule must be one of {', '.join(SCHEDULES)}")
         need(self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
-        need(self.data is not None or self.dataset in DATASETS,
-             f"--dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}")
+        need(
+            self.data is not None or self.dataset in DATASETS,
+            f"--dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}",
+        )
         need(self.epochs is None or self.epochs >= 1, "--epochs must be at least 1")
         need(self.batch_size >= 2, "--batch-size must be at least 2")
         need(self.lr > 0, "--lr must be positive")
@@ -147,8 +155,10 @@ class TrainConfig:
         need(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale must satisfy 0 < lo <= hi <= 1")
         need(0 <= self.rotate <= 180, "rotate must be in [0, 180] degrees")
         need(0 <= self.erase_p <= 1 and 0 <= self.blur_p <= 1, "erase_p and blur_p must be in [0, 1]")
-        need(not self.stream or self.data is not None,
-             "--stream reads a --data folder; the built-in datasets are held in memory")  # fmt: skip
+        need(
+            not self.stream or self.data is not None,
+            "--stream reads a --data folder; the built-in datasets are held in memory",
+        )
 
 
 # What `epochs: None` means: the authors' 200, except for the embedded digits.
@@ -160,7 +170,7 @@ DEFAULT_EPOCHS = {"digits": 40}
 # These values, used wherever the user sets nothing else, reach kNN top-1 ~0.93 in about a
 # minute on 2 CPU cores (the paper's recipe: ~0.55 in the same time).
 DATASET_PRESETS = {
-    "digits": {"batch_size": 32, "flip": False, "crop_scale": (0.5, 1.0), "jitter": 0.2, "grayscale_p": 0.0},
+    "digits": {"batch_size": 32, "flip": False, "crop_scale": (0.5, 1.0), "jitter": 0.2, "grayscale_p": 0.0}
 }
 
 

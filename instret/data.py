@@ -104,16 +104,23 @@ def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 EVAL_SPLIT_NAMES = ("test", "val")
 
 
-def load_folder(root: str | Path, size: int, workers: int = 0, max_pixels: int | None = None,
-                stream: bool | None = False, world: World = SINGLE) -> TrainData:  # fmt: skip
+def load_folder(
+    root: str | Path,
+    size: int,
+    workers: int = 0,
+    max_pixels: int | None = None,
+    stream: bool | None = False,
+    world: World = SINGLE,
+) -> TrainData:
     """A folder of images: flat or one sub-folder per class; `train/` + `test/` (or `val/`) is a split.
 
     stream: keep only the paths of the readable files, not their pixels; None decides by size
     (streamed when the decoded set would take over a quarter of rank 0's memory). Streamed
     under several processes, each checks its share of the files and they exchange the lists.
     """
-    split = functools.partial(read_folder, size=size, workers=workers, max_pixels=max_pixels, stream=stream,
-                              world=world)  # fmt: skip
+    split = functools.partial(
+        read_folder, size=size, workers=workers, max_pixels=max_pixels, stream=stream, world=world
+    )
     root = Path(root)
     if not root.exists():
         raise InstretError(f"--data {root}: no such folder")
@@ -139,8 +146,15 @@ def find_classes(root: Path) -> list[str] | None:
     return classes if len(classes) >= 2 else None
 
 
-def read_folder(root: Path, size: int, workers: int = 0, classes: list[str] | None = None,
-                max_pixels: int | None = None, stream: bool | None = False, world: World = SINGLE) -> ImageSet:  # fmt: skip
+def read_folder(
+    root: Path,
+    size: int,
+    workers: int = 0,
+    classes: list[str] | None = None,
+    max_pixels: int | None = None,
+    stream: bool | None = False,
+    world: World = SINGLE,
+) -> ImageSet:
     found = find_classes(root)
     if found is None:
         paths, labels, classes = list_image_files(root), None, None
@@ -155,7 +169,9 @@ def read_folder(root: Path, size: int, workers: int = 0, classes: list[str] | No
             paths += files
             labels += [index[c]] * len(files)
     if not paths:
-        raise InstretError(f"{root}: no image files found (looked for {', '.join(sorted({'.jpg', '.png', '.jpeg'}))}, ...)")
+        raise InstretError(
+            f"{root}: no image files found (looked for {', '.join(sorted({'.jpg', '.png', '.jpeg'}))}, ...)"
+        )
     if stream is None:  # rank 0 decides: a collective follows, which every process must join
         stream = broadcast_object(world, too_large_to_hold(len(paths), size))
     if stream and world.distributed:
@@ -178,8 +194,9 @@ def read_folder(root: Path, size: int, workers: int = 0, classes: list[str] | No
     )
 
 
-def decode_files(paths, size: int, workers: int = 0, batch_size: int = 256, max_pixels: int | None = None,
-                 keep: bool = True):  # fmt: skip
+def decode_files(
+    paths, size: int, workers: int = 0, batch_size: int = 256, max_pixels: int | None = None, keep: bool = True
+):
     """Decode image files in worker processes: (uint8 tensor of the good ones, or None unless
     keep, their positions, skipped)."""
     chunks, ok, skipped = [], [], []

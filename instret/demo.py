@@ -44,12 +44,16 @@ def first_search(data: TrainData, out: Path, workers: int, device: str) -> None:
     sample = sorted(p for p in written if p.name.startswith("test-"))[SAMPLE_QUERY]
     hits = query(out / "index", [sample], k=6, exclude_self=True)[0]["results"]
     same = sum(Path(h["path"]).parent.name == sample.parent.name for h in hits)
-    log(f"sample query {one_line(str(sample))} (a {sample.parent.name}): {same} of its {len(hits)} nearest "
-        f"images are {sample.parent.name}s")  # fmt: skip
+    log(
+        f"sample query {one_line(str(sample))} (a {sample.parent.name}): {same} of its {len(hits)} nearest "
+        f"images are {sample.parent.name}s"
+    )
     for h in hits:
         log(f"  {h['rank']}  {h['score']:.3f}  {one_line(h['path'])}")
-    log(f"next: instret query {one_line(str(sample))} --index {one_line(str(out))} --html page.html; "
-        f"instret plot {one_line(str(out))}")  # fmt: skip
+    log(
+        f"next: instret query {one_line(str(sample))} --index {one_line(str(out))} --html page.html; "
+        f"instret plot {one_line(str(out))}"
+    )
 
 
 def _index_is_current(out: Path) -> bool:

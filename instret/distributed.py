@@ -12,13 +12,14 @@ the number of processes beyond float rounding.
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from instret.rank import local_rank, rank, world_size
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,9 @@ SINGLE = World()
 
 def world_from_env() -> World:
     """The World torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK (one process without them)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
+    if world_size() <= 1:
         return SINGLE
-    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    return World(rank(), world_size(), local_rank())
 
 
 @contextlib.contextmanager
@@ -155,11 +155,11 @@ def global_batch_norm(model: nn.Module) -> nn.Module:
     """The model with every BatchNorm2d replaced by GlobalBatchNorm (weights and buffers kept)."""
     for name, child in model.named_children():
         if type(child) is nn.BatchNorm2d:
-            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                  child.track_running_stats).to(child.weight.device)  # fmt: skip
+            new = GlobalBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            ).to(child.weight.device)
             new.load_state_dict(child.state_dict())
             setattr(model, name, new)
         else:
             global_batch_norm(child)
     return model
-

@@ -77,8 +77,15 @@ KEEP_RULES = {
 # --- candidate pairs ---------------------------------------------------------------------
 
 
-def candidate_pairs(within, vectors, floor: float, rep_row: np.ndarray | None = None, ids: np.ndarray | None = None,
-                    block: int = BLOCK, per_image: int = PER_IMAGE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+def candidate_pairs(
+    within,
+    vectors,
+    floor: float,
+    rep_row: np.ndarray | None = None,
+    ids: np.ndarray | None = None,
+    block: int = BLOCK,
+    per_image: int = PER_IMAGE,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs of distinct rows scoring above `floor`, each once: (row a < row b, score); each
     row's `per_image` best at most, which bounds memory whatever the collection holds.
 
@@ -152,8 +159,11 @@ def threshold_for_precision(scores: np.ndarray, contents: int, distributions: di
     if last < 0:  # no pair: the score at which one pair alone would be precise enough
         t = score_for_unrelated_share((1.0 - precision) / max(1.0, _pairs(contents)), distributions)
         return {"threshold": round(float(t), 6), "pairs": 0, "expected_unrelated": 0.0}
-    return {"threshold": round(float(desc[last]), 6), "pairs": int(last) + 1,
-            "expected_unrelated": round(float(expected[last]), 2)}  # fmt: skip
+    return {
+        "threshold": round(float(desc[last]), 6),
+        "pairs": int(last) + 1,
+        "expected_unrelated": round(float(expected[last]), 2),
+    }
 
 
 def _pairs(contents: int) -> float:
@@ -183,8 +193,9 @@ def complete_linkage(a: np.ndarray, b: np.ndarray, s: np.ndarray, threshold: flo
     return [sorted(g) for g in groups.values()]
 
 
-def find_duplicates(index_dir: str | Path, threshold: float | None = None, precision: float = DEFAULT_PRECISION,
-                    keep: str = "largest") -> dict:  # fmt: skip
+def find_duplicates(
+    index_dir: str | Path, threshold: float | None = None, precision: float = DEFAULT_PRECISION, keep: str = "largest"
+) -> dict:
     """{"threshold", "reason", "keep_rule", "groups": [{"tier", "keep", "min_score", "members"}]}
     of an index: exact groups first, then near ones, largest first. `threshold` (a cosine
     similarity) overrides the one calibrated for `precision`."""
@@ -213,18 +224,22 @@ def _threshold(s, contents, distributions, threshold, precision) -> dict:
     if threshold is not None:
         return {"threshold": threshold, "reason": f"--threshold {threshold}, as given"}
     if not distributions:
-        return {"threshold": FALLBACK_THRESHOLD,
-                "reason": f"{FALLBACK_THRESHOLD}: this index has no score distributions to calibrate with "
-                          f"(built by an older instret; `instret index --rebuild` measures them)"}  # fmt: skip
+        return {
+            "threshold": FALLBACK_THRESHOLD,
+            "reason": f"{FALLBACK_THRESHOLD}: this index has no score distributions to calibrate with "
+            f"(built by an older instret; `instret index --rebuild` measures them)",
+        }
     found = threshold_for_precision(s, contents, distributions, precision)
     t = found["threshold"]
     copies = ""
     if "copies" in distributions:
         share = 1.0 - float(np.interp(t, distributions["copies"], np.linspace(0, 1, len(distributions["copies"]))))
         copies = f"; {share:.0%} of edited copies of this index's images (instret.edits) score at least this"
-    reason = (f"--precision {precision}: calibrated on this index, {found['pairs']} pair(s) of distinct images "
-              f"score at least {t:.4f}, of which about {found['expected_unrelated']:g} would be unrelated "
-              f"images by chance{copies}")  # fmt: skip
+    reason = (
+        f"--precision {precision}: calibrated on this index, {found['pairs']} pair(s) of distinct images "
+        f"score at least {t:.4f}, of which about {found['expected_unrelated']:g} would be unrelated "
+        f"images by chance{copies}"
+    )
     return {**found, "precision": precision, "reason": reason}
 
 
@@ -252,20 +267,34 @@ def _describe_group(index: SearchIndex, vectors, ids, rep_row, rows: list[int], 
     for m in sorted(members, key=KEEP_RULES[keep]):
         identical = m.sha256 == kept.sha256
         score = 1.0 if identical else float(searched[position[row_of[m.id]]] @ kept_vec)
-        out.append({"path": m.path, "score": round(score, 6), "identical": identical, "width": m.width,
-                    "height": m.height, "bytes": m.bytes, "modified": _iso(m.mtime_ns)})  # fmt: skip
+        out.append(
+            {
+                "path": m.path,
+                "score": round(score, 6),
+                "identical": identical,
+                "width": m.width,
+                "height": m.height,
+                "bytes": m.bytes,
+                "modified": _iso(m.mtime_ns),
+            }
+        )
     pair_scores = searched @ searched.T
     distinct = len({m.sha256 for m in members})
-    return {"tier": "near" if distinct > 1 else "exact", "keep": kept.path,
-            "min_score": round(float(pair_scores.min()), 6), "members": out}  # fmt: skip
+    return {
+        "tier": "near" if distinct > 1 else "exact",
+        "keep": kept.path,
+        "min_score": round(float(pair_scores.min()), 6),
+        "members": out,
+    }
 
 
 def _members(index: SearchIndex, member_ids: list[int]) -> list[Member]:
     rows = []
     for start in range(0, len(member_ids), 900):  # SQLite's limit on bound parameters
-        chunk = member_ids[start:start + 900]
-        rows += index.meta.execute(f"SELECT id, path, size, mtime_ns, sha256 FROM files WHERE id IN "
-                                   f"({','.join('?' * len(chunk))})", chunk).fetchall()  # fmt: skip
+        chunk = member_ids[start : start + 900]
+        rows += index.meta.execute(
+            f"SELECT id, path, size, mtime_ns, sha256 FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk
+        ).fetchall()
     root = Path(index.manifest["root"])
     members = [Member(i, str(root / from_db(p)), size, mtime, sha) for i, p, size, mtime, sha in rows]
     for m in members:

@@ -90,14 +90,19 @@ def overlay(img: Image.Image, rng: random.Random) -> Image.Image:
     else:
         r = round(min(w, h) * rng.uniform(0.12, 0.25))
         x, y = rng.choice([r, w - r]), rng.choice([r, h - r])
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.randint(0, 255) for _ in range(3)),
-                     outline=(255, 255, 255), width=max(1, r // 8))  # fmt: skip
+        draw.ellipse(
+            (x - r, y - r, x + r, y + r),
+            fill=tuple(rng.randint(0, 255) for _ in range(3)),
+            outline=(255, 255, 255),
+            width=max(1, r // 8),
+        )
         draw.text((x - r * 0.5, y - r * 0.2), "LOGO", fill=(255, 255, 255))
     return img
 
 
-SINGLE_EDITS = {f.__name__: f for f in (crop, resize, jpeg, colour, brightness, greyscale, flip, rotate, blur,
-                                         border, overlay)}  # fmt: skip
+SINGLE_EDITS = {
+    f.__name__: f for f in (crop, resize, jpeg, colour, brightness, greyscale, flip, rotate, blur, border, overlay)
+}
 # Combinations as they happen: a screenshot crop re-saved, a filtered and captioned repost, ...
 COMBINATIONS = {
     "crop+jpeg": (crop, jpeg),

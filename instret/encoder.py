@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from instret.storage import atomic_torch_save, load_torch_file
 from instret.errors import InstretError
+from instret.storage import atomic_torch_save, load_torch_file
 
 ENCODER_FORMAT_VERSION = 1
 
@@ -30,16 +30,21 @@ def small_backbone(width: int = 32) -> tuple[nn.Module, int]:
 
     w = width
     layers = [
-        *block(3, w // 2), *block(w // 2, w), nn.MaxPool2d(2),
-        *block(w, 2 * w), nn.MaxPool2d(2),
-        *block(2 * w, 4 * w), nn.MaxPool2d(2),
+        *block(3, w // 2),
+        *block(w // 2, w),
+        nn.MaxPool2d(2),
+        *block(w, 2 * w),
+        nn.MaxPool2d(2),
+        *block(2 * w, 4 * w),
+        nn.MaxPool2d(2),
         # The last block ends in BatchNorm, not ReLU: zero-centred pooled features. After a
         # ReLU their large common mean makes every image's feature nearly the same direction
         # (cosine ~0.999 at init), and instance discrimination then starts from a collapse it
         # takes hundreds of steps to leave.
         *block(4 * w, 4 * w)[:2],
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-    ]  # fmt: skip
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ]
     return nn.Sequential(*layers), 4 * w
 
 

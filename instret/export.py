@@ -40,8 +40,14 @@ class WithPreprocessing(nn.Module):
 def metadata(enc, fmt: str) -> dict:
     size = enc.image_size
     return {
-        "producer": "instret", "format": fmt, "arch": enc.model.arch, "low_dim": enc.dim, "image_size": size,
-        "encoder_fingerprint": enc.fingerprint, "mean": list(enc.mean), "std": list(enc.std),
+        "producer": "instret",
+        "format": fmt,
+        "arch": enc.model.arch,
+        "low_dim": enc.dim,
+        "image_size": size,
+        "encoder_fingerprint": enc.fingerprint,
+        "mean": list(enc.mean),
+        "std": list(enc.std),
         "input": f"uint8 RGB, N x 3 x {size} x {size}",
         "output": f"float32 features, N x {enc.dim}, L2-normalised (cosine = dot product)",
         "preprocessing": [
@@ -51,7 +57,7 @@ def metadata(enc, fmt: str) -> dict:
             f"resize the shorter side to {size} px (bilinear), centre-crop {size} x {size}",
             "in the graph: divide by 255, subtract mean, divide by std (per channel, as given)",
         ],
-    }  # fmt: skip
+    }
 
 
 def export_encoder(model_path: str | Path, fmt: str, out: str | Path) -> dict:
@@ -85,8 +91,15 @@ def _onnx(wrapped: nn.Module, example: torch.Tensor, meta: dict) -> bytes:
     except ImportError:
         raise InstretError("--format onnx needs the onnx package: pip install onnx") from None
     buf = io.BytesIO()
-    torch.onnx.export(wrapped, (example,), buf, input_names=["images"], output_names=["features"],
-                      dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, dynamo=False)  # fmt: skip
+    torch.onnx.export(
+        wrapped,
+        (example,),
+        buf,
+        input_names=["images"],
+        output_names=["features"],
+        dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+        dynamo=False,
+    )
     model = onnx.load_from_string(buf.getvalue())
     for key, value in meta.items():
         entry = model.metadata_props.add()

@@ -17,9 +17,7 @@ from PIL import Image, ImageOps
 from instret.borders import trim_borders
 from instret.errors import InstretError
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 
 # Pillow's own limit (about 89 M pixels) only warns below twice that; instret refuses at it.
 # Every reader takes max_pixels (--max-image-pixels): None means this default, 0 no limit.
@@ -158,8 +156,9 @@ def encoder_inputs(items, size: int, max_pixels: int | None = None) -> tuple[lis
         if isinstance(item, torch.Tensor):
             item = _tensor_picture(item, i)
         elif not isinstance(item, Image.Image):
-            raise InstretError(f"item {i}: expected an image file, a PIL image or an image tensor, "
-                               f"not {type(item).__name__}")  # fmt: skip
+            raise InstretError(
+                f"item {i}: expected an image file, a PIL image or an image tensor, not {type(item).__name__}"
+            )
         images.append(square_tensor(item.convert("RGB"), size))
         names.append(f"<image {i}>")
     if not images:
@@ -252,8 +251,9 @@ def _collate(batch):
     return [i for i, _, _ in good], images, [d for _, _, d in good], bad
 
 
-def iter_decoded(paths, size: int, workers: int = 0, batch_size: int = 256,
-                 max_pixels: int | None = None, hashes: bool = False):  # fmt: skip
+def iter_decoded(
+    paths, size: int, workers: int = 0, batch_size: int = 256, max_pixels: int | None = None, hashes: bool = False
+):
     """Decode files in worker processes, in order, a batch at a time.
 
     Yields (positions of the readable files, uint8 tensor B x 3 x size x size or None,

@@ -43,8 +43,9 @@ class ResidentImages:
 
 
 class StreamedImages:
-    def __init__(self, paths: list[str], size: int, device: torch.device, workers: int = 2,
-                 max_pixels: int | None = None):  # fmt: skip
+    def __init__(
+        self, paths: list[str], size: int, device: torch.device, workers: int = 2, max_pixels: int | None = None
+    ):
         self.paths, self.size, self.device, self.workers = paths, size, device, workers
         self.dataset = DecodeDataset(paths, size, max_pixels, hashes=False)
 
@@ -59,13 +60,21 @@ class StreamedImages:
             return
         workers = self.workers if len(id_lists) > 1 else 0  # one batch: not worth starting processes
         collate = functools.partial(_stack_or_grey, size=self.size)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=id_lists, num_workers=workers,
-                                             collate_fn=collate, pin_memory=self.device.type == "cuda")  # fmt: skip
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=id_lists,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+        )
         pending = None
         for images, bad in loader:
             for i, reason in bad:  # from whichever process met it: each decodes its own rows
-                print(f"{self.paths[i]!r}: unreadable since training began ({reason}); a grey image stands in",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"{self.paths[i]!r}: unreadable since training began ({reason}); a grey image stands in",
+                    file=sys.stderr,
+                    flush=True,
+                )
             # Queued behind the current step's kernels on the same stream: the host runs on to
             # decode and launch, and the copy can never be read before it lands.
             images = images.to(self.device, non_blocking=True)

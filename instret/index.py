@@ -30,6 +30,7 @@ import shutil
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +85,9 @@ def _layout(factory: str, dim: int):
     try:
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise InstretError(f"--index-type {factory!r} is not a FAISS factory string FAISS accepts: "
-                           f"{str(e).strip().splitlines()[-1]}") from None  # fmt: skip
+        raise InstretError(
+            f"--index-type {factory!r} is not a FAISS factory string FAISS accepts: {str(e).strip().splitlines()[-1]}"
+        ) from None
 
 
 def _train(index, vectors: np.ndarray, factory: str, seed: int = 0) -> None:
@@ -97,8 +99,9 @@ def _train(index, vectors: np.ndarray, factory: str, seed: int = 0) -> None:
     try:
         index.train(sample)
     except RuntimeError as e:
-        raise InstretError(f"--index-type {factory!r} could not be trained on {len(sample)} vectors: "
-                           f"{str(e).strip().splitlines()[-1]}") from None  # fmt: skip
+        raise InstretError(
+            f"--index-type {factory!r} could not be trained on {len(sample)} vectors: {str(e).strip().splitlines()[-1]}"
+        ) from None
 
 
 def set_search_breadth(index, nprobe: int | None = None, ef_search: int | None = None) -> None:
@@ -137,8 +140,13 @@ def index_folder(path: str | Path) -> Path:
 class SearchIndex:
     """A committed generation opened for queries: FAISS index (memory-mapped) plus metadata."""
 
-    def __init__(self, index_dir: str | Path, generation: str | None = None, nprobe: int | None = None,
-                 ef_search: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        index_dir: str | Path,
+        generation: str | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ):
         self.dir = index_folder(index_dir)
         self.breadth = (nprobe, ef_search)
         self._faiss = None
@@ -146,7 +154,9 @@ class SearchIndex:
         for attempt in range(3):
             name = generation or read_current(self.dir)
             if name is None:
-                raise InstretError(f"{self.dir}: not an instret index (no CURRENT file); build one with `instret index`")
+                raise InstretError(
+                    f"{self.dir}: not an instret index (no CURRENT file); build one with `instret index`"
+                )
             try:
                 self._open(name)
                 return
@@ -205,8 +215,10 @@ class SearchIndex:
                 except RuntimeError:
                     raise InstretError(f"{path}: FAISS index unreadable (truncated or corrupted?)") from None
             if index.ntotal != self.ntotal or index.d != self.dim:
-                raise InstretError(f"{path}: holds {index.ntotal} x {index.d}, the manifest says "
-                                   f"{self.ntotal} x {self.dim}; the index is damaged, rebuild it")  # fmt: skip
+                raise InstretError(
+                    f"{path}: holds {index.ntotal} x {index.d}, the manifest says "
+                    f"{self.ntotal} x {self.dim}; the index is damaged, rebuild it"
+                )
             set_search_breadth(index, *self.breadth)
             gpus = faiss_gpu_count()
             if gpus > 0:  # only then: with no GPU this would give an empty index
@@ -253,10 +265,8 @@ class SearchIndex:
         ids = list(ids)
         out = {}
         for start in range(0, len(ids), 900):  # SQLite's limit on bound parameters
-            chunk = ids[start:start + 900]
-            rows = self.meta.execute(
-                f"SELECT id, path FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk
-            )
+            chunk = ids[start : start + 900]
+            rows = self.meta.execute(f"SELECT id, path FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)
             out.update((i, from_db(p)) for i, p in rows)
         return {i: str(Path(self.manifest["root"]) / p) for i, p in out.items()}
 
@@ -289,6 +299,37 @@ def read_current(index_dir: Path) -> str | None:
     return name
 
 
+def make_manifest(
+    vectors: np.ndarray,
+    factory: str,
+    fingerprint: str,
+    arch: str,
+    image_size: int,
+    root: Path,
+    skipped: int,
+    shard: tuple[int, int] | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """manifest.json of a generation (its reader is read_manifest, below)."""
+    manifest = {
+        "format_version": INDEX_FORMAT_VERSION,
+        "dim": int(vectors.shape[1]),
+        "metric": METRIC,
+        "factory": factory,
+        "encoder_fingerprint": fingerprint,
+        "encoder_arch": arch,
+        "image_size": image_size,
+        "root": str(Path(root).resolve()),
+        "count": len(vectors),
+        "skipped": skipped,
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if shard is not None:
+        manifest["shard"] = list(shard)
+    manifest.update(extra or {})
+    return manifest
+
+
 def read_manifest(gen_dir: Path) -> dict:
     path = gen_dir / "manifest.json"
     try:
@@ -296,8 +337,10 @@ def read_manifest(gen_dir: Path) -> dict:
     except (OSError, ValueError):
         raise InstretError(f"{path}: missing or not valid JSON; the index is damaged, rebuild it") from None
     if manifest.get("format_version", 0) > INDEX_FORMAT_VERSION:
-        raise InstretError(f"{path}: index format version {manifest['format_version']} is newer than "
-                           f"this instret reads ({INDEX_FORMAT_VERSION})")  # fmt: skip
+        raise InstretError(
+            f"{path}: index format version {manifest['format_version']} is newer than "
+            f"this instret reads ({INDEX_FORMAT_VERSION})"
+        )
     for key in ("dim", "count", "factory", "encoder_fingerprint", "root"):
         if key not in manifest:
             raise InstretError(f"{path}: manifest lacks {key!r}; the index is damaged, rebuild it")
@@ -350,36 +393,63 @@ def writer_lock(index_dir: Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise InstretError(f"{index_dir}: another `instret index` is updating this index; "
-                               f"wait for it to finish") from None  # fmt: skip
+            raise InstretError(
+                f"{index_dir}: another `instret index` is updating this index; wait for it to finish"
+            ) from None
         remove_stale_temps(index_dir)  # the lock is ours: temp files here are a killed writer's
         yield
     finally:
         os.close(fd)
 
 
-def write_generation(index_dir: Path, generation: int, manifest: dict, vectors: np.ndarray, ids: np.ndarray,
-                     files: list[tuple], skipped: list[tuple[str, str]], encoder_file: Path,
-                     whitening: Whitening | None = None, searched: np.ndarray | None = None) -> str:  # fmt: skip
+def write_generation(
+    index_dir: Path,
+    generation: int,
+    manifest: dict,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    files: list[tuple],
+    skipped: list[tuple[str, str]],
+    encoder_file: Path,
+    whitening: Whitening | None = None,
+    searched: np.ndarray | None = None,
+) -> str:
     """Write a complete generation folder, then make it current (the atomic step).
 
     whitening: saved with the generation; searched: the vectors as the index searches them
     (whitening(vectors), computed once by the caller); without whitening, the vectors."""
+    import faiss
+
     name = f"gen-{generation:06d}"
     gen_dir = index_dir / name
     if gen_dir.exists():
         shutil.rmtree(gen_dir)
     gen_dir.mkdir()
     try:
-        _write_generation_files(gen_dir, manifest, vectors, ids, files, skipped, encoder_file, whitening,
-                                vectors if searched is None else searched)  # fmt: skip
+        if whitening is not None:
+            whitening.save(gen_dir / WHITENING)
+        searched = vectors if searched is None else searched
+        faiss.write_index(make_faiss_index(searched, ids, manifest["factory"]), str(gen_dir / "index.faiss"))
+        np.save(gen_dir / "vectors.npy", vectors)
+        np.save(gen_dir / "ids.npy", ids)
+        con = open_metadata(gen_dir / "meta.sqlite")
+        with con:
+            con.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?)", [(i, to_db(p), *r) for i, p, *r in files])
+            con.executemany("INSERT INTO skipped VALUES (?, ?)", [(to_db(p), r) for p, r in skipped])
+        con.close()
+        shutil.copyfile(encoder_file, gen_dir / "encoder.pt")
+        atomic_write_text(gen_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        for f in gen_dir.iterdir():
+            _fsync(f)
     except BaseException as e:
         # A full disk or an interrupt: CURRENT still names the previous, complete generation.
         shutil.rmtree(gen_dir, ignore_errors=True)
         if isinstance(e, (OSError, RuntimeError, sqlite3.Error)) and not isinstance(e, InstretError):
             reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1]
-            raise InstretError(f"{gen_dir}: cannot write the new index ({reason}); the previous index is "
-                               f"unchanged, and rerunning continues without re-encoding") from None  # fmt: skip
+            raise InstretError(
+                f"{gen_dir}: cannot write the new index ({reason}); the previous index is "
+                f"unchanged, and rerunning continues without re-encoding"
+            ) from None
         raise
     previous = read_current(index_dir)
     atomic_write_text(index_dir / "CURRENT", name + "\n")
@@ -387,27 +457,6 @@ def write_generation(index_dir: Path, generation: int, manifest: dict, vectors: 
         if old.name not in (name, previous):
             shutil.rmtree(old, ignore_errors=True)
     return name
-
-
-def _write_generation_files(gen_dir: Path, manifest: dict, vectors: np.ndarray, ids: np.ndarray,
-                            files: list[tuple], skipped: list[tuple[str, str]], encoder_file: Path,
-                            whitening: Whitening | None, searched: np.ndarray) -> None:  # fmt: skip
-    import faiss
-
-    if whitening is not None:
-        whitening.save(gen_dir / WHITENING)
-    faiss.write_index(make_faiss_index(searched, ids, manifest["factory"]), str(gen_dir / "index.faiss"))
-    np.save(gen_dir / "vectors.npy", vectors)
-    np.save(gen_dir / "ids.npy", ids)
-    con = open_metadata(gen_dir / "meta.sqlite")
-    with con:
-        con.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?)", [(i, to_db(p), *rest) for i, p, *rest in files])
-        con.executemany("INSERT INTO skipped VALUES (?, ?)", [(to_db(p), r) for p, r in skipped])
-    con.close()
-    shutil.copyfile(encoder_file, gen_dir / "encoder.pt")
-    atomic_write_text(gen_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    for f in gen_dir.iterdir():
-        _fsync(f)
 
 
 def _fsync(path: Path) -> None:

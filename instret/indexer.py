@@ -13,7 +13,6 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +20,21 @@ import torch
 
 from instret.calibration import score_distributions
 from instret.data import report_skipped
-from instret.encoder import LoadedEncoder, embed_images, load_encoder
 from instret.device import resolve_device
+from instret.encoder import LoadedEncoder, embed_images, load_encoder
 from instret.errors import InstretError
 from instret.images import file_sha256, iter_decoded, list_image_files
 from instret.index import (
-    DEFAULT_FACTORY, INDEX_FORMAT_VERSION, METRIC, SearchIndex, as_float32, check_factory, read_current, to_db,
-    write_generation, writer_lock,
-)  # fmt: skip
+    DEFAULT_FACTORY,
+    SearchIndex,
+    as_float32,
+    check_factory,
+    make_manifest,
+    read_current,
+    to_db,
+    write_generation,
+    writer_lock,
+)
 from instret.postprocess import WHITEN_BY_DEFAULT, fit_for_index
 from instret.progress import Progress, log
 
@@ -47,7 +53,7 @@ def scan(root: Path, shard: tuple[int, int] | None = None) -> tuple[list[FileSta
     files, skipped = [], []
     paths = list_image_files(root)
     if shard is not None:
-        paths = paths[shard[0]::shard[1]]
+        paths = paths[shard[0] :: shard[1]]
     for path in paths:
         rel = path.relative_to(root).as_posix()
         try:
@@ -68,15 +74,18 @@ class Staging:
         # WAL: a commit per batch survives the process being killed without an fsync per batch.
         self.con.execute("PRAGMA journal_mode=WAL")
         self.con.execute("PRAGMA synchronous=NORMAL")
-        self.con.execute("CREATE TABLE IF NOT EXISTS staged (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
-                         " sha256 TEXT, fingerprint TEXT, vector BLOB)")  # fmt: skip
+        self.con.execute(
+            "CREATE TABLE IF NOT EXISTS staged (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
+            " sha256 TEXT, fingerprint TEXT, vector BLOB)"
+        )
         self.con.execute("DELETE FROM staged WHERE fingerprint != ?", (fingerprint,))
         self.con.commit()
         self.fingerprint = fingerprint
 
     def lookup(self, f: FileState):
         row = self.con.execute(
-            "SELECT sha256, vector FROM staged WHERE path = ? AND size = ? AND mtime_ns = ?", (to_db(f.rel), f.size, f.mtime_ns)
+            "SELECT sha256, vector FROM staged WHERE path = ? AND size = ? AND mtime_ns = ?",
+            (to_db(f.rel), f.size, f.mtime_ns),
         ).fetchone()
         return None if row is None else (row[0], np.frombuffer(row[1], dtype=np.float32))
 
@@ -85,24 +94,38 @@ class Staging:
             with self.con:
                 self.con.executemany(
                     "INSERT OR REPLACE INTO staged VALUES (?, ?, ?, ?, ?, ?)",
-                    [(to_db(f.rel), f.size, f.mtime_ns, h, self.fingerprint, v.astype(np.float32).tobytes())
-                     for f, h, v in rows],
-                )  # fmt: skip
+                    [
+                        (to_db(f.rel), f.size, f.mtime_ns, h, self.fingerprint, v.astype(np.float32).tobytes())
+                        for f, h, v in rows
+                    ],
+                )
         except sqlite3.Error as e:
-            raise InstretError(f"{self.path}: cannot write ({e}); the batches staged "
-                               f"before are kept, and rerunning `instret index` continues from them") from None  # fmt: skip
+            raise InstretError(
+                f"{self.path}: cannot write ({e}); the batches staged "
+                f"before are kept, and rerunning `instret index` continues from them"
+            ) from None
 
     def close(self) -> None:
         self.con.close()
 
 
-def encode_files(encoder: LoadedEncoder, root: Path, files: list[FileState], staging: Staging,
-                 batch_size: int, workers: int, device: torch.device, max_pixels: int | None):  # fmt: skip
+def encode_files(
+    encoder: LoadedEncoder,
+    root: Path,
+    files: list[FileState],
+    staging: Staging,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    max_pixels: int | None,
+):
     """Encode files (in worker-decoded batches), staging each batch; returns ({rel: (sha, vec)}, skipped)."""
     done, skipped = {}, []
     paths = [root / f.rel for f in files]
     progress = Progress(len(files), "encoding")
-    for positions, images, digests, bad in iter_decoded(paths, encoder.image_size, workers, batch_size, max_pixels, hashes=True):
+    for positions, images, digests, bad in iter_decoded(
+        paths, encoder.image_size, workers, batch_size, max_pixels, hashes=True
+    ):
         skipped += [(files[i].rel, reason) for i, reason in bad]
         if images is not None:
             vectors = as_float32(embed_images(encoder.model, images.to(device), encoder.mean, encoder.std))
@@ -114,10 +137,19 @@ def encode_files(encoder: LoadedEncoder, root: Path, files: list[FileState], sta
     return done, skipped
 
 
-def build_index(images_dir: str | Path, model: str | Path, out: str | Path, factory: str | None = None,
-                batch_size: int = 256, workers: int = 2, device: str = "auto", rebuild: bool | None = False,
-                max_pixels: int | None = None, shard: tuple[int, int] | None = None,
-                whiten: bool | None = None) -> dict:  # fmt: skip
+def build_index(
+    images_dir: str | Path,
+    model: str | Path,
+    out: str | Path,
+    factory: str | None = None,
+    batch_size: int = 256,
+    workers: int = 2,
+    device: str = "auto",
+    rebuild: bool | None = False,
+    max_pixels: int | None = None,
+    shard: tuple[int, int] | None = None,
+    whiten: bool | None = None,
+) -> dict:
     """Create or incrementally update the index of a folder; returns a summary of what was done.
 
     rebuild: re-encode everything; None: only when the index was built with another encoder
@@ -146,8 +178,10 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
                 f"({model}); add --rebuild to re-encode everything with the new encoder, or choose another --out"
             )
         if previous is not None and previous.manifest.get("shard") != (list(shard) if shard else None):
-            raise InstretError(f"{out} holds shard {previous.manifest.get('shard')} of a collection, not "
-                               f"{list(shard) if shard else 'the whole folder'}; choose another --out")  # fmt: skip
+            raise InstretError(
+                f"{out} holds shard {previous.manifest.get('shard')} of a collection, not "
+                f"{list(shard) if shard else 'the whole folder'}; choose another --out"
+            )
         factory = factory or (previous.manifest["factory"] if previous else DEFAULT_FACTORY)
         files, skipped = scan(root, shard)
         if not files:
@@ -174,17 +208,23 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
             if hit is not None:
                 resumed[f.rel] = hit
         to_encode = [f for f in todo if f.rel not in resumed]
-        log(f"indexing {root}: {len(files)} files; {len(kept)} unchanged, {len(resumed)} staged earlier, "
-            f"{len(to_encode)} to encode")  # fmt: skip
+        log(
+            f"indexing {root}: {len(files)} files; {len(kept)} unchanged, {len(resumed)} staged earlier, "
+            f"{len(to_encode)} to encode"
+        )
         encode_start = time.perf_counter()
         encoded, bad = encode_files(encoder, root, to_encode, staging, batch_size, workers, torch_device, max_pixels)
         encode_seconds = time.perf_counter() - encode_start
         skipped += bad
         report_skipped(skipped)
         if whiten is None:
-            whiten = previous.postprocess.get("whiten", WHITEN_BY_DEFAULT) if previous is not None else WHITEN_BY_DEFAULT
+            whiten = (
+                previous.postprocess.get("whiten", WHITEN_BY_DEFAULT) if previous is not None else WHITEN_BY_DEFAULT
+            )
         new = len(encoded) + len(resumed)
-        same = previous is not None and unchanged(previous, root, factory, whiten, len(kept), len(old), len(skipped), new)
+        same = previous is not None and unchanged(
+            previous, root, factory, whiten, len(kept), len(old), len(skipped), new
+        )
         if same:
             name, count, removed = read_current(out), len(kept), 0
         else:
@@ -199,23 +239,41 @@ def build_index(images_dir: str | Path, model: str | Path, out: str | Path, fact
             few = previous is not None and kept and new + removed <= REUSE_SCORES_SHARE * count
             known = previous.manifest.get("scores") if few and not previous.postprocess.get("whitening") else None
             whitening, searched, extra = searched_space(encoder, root, rows, vectors, whiten, max_pixels, known)
-            manifest = make_manifest(vectors, factory, encoder.fingerprint, encoder.model.arch, encoder.image_size,
-                                     root, len(skipped), shard, extra)  # fmt: skip
+            manifest = make_manifest(
+                vectors,
+                factory,
+                encoder.fingerprint,
+                encoder.model.arch,
+                encoder.image_size,
+                root,
+                len(skipped),
+                shard,
+                extra,
+            )
             src = Path(model) / "encoder.pt" if Path(model).is_dir() else Path(model)
-            name = write_generation(out, next_generation(out), manifest, vectors, ids, rows, skipped, src, whitening,
-                                    searched)  # fmt: skip
+            name = write_generation(
+                out, next_generation(out), manifest, vectors, ids, rows, skipped, src, whitening, searched
+            )
         staging.close()
         (out / "staging.sqlite").unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     summary = {
-        "index": str(out), "generation": name, "vectors": count, "encoded": len(encoded),
-        "resumed": len(resumed), "unchanged": len(kept), "removed": removed,
-        "skipped": len(skipped), "seconds": round(seconds, 3),
+        "index": str(out),
+        "generation": name,
+        "vectors": count,
+        "encoded": len(encoded),
+        "resumed": len(resumed),
+        "unchanged": len(kept),
+        "removed": removed,
+        "skipped": len(skipped),
+        "seconds": round(seconds, 3),
         "images_per_s": round(len(encoded) / encode_seconds, 1) if encoded else None,
-    }  # fmt: skip
+    }
     if not same:
-        log(f"index {out}: {count} vectors ({len(encoded)} encoded, {removed} removed, "
-            f"{len(skipped)} skipped) in {seconds:.1f} s")  # fmt: skip
+        log(
+            f"index {out}: {count} vectors ({len(encoded)} encoded, {removed} removed, "
+            f"{len(skipped)} skipped) in {seconds:.1f} s"
+        )
     else:
         log(f"index {out}: nothing changed since {name}; no new generation")
     return summary
@@ -225,8 +283,14 @@ def unchanged(previous, root: Path, factory: str, whiten: bool, kept: int, had: 
     """Whether a build would write what the current generation holds: every file as it was,
     none new or gone, as many unreadable ones, the same index type and post-processing."""
     m = previous.manifest
-    return (new == 0 and kept == had and skipped == m.get("skipped") and factory == m["factory"]
-            and whiten == previous.postprocess.get("whiten", WHITEN_BY_DEFAULT) and m["root"] == str(root.resolve()))  # fmt: skip
+    return (
+        new == 0
+        and kept == had
+        and skipped == m.get("skipped")
+        and factory == m["factory"]
+        and whiten == previous.postprocess.get("whiten", WHITEN_BY_DEFAULT)
+        and m["root"] == str(root.resolve())
+    )
 
 
 def check_out(out: Path) -> None:
@@ -261,8 +325,15 @@ def with_stable_ids(entries: list[tuple], old_ids: dict[str, int]):
     return rows, vectors, np.array([r[0] for r in rows], dtype=np.int64)
 
 
-def searched_space(encoder: LoadedEncoder, root: Path, rows: list[tuple], vectors: np.ndarray, whiten: bool,
-                   max_pixels: int | None = None, known_scores: dict | None = None):  # fmt: skip
+def searched_space(
+    encoder: LoadedEncoder,
+    root: Path,
+    rows: list[tuple],
+    vectors: np.ndarray,
+    whiten: bool,
+    max_pixels: int | None = None,
+    known_scores: dict | None = None,
+):
     """(whitening or None, the vectors as searched, the manifest entries "postprocess" and
     "scores") of an index of `vectors`, the encoder vectors of the files `rows` (id, path, ...)
     under root. known_scores: the previous generation's, when its edited-copy scores still
@@ -274,27 +345,6 @@ def searched_space(encoder: LoadedEncoder, root: Path, rows: list[tuple], vector
     known = known_scores if whitening is None else None
     scores = score_distributions(encoder, searched, [root / r[1] for r in rows], transform, max_pixels, known=known)
     return whitening, searched, {"postprocess": post, "scores": scores}
-
-
-def make_manifest(vectors: np.ndarray, factory: str, fingerprint: str, arch: str, image_size: int, root: Path,
-                  skipped: int, shard: tuple[int, int] | None = None, extra: dict | None = None) -> dict:  # fmt: skip
-    manifest = {
-        "format_version": INDEX_FORMAT_VERSION,
-        "dim": int(vectors.shape[1]),
-        "metric": METRIC,
-        "factory": factory,
-        "encoder_fingerprint": fingerprint,
-        "encoder_arch": arch,
-        "image_size": image_size,
-        "root": str(Path(root).resolve()),
-        "count": len(vectors),
-        "skipped": skipped,
-        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    if shard is not None:
-        manifest["shard"] = list(shard)
-    manifest.update(extra or {})
-    return manifest
 
 
 def next_generation(out: Path) -> int:

@@ -39,7 +39,7 @@ def torch_search(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int =
     """Exact inner-product top-k by chunked matmul: (sims Q x k, ids Q x k)."""
     sims, ids = [], []
     for start in range(0, len(queries), chunk):
-        s, i = (queries[start:start + chunk] @ keys.T).topk(k, dim=1)  # c x D @ D x n -> c x n -> c x k
+        s, i = (queries[start : start + chunk] @ keys.T).topk(k, dim=1)  # c x D @ D x n -> c x n -> c x k
         sims.append(s)
         ids.append(i)
     return torch.cat(sims), torch.cat(ids)
@@ -91,32 +91,37 @@ def drop_self(sims: torch.Tensor, ids: torch.Tensor, query_ids: torch.Tensor):
     return sims[keep].view(-1, k), ids[keep].view(-1, k)
 
 
-def knn_evaluate(
+def knn_class_scores(
     index: FeatureIndex,
     key_labels: torch.Tensor,
     queries: torch.Tensor,
-    query_labels: torch.Tensor,
     num_classes: int,
     k: int = 200,
     sigma: float = 0.1,
     leave_one_out: bool = False,
     chunk: int = 4096,
-) -> dict[str, float]:
-    """Weighted kNN top-1/top-5 of queries against the indexed keys.
-
-    leave_one_out: the queries are the keys themselves (row i is key i) and each excludes itself.
-    """
+):
+    """Each query's weighted vote per class, chunk by chunk: yields (first query row, chunk x
+    num_classes scores). leave_one_out: the queries are the keys themselves (row i is key i)
+    and each excludes itself."""
     key_labels = key_labels.to(queries.device)
     k = min(k, index.ntotal - (1 if leave_one_out else 0))
-    hits = {1: 0.0, 5: 0.0}
     for start in range(0, len(queries), chunk):
-        q = queries[start:start + chunk]
+        q = queries[start : start + chunk]
         if leave_one_out:
             sims, ids = index.search(q, k + 1)
             sims, ids = drop_self(sims, ids, torch.arange(start, start + len(q), device=q.device))
         else:
             sims, ids = index.search(q, k)
-        scores = knn_vote(sims.float(), key_labels[ids], num_classes, sigma)
-        for kk, acc in topk_accuracy(scores, query_labels[start:start + chunk].to(q.device)).items():
-            hits[kk] += acc * len(q)
+        yield start, knn_vote(sims.float(), key_labels[ids], num_classes, sigma)
+
+
+def knn_evaluate(index: FeatureIndex, key_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+                 num_classes: int, **vote) -> dict[str, float]:  # fmt: skip
+    """Weighted kNN top-1/top-5 of queries against the indexed keys; vote: knn_class_scores's
+    k, sigma, leave_one_out and chunk."""
+    hits = {1: 0.0, 5: 0.0}
+    for start, scores in knn_class_scores(index, key_labels, queries, num_classes, **vote):
+        for kk, acc in topk_accuracy(scores, query_labels[start : start + len(scores)].to(scores.device)).items():
+            hits[kk] += acc * len(scores)
     return {"knn_top1": hits[1] / len(queries), "knn_top5": hits[5] / len(queries)}

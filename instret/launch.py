@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from instret.errors import InstretError
+from instret.rank import world_size
 
 
 def launch_local(options: dict, resume: bool, nproc: int) -> int:
@@ -21,7 +22,7 @@ def launch_local(options: dict, resume: bool, nproc: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         raise InstretError("--nproc-per-node inside a torchrun job: give the process count to torchrun only")
     options = dict(options)
     if options.get("out") is None and not resume:  # chosen once here: every process writes to one folder
@@ -30,8 +31,15 @@ def launch_local(options: dict, resume: bool, nproc: int) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # The processes speak for themselves (rank 0 reports errors); the agent's own log is noise.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)  # fmt: skip
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
     with tempfile.TemporaryDirectory(prefix="instret-launch-") as tmp:
         path = Path(tmp) / "options.json"
         path.write_text(json.dumps(options))

@@ -18,17 +18,21 @@ def softmax_loss(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, tau: fl
     return F.cross_entropy(logits, idx)
 
 
-def estimate_nce_z(f: torch.Tensor, bank: torch.Tensor, noise: torch.Tensor, tau: float) -> float:
-    """Monte-Carlo normaliser Z ~= n * mean_j exp(v_j . f / tau) over the noise rows of a batch."""
-    total, count = nce_z_sums(f, bank, noise, tau)
-    return float(total / count * bank.shape[0])
+def nce_noise(bank_size: int, batch: int, m: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniform noise rows for a whole (global) batch, B x m, from the run's generator: every
+    process draws the same, then takes its own rows."""
+    return torch.randint(0, bank_size, (batch, m), generator=generator, device=generator.device)
 
 
-def nce_z_sums(f: torch.Tensor, bank: torch.Tensor, noise: torch.Tensor, tau: float):
-    """(sum of exp(v_j . f / tau) over the noise rows, their number): summed over processes
-    first, so that Z is the global batch's estimate."""
+def estimate_nce_z(f: torch.Tensor, bank: torch.Tensor, noise: torch.Tensor, tau: float, total=lambda t: t) -> float:
+    """Monte-Carlo normaliser Z ~= n * mean_j exp(v_j . f / tau) over the noise rows of a batch.
+    total: sums a tensor over the processes (instret.distributed.all_sum), so that Z is the
+    global batch's estimate; the identity in one process. The paper estimates Z once, from the
+    first batch, and keeps it."""
     sims = torch.einsum("bd,bmd->bm", f.detach(), bank[noise])  # B x m
-    return torch.exp(sims / tau).sum(), torch.tensor(float(sims.numel()), device=sims.device)
+    sums = torch.stack([torch.exp(sims / tau).sum(), sims.new_tensor(float(sims.numel()))])
+    exp_sum, count = total(sums).tolist()
+    return bank.shape[0] * exp_sum / count
 
 
 def nce_loss(

@@ -20,14 +20,15 @@ import torch
 
 
 @torch.no_grad()
-def label_free_metrics(views: torch.Tensor, clean: torch.Tensor, ids: torch.Tensor, bank: torch.Tensor,
-                       chunk: int = 1024) -> dict[str, float]:  # fmt: skip
+def label_free_metrics(
+    views: torch.Tensor, clean: torch.Tensor, ids: torch.Tensor, bank: torch.Tensor, chunk: int = 1024
+) -> dict[str, float]:
     """views, clean: m x D unit features of an augmented and of the clean view of the images whose
     bank rows are ids (m); bank: n x D."""
     hits = 0
     for start in range(0, len(views), chunk):
-        best = (views[start:start + chunk] @ bank.T).argmax(dim=1)  # c x D @ D x n -> c x n -> c
-        hits += int((best == ids[start:start + chunk]).sum())
+        best = (views[start : start + chunk] @ bank.T).argmax(dim=1)  # c x D @ D x n -> c x n -> c
+        hits += int((best == ids[start : start + chunk]).sum())
     m = len(clean)
     off_diagonal = ~torch.eye(m, dtype=torch.bool, device=clean.device)
     cos = (clean @ clean.T)[off_diagonal]  # m x m without the diagonal

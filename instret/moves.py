@@ -39,8 +39,7 @@ def plan_moves(groups: list[dict], root: Path, dest: Path) -> tuple[list[dict], 
             if not os.path.lexists(src):
                 notes.append(f"{src}: no longer there; left alone")
                 continue
-            moves.append({"group": n, "from": str(src), "to": str(dest / src.relative_to(root)),
-                          "bytes": m["bytes"]})  # fmt: skip
+            moves.append({"group": n, "from": str(src), "to": str(dest / src.relative_to(root)), "bytes": m["bytes"]})
     return moves, notes
 
 
@@ -52,8 +51,9 @@ def write_journal(dest: Path, moves: list[dict], root: Path) -> Path:
     path = dest / time.strftime("instret-dups-%Y%m%d-%H%M%S.json")
     while path.exists():
         path = path.with_name(path.stem + "-1.json")
-    atomic_write_text(path, json.dumps({"version": 1, "root": str(root), "dest": str(dest), "moves": moves},
-                                       indent=1) + "\n")  # fmt: skip
+    atomic_write_text(
+        path, json.dumps({"version": 1, "root": str(root), "dest": str(dest), "moves": moves}, indent=1) + "\n"
+    )
     return path
 
 
@@ -114,8 +114,9 @@ def unfinished(dest: Path) -> list[Path]:
     out = []
     for path in sorted(dest.glob(JOURNAL_GLOB)) if dest.is_dir() else []:
         journal = read_journal(path)
-        if "undo" not in journal and any(_state(Path(m["from"]), Path(m["to"]), m["sha256"]) != "moved"
-                                         for m in journal["moves"]):  # fmt: skip
+        if "undo" not in journal and any(
+            _state(Path(m["from"]), Path(m["to"]), m["sha256"]) != "moved" for m in journal["moves"]
+        ):
             out.append(path)
     return out
 

@@ -62,11 +62,17 @@ def training_curves(run_dir: str | Path):
     monitor = [r for r in rows if "instance_recall@1" in r]
     if monitor:
         x = [r["epoch"] for r in monitor]
-        for key, label in (("instance_recall@1", "instance recall@1"), ("alignment", "alignment (0 best)"),
-                           ("mean_pair_cosine", "random-pair cosine")):  # fmt: skip
+        for key, label in (
+            ("instance_recall@1", "instance recall@1"),
+            ("alignment", "alignment (0 best)"),
+            ("mean_pair_cosine", "random-pair cosine"),
+        ):
             middle.plot(x, [r[key] for r in monitor], marker=".", label=label)
-        middle.set(xlabel="epoch", title="label-free monitor", ylim=(min(0, *(r["mean_pair_cosine"] for r in monitor)),
-                                                                      max(1, *(r["alignment"] for r in monitor))))  # fmt: skip
+        middle.set(
+            xlabel="epoch",
+            title="label-free monitor",
+            ylim=(min(0, *(r["mean_pair_cosine"] for r in monitor)), max(1, *(r["alignment"] for r in monitor))),
+        )
         middle.legend(fontsize=8)
     else:
         _blank(middle, "no label-free monitor in this run")
@@ -102,8 +108,9 @@ def neighbour_grid(rows: list[dict], title: str | None = None):
     """
     plt = pyplot()
     cols = 1 + max((len(r["neighbours"]) for r in rows), default=0)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.15 * cols, 1.3 * len(rows)), squeeze=False,
-                             layout="constrained")  # fmt: skip
+    fig, axes = plt.subplots(
+        len(rows), cols, figsize=(1.15 * cols, 1.3 * len(rows)), squeeze=False, layout="constrained"
+    )
     for row, r in zip(axes, rows):
         for ax in row:
             ax.set_axis_off()
@@ -129,17 +136,23 @@ def query_grid(results: list[dict], size: int = 96):
             return np.full((size, size, 3), 128, dtype=np.uint8)
         return np.asarray(img)
 
-    rows = [{"query": picture(r["query"]), "label": _short(r["query"]),
-             "neighbours": [{"image": picture(h["path"]), "score": h["score"], "label": _short(h["path"], 16)}
-                            for h in r["results"]]}
-            for r in results]  # fmt: skip
+    rows = [
+        {
+            "query": picture(r["query"]),
+            "label": _short(r["query"]),
+            "neighbours": [
+                {"image": picture(h["path"]), "score": h["score"], "label": _short(h["path"], 16)} for h in r["results"]
+            ],
+        }
+        for r in results
+    ]
     return neighbour_grid(rows)
 
 
 def _short(path: str, width: int = 22) -> str:
     """folder/name (the folder often says what the image is), cut to width."""
     name = "/".join(Path(path).parts[-2:])
-    return name if len(name) <= width else "..." + name[3 - width:]
+    return name if len(name) <= width else "..." + name[3 - width :]
 
 
 def feature_map(ax, xy: np.ndarray, labels: np.ndarray, classes: list[str], title: str) -> None:

@@ -55,7 +55,7 @@ class Whitening:
             np.savez(f, mean=self.mean, projection=self.projection, shrinkage=np.float64(self.shrinkage))
 
     @classmethod
-    def load(cls, path: Path) -> "Whitening":
+    def load(cls, path: Path) -> Whitening:
         try:
             with np.load(path, allow_pickle=False) as z:
                 w = cls(z["mean"], z["projection"], float(z["shrinkage"]))
@@ -104,8 +104,9 @@ def weighted_expansion(x: np.ndarray, neighbours: np.ndarray, scores: np.ndarray
     return normalise(np.einsum("qk,qkd->qd", weights, x[neighbours]))  # q x k, q x k x D -> q x D
 
 
-def expand_queries(queries: np.ndarray, database: np.ndarray, neighbours: np.ndarray, scores: np.ndarray,
-                   alpha: float = 3.0) -> np.ndarray:  # fmt: skip
+def expand_queries(
+    queries: np.ndarray, database: np.ndarray, neighbours: np.ndarray, scores: np.ndarray, alpha: float = 3.0
+) -> np.ndarray:
     """alpha-QE: each query plus its top hits (rows of `database`), weighted by score^alpha."""
     q, k = neighbours.shape
     rows = np.concatenate([np.arange(len(database), len(database) + q)[:, None], neighbours], axis=1)
@@ -119,7 +120,7 @@ def augment_database(database: np.ndarray, k: int = 3, alpha: float = 3.0, chunk
     k = min(k, len(database))
     out = []
     for start in range(0, len(database), chunk):
-        sims = database[start:start + chunk] @ database.T  # c x n
+        sims = database[start : start + chunk] @ database.T  # c x n
         neighbours = np.argsort(-sims, axis=1, kind="stable")[:, :k]
         out.append(weighted_expansion(database, neighbours, np.take_along_axis(sims, neighbours, axis=1), alpha))
     return np.concatenate(out) if out else normalise(database)

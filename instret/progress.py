@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
+
+from instret.rank import rank
 
 
 def log(message: str) -> None:
     """One line on stderr; under torchrun from rank 0 only (every process would say the same)."""
-    if os.environ.get("RANK", "0") == "0":
+    if rank() == 0:
         print(message, file=sys.stderr, flush=True)
 
 

@@ -36,8 +36,11 @@ def dups_text(groups: list[dict]) -> str:
     blocks = []
     for n, g in enumerate(groups, 1):
         lines = [f"# group {n}: {g['tier']}, {len(g['members'])} files, min score {g['min_score']:.4f}"]
-        lines += [f"{'keep' if m['path'] == g['keep'] else 'dup'}\t{m['score']:.4f}\t{m['width']}x{m['height']}\t"
-                  f"{one_line(m['path'])}" for m in g["members"]]  # fmt: skip
+        lines += [
+            f"{'keep' if m['path'] == g['keep'] else 'dup'}\t{m['score']:.4f}\t{m['width']}x{m['height']}\t"
+            f"{one_line(m['path'])}"
+            for m in g["members"]
+        ]
         blocks.append("\n".join(lines))
     return "\n".join(blocks)
 
@@ -57,8 +60,9 @@ def _figure(path: str, caption: str) -> str:
     img = f'<img src="{uri}" alt="">' if uri else '<div class="missing">unreadable</div>'
     if uri:  # a click opens the image itself
         img = f'<a href="{html.escape(Path(path).resolve().as_uri(), quote=True)}">{img}</a>'
-    return (f'<figure title="{html.escape(path, quote=True)}">{img}'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")  # fmt: skip
+    return (
+        f'<figure title="{html.escape(path, quote=True)}">{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
+    )
 
 
 PAGE = """<!DOCTYPE html>
@@ -100,13 +104,15 @@ def dups_html(groups: list[dict]) -> str:
     first, each with its score, pixel size, file size and date."""
     sections = []
     for n, g in enumerate(groups, 1):
-        head = (f'<h2 id="group-{n}">group {n}: {g["tier"]}, {len(g["members"])} files, '
-                f'min score {g["min_score"]:.4f}</h2>')  # fmt: skip
+        head = (
+            f'<h2 id="group-{n}">group {n}: {g["tier"]}, {len(g["members"])} files, min score {g["min_score"]:.4f}</h2>'
+        )
         cells = []
         for m in g["members"]:
             role = "keep" if m["path"] == g["keep"] else ("identical bytes" if m["identical"] else f"{m['score']:.4f}")
-            caption = (f"{role} · {m['width']}x{m['height']} · {m['bytes'] / 1024:.0f} KB · "
-                       f"{m['modified'][:10]} · {m['path']}")  # fmt: skip
+            caption = (
+                f"{role} · {m['width']}x{m['height']} · {m['bytes'] / 1024:.0f} KB · {m['modified'][:10]} · {m['path']}"
+            )
             cells.append(_figure(m["path"], caption))
         sections.append(head + '<div class="row">' + "".join(cells) + "</div>")
     return PAGE.format(title="instret duplicates", body="\n".join(sections))

@@ -18,21 +18,32 @@ from instret.index import SearchIndex, as_float32
 class Searcher:
     """An open index plus the encoder it was built with: image files in, ranked hits out."""
 
-    def __init__(self, index_dir: str | Path, model: str | Path | None = None, device: str = "cpu",
-                 max_pixels: int | None = None, nprobe: int | None = None, ef_search: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        index_dir: str | Path,
+        model: str | Path | None = None,
+        device: str = "cpu",
+        max_pixels: int | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ):
         self.index = SearchIndex(index_dir, nprobe=nprobe, ef_search=ef_search)
         self.max_pixels = max_pixels
         self.device = resolve_device(device)
         self.encoder = load_encoder(self.index.gen_dir / "encoder.pt", self.device)
         expected = self.index.manifest["encoder_fingerprint"]
         if self.encoder.fingerprint != expected:
-            raise InstretError(f"{self.index.gen_dir}/encoder.pt has fingerprint {self.encoder.fingerprint} but the "
-                               f"index was built with {expected}; the index is damaged, rebuild it")  # fmt: skip
+            raise InstretError(
+                f"{self.index.gen_dir}/encoder.pt has fingerprint {self.encoder.fingerprint} but the "
+                f"index was built with {expected}; the index is damaged, rebuild it"
+            )
         if model is not None:
             other = load_encoder(model)
             if other.fingerprint != expected:
-                raise InstretError(f"{model} (encoder {other.fingerprint}) is not the encoder {index_dir} was built "
-                                   f"with ({expected}); query without --model, or rebuild the index with it")  # fmt: skip
+                raise InstretError(
+                    f"{model} (encoder {other.fingerprint}) is not the encoder {index_dir} was built "
+                    f"with ({expected}); query without --model, or rebuild the index with it"
+                )
         if self.encoder.dim != self.index.dim:
             raise InstretError(f"encoder dimension {self.encoder.dim} != index dimension {self.index.dim}")
 
@@ -51,10 +62,15 @@ class Searcher:
             if exclude_self and not name.startswith("<image "):
                 hits = _without_self(name, hits)
             hits = [h for h in hits if min_score is None or h.score >= min_score][:k]
-            out.append({"query": name, "results": [
-                {"rank": r, "path": h.path, "score": round(h.score, 6), **describe(h.score, scores)}
-                for r, h in enumerate(hits, 1)
-            ]})  # fmt: skip
+            out.append(
+                {
+                    "query": name,
+                    "results": [
+                        {"rank": r, "path": h.path, "score": round(h.score, 6), **describe(h.score, scores)}
+                        for r, h in enumerate(hits, 1)
+                    ],
+                }
+            )
         return out
 
 
@@ -77,8 +93,18 @@ def _without_self(query: str, hits):
     return kept
 
 
-def query(index_dir, images, k=10, min_score=None, exclude_self=False, model=None, device="cpu",
-          max_pixels=None, nprobe=None, ef_search=None) -> list[dict]:  # fmt: skip
+def query(
+    index_dir,
+    images,
+    k=10,
+    min_score=None,
+    exclude_self=False,
+    model=None,
+    device="cpu",
+    max_pixels=None,
+    nprobe=None,
+    ef_search=None,
+) -> list[dict]:
     return Searcher(index_dir, model, device, max_pixels, nprobe, ef_search).query(images, k, min_score, exclude_self)
 
 
@@ -94,7 +120,7 @@ def retrieval_metrics(vectors: np.ndarray, labels: np.ndarray, ks=(1, 5, 10), ch
         raise InstretError("retrieval needs at least 2 images")
     aps, recall, prec10 = [], {k: [] for k in ks}, []
     for start in range(0, n, chunk):
-        sims = x[start:start + chunk] @ x.T  # c x n
+        sims = x[start : start + chunk] @ x.T  # c x n
         rows = torch.arange(start, min(start + chunk, n))
         sims[torch.arange(len(rows)), rows] = -float("inf")  # never retrieve the query itself
         order = sims.argsort(dim=1, descending=True)[:, : n - 1]
@@ -114,8 +140,14 @@ def retrieval_metrics(vectors: np.ndarray, labels: np.ndarray, ks=(1, 5, 10), ch
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in result.items()}
 
 
-def eval_retrieval(images_dir: str | Path, model: str | Path | None = None, index_dir: str | Path | None = None,
-                   workers: int = 2, device: str = "auto", max_pixels: int | None = None) -> dict:  # fmt: skip
+def eval_retrieval(
+    images_dir: str | Path,
+    model: str | Path | None = None,
+    index_dir: str | Path | None = None,
+    workers: int = 2,
+    device: str = "auto",
+    max_pixels: int | None = None,
+) -> dict:
     """Retrieval metrics on a folder of group sub-folders, from an encoder or an existing index."""
     from instret.data import find_classes
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from instret.errors import InstretError
-from instret.index import SearchIndex, read_current, write_generation, writer_lock
-from instret.postprocess import WHITEN_BY_DEFAULT
 from instret.encoder import load_encoder
-from instret.indexer import check_out, make_manifest, next_generation, searched_space, with_stable_ids
+from instret.errors import InstretError
+from instret.index import SearchIndex, make_manifest, read_current, write_generation, writer_lock
+from instret.indexer import check_out, next_generation, searched_space, with_stable_ids
+from instret.postprocess import WHITEN_BY_DEFAULT
 from instret.progress import log
 
 
@@ -41,8 +41,10 @@ def merge_shards(shard_dirs: list[str | Path], out: str | Path, factory: str | N
             raise InstretError(f"{s.dir}: not a shard (built without --shard)")
         for key in ("encoder_fingerprint", "root", "dim"):
             if m[key] != first[key]:
-                raise InstretError(f"{s.dir}: {key} {m[key]!r} differs from {shards[0].dir}'s {first[key]!r}; "
-                                   f"shards must come from one folder and one encoder")  # fmt: skip
+                raise InstretError(
+                    f"{s.dir}: {key} {m[key]!r} differs from {shards[0].dir}'s {first[key]!r}; "
+                    f"shards must come from one folder and one encoder"
+                )
     n = first["shard"][1]
     got = sorted(s.manifest["shard"][0] for s in shards)
     if any(s.manifest["shard"][1] != n for s in shards) or got != list(range(n)):
@@ -60,16 +62,40 @@ def merge_shards(shard_dirs: list[str | Path], out: str | Path, factory: str | N
             previous.close()
         rows, vectors, ids = with_stable_ids(entries, old_ids)
         encoder = load_encoder(shards[0].gen_dir / "encoder.pt")
-        whitening, searched, extra = searched_space(encoder, Path(first["root"]), rows, vectors,
-                                          shards[0].postprocess.get("whiten", WHITEN_BY_DEFAULT))  # fmt: skip
-        manifest = make_manifest(vectors, factory or first["factory"], first["encoder_fingerprint"],
-                                 first.get("encoder_arch"), first.get("image_size"), Path(first["root"]), len(skipped),
-                                 extra=extra)  # fmt: skip
-        name = write_generation(out, next_generation(out), manifest, vectors, ids, rows, skipped,
-                                shards[0].gen_dir / "encoder.pt", whitening, searched)  # fmt: skip
+        whitening, searched, extra = searched_space(
+            encoder, Path(first["root"]), rows, vectors, shards[0].postprocess.get("whiten", WHITEN_BY_DEFAULT)
+        )
+        manifest = make_manifest(
+            vectors,
+            factory or first["factory"],
+            first["encoder_fingerprint"],
+            first.get("encoder_arch"),
+            first.get("image_size"),
+            Path(first["root"]),
+            len(skipped),
+            extra=extra,
+        )
+        name = write_generation(
+            out,
+            next_generation(out),
+            manifest,
+            vectors,
+            ids,
+            rows,
+            skipped,
+            shards[0].gen_dir / "encoder.pt",
+            whitening,
+            searched,
+        )
     for s in shards:
         s.close()
     seconds = time.perf_counter() - start
     log(f"merged {len(shards)} shards into {out}: {len(rows)} vectors in {seconds:.1f} s")
-    return {"index": str(out), "generation": name, "shards": len(shards), "vectors": len(rows),
-            "skipped": len(skipped), "seconds": round(seconds, 3)}  # fmt: skip
+    return {
+        "index": str(out),
+        "generation": name,
+        "shards": len(shards),
+        "vectors": len(rows),
+        "skipped": len(skipped),
+        "seconds": round(seconds, 3),
+    }

@@ -22,20 +22,28 @@ import torch
 import torch.nn.functional as F
 
 from instret import losses
-from instret.storage import atomic_torch_save, atomic_write_text, load_torch_file, remove_stale_temps
 from instret.augment import Augment, channel_stats
 from instret.bank import MemoryBank
 from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, PAPER_EPOCHS, TrainConfig, with_presets
 from instret.data import ImageSet, TrainData, auto_image_size, load_train_data
 from instret.device import resolve_device
-from instret.distributed import SINGLE, World, all_sum, broadcast_object, gather_rows, global_batch_norm, process_group
-from instret.distributed import world_from_env
+from instret.distributed import (
+    SINGLE,
+    World,
+    all_sum,
+    broadcast_object,
+    gather_rows,
+    global_batch_norm,
+    process_group,
+    world_from_env,
+)
 from instret.encoder import Encoder, calibrated_copy, embed_batches, export_encoder, resolve_arch
 from instret.errors import InstretError
 from instret.imagesource import ResidentImages, StreamedImages, chunks, evenly_spaced
 from instret.knn import FeatureIndex, knn_evaluate
 from instret.monitor import label_free_metrics
 from instret.progress import Progress, clock, log, plural
+from instret.storage import atomic_torch_save, atomic_write_text, load_torch_file, remove_stale_temps
 
 CHECKPOINT = "checkpoint.pt"
 STATS_SAMPLE = 10000  # images the normalisation statistics are measured on
@@ -74,14 +82,23 @@ def batches(perm: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 class Trainer:
-    """Holds the state of one run; `fit()` trains to cfg.epochs, saving after every epoch."""
+    """Holds the state of one run. Its parts compose: `train_epoch()` trains one epoch (and
+    counts it), `monitor()` evaluates it, `save()` writes the checkpoint and metrics to
+    cfg.out, `export()` an encoder, `final_eval()` the final kNN; `fit()` is the loop over
+    them that `instret train` runs."""
 
-    def __init__(self, cfg: TrainConfig, data: TrainData, out: Path, device: torch.device,
-                 checkpoint: dict | None = None, world: World = SINGLE):  # fmt: skip
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data: TrainData,
+        device: torch.device,
+        checkpoint: dict | None = None,
+        world: World = SINGLE,
+    ):
         if cfg.image_size is None:  # data prepared by the caller: the size it was decoded at
             sample = data.train.images
             cfg = dataclasses.replace(cfg, image_size=sample.shape[-1] if sample is not None else 32)
-        self.cfg, self.data, self.out, self.device, self.world = cfg, data, out, device, world
+        self.cfg, self.data, self.device, self.world = cfg, data, device, world
         self.deadline: float | None = None  # time.perf_counter() by which a time-budgeted run ends
         self.max_epochs: int | None = None  # the most epochs a time budget may plan
         torch.manual_seed(cfg.seed)
@@ -96,24 +113,37 @@ class Trainer:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers: still the way
                 forward = torch.nn.parallel.DistributedDataParallel(
-                    global_batch_norm(self.model), device_ids=[device.index] if device.type == "cuda" else None,
+                    global_batch_norm(self.model),
+                    device_ids=[device.index] if device.type == "cuda" else None,
                     broadcast_buffers=False,
-                )  # fmt: skip
+                )
         self.forward = torch.compile(forward) if self.speed["compile"] else forward
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         n = len(data.train)
         self.bank = MemoryBank(n, cfg.low_dim, device, generator=self.generator)
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            self.model.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
             fused=self.speed["fused_optimizer"],
-        )  # fmt: skip
+        )
         self.train_images = self.image_source(data.train)
         self.eval_images = self.image_source(data.eval) if data.eval is not None else None
         self.mean, self.std = channel_stats(self.train_images.batches(chunks(evenly_spaced(n, STATS_SAMPLE))))
         self.augment = Augment(
-            cfg.image_size, self.mean, self.std, scale=cfg.crop_scale, jitter=cfg.jitter, hue=cfg.hue,
-            grayscale_p=cfg.grayscale_p, flip=cfg.flip, rotate=cfg.rotate, erase_p=cfg.erase_p, blur_p=cfg.blur_p,
-        )  # fmt: skip
+            cfg.image_size,
+            self.mean,
+            self.std,
+            scale=cfg.crop_scale,
+            jitter=cfg.jitter,
+            hue=cfg.hue,
+            grayscale_p=cfg.grayscale_p,
+            flip=cfg.flip,
+            rotate=cfg.rotate,
+            erase_p=cfg.erase_p,
+            blur_p=cfg.blur_p,
+        )
         self.epoch = 0  # epochs finished
         self.nce_z: float | None = None
         self.history: list[dict] = []
@@ -133,7 +163,9 @@ class Trainer:
         """
         ids = chunks(torch.arange(len(self.train_images)), batch_size)
         for idx, images in zip(ids, self.train_images.batches(ids)):
-            self.bank.features[idx.to(self.device)] = F.normalize(self.encode(self.augment(images, self.generator)), dim=1)
+            self.bank.features[idx.to(self.device)] = F.normalize(
+                self.encode(self.augment(images, self.generator)), dim=1
+            )
 
     def image_source(self, images: ImageSet) -> ResidentImages | StreamedImages:
         if images.images is not None:
@@ -149,12 +181,9 @@ class Trainer:
         if cfg.loss == "softmax":
             loss = losses.softmax_loss(f, bank, idx, cfg.tau)
         else:
-            # Noise for the whole batch from the shared generator, then this process's rows.
-            noise = torch.randint(0, len(bank), (batch, cfg.nce_k), generator=self.generator, device=self.device)[rows]
+            noise = losses.nce_noise(len(bank), batch, cfg.nce_k, self.generator)[rows]
             if self.nce_z is None:  # estimated once, from the first batch, then frozen
-                total, count = losses.nce_z_sums(f, bank, noise, cfg.tau)
-                total, count = all_sum(self.world, torch.stack([total, count])).tolist()
-                self.nce_z = len(bank) * total / count
+                self.nce_z = losses.estimate_nce_z(f, bank, noise, cfg.tau, lambda t: all_sum(self.world, t))
             loss = losses.nce_loss(f, bank, idx, noise, cfg.tau, self.nce_z)
         if cfg.prox_lambda > 0:
             loss = loss + losses.proximal_term(f, bank[idx], cfg.prox_lambda)
@@ -183,16 +212,21 @@ class Trainer:
         self.bank.update(idx, gather_rows(self.world, f.detach(), batch), self.cfg.bank_momentum)
         return loss.detach() * share
 
-    def train_epoch(self) -> dict:
+    def train_epoch(self, max_steps: int | None = None) -> dict:
+        """Train one epoch (its first max_steps batches only, for a smoke test); it is then
+        counted (self.epoch) and its row is in self.history."""
         cfg = self.cfg
         lr = lr_at(self.epoch, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         perm = torch.randperm(len(self.train_images), generator=self.generator, device=self.device)
-        parts = batches(perm, cfg.batch_size)
+        parts = batches(perm, cfg.batch_size)[:max_steps]
+        seen = sum(len(idx) for idx in parts)
         mine = self.train_images.batches([idx[self.world.rows(len(idx))] for idx in parts])
-        progress = Progress(len(parts), f"epoch {self.epoch + 1}/{cfg.epochs}", enabled=None if self.world.main else False)
+        progress = Progress(
+            len(parts), f"epoch {self.epoch + 1}/{cfg.epochs}", enabled=None if self.world.main else False
+        )
         start = time.perf_counter()
         total = torch.zeros((), device=self.device)  # accumulated on the device: no per-step sync
         for i, (idx, images) in enumerate(zip(parts, mine)):
@@ -202,16 +236,24 @@ class Trainer:
             if i + 1 == PROBE_STEPS and self.epoch == 0 and self.deadline is not None:
                 # A first estimate of an epoch (plus 10 % for the monitor), refined after each epoch.
                 self.plan(start, (time.perf_counter() - start) / PROBE_STEPS * len(parts) * 1.1, in_progress=True)
-        mean_loss = float(all_sum(self.world, total)) / len(perm)
+        mean_loss = float(all_sum(self.world, total)) / seen
         seconds = time.perf_counter() - start
         progress.close()
         if not math.isfinite(mean_loss):
             raise InstretError(
-                f"the loss became {mean_loss} in epoch {self.epoch + 1}; try a lower --lr "
-                f"(the last checkpoint is kept)"
+                f"the loss became {mean_loss} in epoch {self.epoch + 1}; try a lower --lr (the last checkpoint is kept)"
             )
-        return {"epoch": self.epoch + 1, "loss": mean_loss, "lr": lr, "seconds": round(seconds, 3),
-                "images_per_s": round(len(perm) / seconds, 1)}  # fmt: skip
+        self.epoch += 1
+        self.history.append(
+            {
+                "epoch": self.epoch,
+                "loss": mean_loss,
+                "lr": lr,
+                "seconds": round(seconds, 3),
+                "images_per_s": round(seen / seconds, 1),
+            }
+        )
+        return self.history[-1]
 
     def plan(self, epoch_start: float, per_epoch: float, in_progress: bool) -> None:
         """Set cfg.epochs to what fits before the deadline: the epochs finished, plus as many of
@@ -263,12 +305,13 @@ class Trainer:
         queries = embed_batches(model, self.eval_images.batches(chunks(pick)), self.mean, self.std)
         return knn_evaluate(index, train.labels, queries, labels, **common)
 
-    def final_eval(self) -> dict:
-        """Export the final encoder; re-embed the training images with the test transform, then kNN (METHOD.md)."""
-        model = self.eval_model(sample=4096)
-        export_encoder(model, self.out / "encoder.pt", self.mean, self.std)
+    def final_eval(self, model: torch.nn.Module | None = None) -> dict:
+        """kNN of the final model (eval_model with a 4,096-image sample, unless given) as the
+        paper measures it: the training images re-embedded with the test transform (METHOD.md);
+        {} without labels."""
         if not self.data.labelled:
             return {}
+        model = self.eval_model(sample=4096) if model is None else model
         every = chunks(torch.arange(len(self.train_images)))
         return self.knn(embed_batches(model, self.train_images.batches(every), self.mean, self.std), model)
 
@@ -300,14 +343,23 @@ class Trainer:
         self.mean, self.std = tuple(ckpt["mean"]), tuple(ckpt["std"])
         self.augment.mean, self.augment.std = self.mean, self.std
 
-    def save(self, eval_model: torch.nn.Module | None) -> None:
-        # Checkpoint first: metrics.jsonl and encoder.pt are derived from what it holds.
+    @property
+    def out(self) -> Path:
+        if self.cfg.out is None:
+            raise InstretError("this run has no folder to write to (TrainConfig.out)")
+        return Path(self.cfg.out)
+
+    def save(self) -> None:
+        """The checkpoint, then what is derived from it: metrics.jsonl (and config.json, whose
+        epochs a time budget may have changed)."""
         atomic_torch_save(self.state(), self.out / CHECKPOINT)
-        if self.deadline is not None:  # the plan (epochs) may have changed: config.json says what runs
+        if self.deadline is not None:
             atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
-        if eval_model is not None:  # an epoch the monitor skipped keeps the last export
-            export_encoder(eval_model, self.out / "encoder.pt", self.mean, self.std)
+
+    def export(self, model: torch.nn.Module) -> None:
+        """encoder.pt: the evaluated model with its normalisation (what index and query load)."""
+        export_encoder(model, self.out / "encoder.pt", self.mean, self.std)
 
     def monitor_due(self) -> bool:
         """Every epoch; under a time budget, where the monitor would take over a tenth of the
@@ -319,14 +371,17 @@ class Trainer:
         every = math.ceil(last["monitor_seconds"] / max(0.1 * last["seconds"], 1e-6))
         return self.epoch - last["epoch"] >= every
 
-    def monitor(self, row: dict) -> torch.nn.Module:
-        """Add the epoch's monitor figures to its row; returns the evaluated (and exported) model."""
+    def monitor(self) -> torch.nn.Module:
+        """Add the monitor's figures to the last epoch's row; returns the evaluated model."""
+        row = self.history[-1]
         t = time.perf_counter()
         eval_model = self.eval_model()
         row.update({k: round(v, 4) for k, v in self.label_free(eval_model).items()})
         if self.data.labelled:
             knn_start = time.perf_counter()
-            row.update({k: round(v, 4) for k, v in self.knn(self.bank.features, eval_model, self.cfg.monitor_size).items()})
+            row.update(
+                {k: round(v, 4) for k, v in self.knn(self.bank.features, eval_model, self.cfg.monitor_size).items()}
+            )
             row["knn_seconds"] = round(time.perf_counter() - knn_start, 3)
         row["monitor_seconds"] = round(time.perf_counter() - t, 3)
         return eval_model
@@ -337,9 +392,7 @@ class Trainer:
         start, first = time.perf_counter(), self.epoch
         while self.epoch < self.cfg.epochs:
             row = self.train_epoch()
-            self.epoch += 1
-            self.history.append(row)
-            eval_model = self.monitor(row) if self.world.main and self.monitor_due() else None
+            model = self.monitor() if self.world.main and self.monitor_due() else None
             # The mean over every epoch so far, monitors and saves included: the time left, and a
             # steady plan, so that the step schedule's milestones do not move back and forth.
             now = time.perf_counter()
@@ -347,12 +400,16 @@ class Trainer:
             if self.deadline is not None:  # every process plans (rank 0's plan is broadcast)
                 self.plan(now, per_epoch, in_progress=False)
             if self.world.main:
-                self.save(eval_model)
+                self.save()
+                if model is not None:  # an epoch the monitor skipped keeps the last export
+                    self.export(model)
                 log(_format_row(row, self.cfg.epochs) + f"  {clock(per_epoch * (self.cfg.epochs - self.epoch))} left")
         if not self.world.main:
             return None
+        model = self.eval_model(sample=4096)
+        self.export(model)
         final = {"epochs": self.epoch, "train_seconds": round(sum(r["seconds"] for r in self.history), 1)}
-        final.update({k: round(v, 4) for k, v in self.final_eval().items()})
+        final.update({k: round(v, 4) for k, v in self.final_eval(model).items()})
         atomic_write_text(self.out / "final.json", json.dumps(final, indent=2) + "\n")
         return final
 
@@ -363,8 +420,10 @@ def _format_row(row: dict, epochs: int) -> str:
         text += f" (ln n {row['ln_n']:.2f})"
     text += f"  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s"
     if "instance_recall@1" in row:
-        text += (f"  instance R@1 {row['instance_recall@1']:.3f}  align {row['alignment']:.3f}"
-                 f"  unif {row['uniformity']:.2f}  pair cos {row['mean_pair_cosine']:.3f}")  # fmt: skip
+        text += (
+            f"  instance R@1 {row['instance_recall@1']:.3f}  align {row['alignment']:.3f}"
+            f"  unif {row['uniformity']:.2f}  pair cos {row['mean_pair_cosine']:.3f}"
+        )
     if "knn_top1" in row:
         text += f"  kNN top-1 {row['knn_top1']:.4f} top-5 {row['knn_top5']:.4f}"
     return text
@@ -423,10 +482,14 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World, s
     if len(data.train) < 2:
         raise InstretError("need at least 2 training images")
     if cfg.loss == "nce" and cfg.nce_k >= len(data.train):
-        log(f"note: --nce-k {cfg.nce_k} noise samples for {len(data.train)} images: the noise repeats images; "
-            f"the exact softmax (--loss softmax) costs no more here")  # fmt: skip
+        log(
+            f"note: --nce-k {cfg.nce_k} noise samples for {len(data.train)} images: the noise repeats images; "
+            f"the exact softmax (--loss softmax) costs no more here"
+        )
     if cfg.batch_size < 2 * world.size:
-        raise InstretError(f"--batch-size {cfg.batch_size} is too small for {world.size} processes (2 images each at least)")
+        raise InstretError(
+            f"--batch-size {cfg.batch_size} is too small for {world.size} processes (2 images each at least)"
+        )
     ckpt = load_checkpoint(out / CHECKPOINT) if resume and (out / CHECKPOINT).exists() else None
     if ckpt is not None and ckpt["bank"]["features"].shape[0] != len(data.train):
         raise InstretError(
@@ -442,23 +505,32 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World, s
     most = cfg.epochs  # with a time budget, --epochs is the most it may plan
     if budgeted:  # until the first steps are timed, one epoch (the schedule starts at lr either way)
         cfg = dataclasses.replace(cfg, epochs=1)
-    trainer = Trainer(cfg, data, out, device, checkpoint=ckpt, world=world)
+    trainer = Trainer(cfg, data, device, checkpoint=ckpt, world=world)
     if budgeted:
         trainer.deadline, trainer.max_epochs = started + 60 * cfg.time_budget, most
     if ckpt is not None:
         log(f"resuming {out} after epoch {trainer.epoch}/{cfg.epochs}")  # log(): rank 0 speaks for all
     processes = f", {world.size} processes" if world.distributed else ""
     length = f"epochs planned for a {cfg.time_budget:g}-minute budget" if budgeted else plural(cfg.epochs, "epoch")
-    log(f"training {cfg.arch} at {cfg.image_size} px on {data.name}: {len(data.train)} images, {length}, "
-        f"{cfg.loss} loss, device {device}{processes}, run folder {out}")  # fmt: skip
+    log(
+        f"training {cfg.arch} at {cfg.image_size} px on {data.name}: {len(data.train)} images, {length}, "
+        f"{cfg.loss} loss, device {device}{processes}, run folder {out}"
+    )
     final = trainer.fit()
     if world.main and cfg.data is not None:  # train then query, with no extra step
         from instret.indexer import build_index
 
         # The run's own index follows the run's latest encoder (rebuild=None: re-encoded when the
         # encoder changed, left as it is when a finished run is resumed).
-        build_index(cfg.data, out, out / "index", workers=cfg.workers, device=str(device), rebuild=None,
-                    max_pixels=cfg.max_image_pixels)  # fmt: skip
+        build_index(
+            cfg.data,
+            out,
+            out / "index",
+            workers=cfg.workers,
+            device=str(device),
+            rebuild=None,
+            max_pixels=cfg.max_image_pixels,
+        )
         log(f"next: instret query IMAGE --index {out}   (or a folder of images; --html page.html shows them)")
     elif world.main and cfg.dataset == "digits":
         from instret.demo import first_search

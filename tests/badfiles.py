@@ -160,14 +160,21 @@ ODD = {
     "one_pixel": (one_pixel, lambda im: im.size == (1, 1)),
     "cmyk_jpeg": (cmyk_jpeg, lambda im: _close(im.getpixel((5, 5)), (255, 0, 255))),
     "sixteen_bit_png": (sixteen_bit_png, lambda im: _close(im.getpixel((5, 5)), (128, 128, 128), 1)),
-    "palette_png_with_transparency": (palette_png_with_transparency,
-        lambda im: _close(im.getpixel((5, 2)), (0, 0, 255)) and _close(im.getpixel((5, 20)), (255, 255, 255))),
+    "palette_png_with_transparency": (
+        palette_png_with_transparency,
+        lambda im: _close(im.getpixel((5, 2)), (0, 0, 255)) and _close(im.getpixel((5, 20)), (255, 255, 255)),
+    ),
     "grey_with_alpha": (grey_with_alpha, lambda im: _close(im.getpixel((5, 5)), (50, 50, 50))),
     "animated_gif": (animated_gif, lambda im: _close(im.getpixel((5, 5)), (255, 0, 0), 30)),
-    "exif_rotated": (exif_rotated,
-        lambda im: im.size == (20, 40) and _close(im.getpixel((10, 5)), (255, 0, 0), 30)
-        and _close(im.getpixel((10, 35)), (0, 0, 255), 30)),
-}  # fmt: skip
+    "exif_rotated": (
+        exif_rotated,
+        lambda im: (
+            im.size == (20, 40)
+            and _close(im.getpixel((10, 5)), (255, 0, 0), 30)
+            and _close(im.getpixel((10, 35)), (0, 0, 255), 30)
+        ),
+    ),
+}
 
 # Names that are valid but awkward on a command line, in a terminal or in SQLite.
 ODD_NAMES = [b"with space.png", "caf\u00e9 \u65e5\u672c.png".encode(), b"new\nline.png", b"bad\xff\xfebytes.png"]

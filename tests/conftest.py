@@ -19,7 +19,7 @@ def make_image_folder(root: Path, classes=("red", "green", "blue"), per_class=12
             img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
             s = int(rng.integers(size // 3, size // 2))
             y, x = rng.integers(0, size - s, 2)
-            img[y:y + s, x:x + s] = colours.get(c, (200, 200, 0))
+            img[y : y + s, x : x + s] = colours.get(c, (200, 200, 0))
             Image.fromarray(img).save(root / c / f"{i:03d}.png")
     return root
 
@@ -48,7 +48,7 @@ def make_photos(root: Path, groups=("a", "b", "c"), per_group=8, size=48, seed=0
             img = img.copy()
             for _ in range(3):
                 y, x = rng.integers(0, size - 10, 2)
-                img[y:y + 8, x:x + 8] = rng.integers(0, 256, 3)
+                img[y : y + 8, x : x + 8] = rng.integers(0, 256, 3)
             Image.fromarray(img).save(root / g / f"{i:03d}.jpg", quality=92)
     return root
 
@@ -62,6 +62,18 @@ def trained_run(tmp_path_factory) -> Path:
     photos = make_photos(base / "photos", per_group=10, seed=42)
     out = base / "run"
     # Mild augmentation: the paper's hue jitter and 20 % crops erase what tells these photos apart.
-    train({"data": str(photos), "out": str(out), "epochs": 30, "image_size": 32, "batch_size": 10, "knn_k": 5,
-           "workers": 0, "crop_scale": (0.6, 1.0), "jitter": 0.1, "grayscale_p": 0.0})  # fmt: skip
+    train(
+        {
+            "data": str(photos),
+            "out": str(out),
+            "epochs": 30,
+            "image_size": 32,
+            "batch_size": 10,
+            "knn_k": 5,
+            "workers": 0,
+            "crop_scale": (0.6, 1.0),
+            "jitter": 0.1,
+            "grayscale_p": 0.0,
+        }
+    )
     return out

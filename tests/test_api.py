@@ -40,7 +40,9 @@ def test_index_search_and_duplicates_twice_each(trained_run, tmp_path):
     searcher = instret.Searcher(tmp_path / "idx")
     # One path alone is one query; a second Searcher answers the same.
     assert searcher.query(query, k=1) == instret.Searcher(tmp_path / "idx").query([query], k=1)
-    assert instret.find_duplicates(tmp_path / "idx", threshold=0.9999) == instret.find_duplicates(tmp_path / "idx", threshold=0.9999)
+    assert instret.find_duplicates(tmp_path / "idx", threshold=0.9999) == instret.find_duplicates(
+        tmp_path / "idx", threshold=0.9999
+    )
 
 
 def test_embed_takes_paths_pil_images_and_tensors_alike(trained_run, tmp_path):
@@ -70,4 +72,7 @@ def test_embed_names_what_it_cannot_use(trained_run, bad, says):
 
 def test_import_instret_does_not_import_torch():
     code = "import sys, instret; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )

@@ -43,7 +43,11 @@ def crop_box_loop(u_area, u_ratio, u_pos, height, width, scale, ratio):
 def test_crop_boxes_equal_per_sample_reference(hw, scale):
     g = torch.Generator().manual_seed(1)
     n = 400
-    ua, ur, up = torch.rand(n, 10, generator=g, dtype=torch.float64), torch.rand(n, 10, generator=g, dtype=torch.float64), torch.rand(n, 2, generator=g, dtype=torch.float64)
+    ua, ur, up = (
+        torch.rand(n, 10, generator=g, dtype=torch.float64),
+        torch.rand(n, 10, generator=g, dtype=torch.float64),
+        torch.rand(n, 2, generator=g, dtype=torch.float64),
+    )
     boxes = A.crop_boxes(ua, ur, up, *hw, scale, (3 / 4, 4 / 3))
     for i in range(n):
         assert boxes[i].long().tolist() == crop_box_loop(ua[i], ur[i], up[i], *hw, scale, (3 / 4, 4 / 3))
@@ -51,9 +55,20 @@ def test_crop_boxes_equal_per_sample_reference(hw, scale):
 
 def test_crop_box_distribution_matches_torchvision():
     torch.manual_seed(0)
-    tv = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(3, 32, 32), [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)], dtype=torch.float64)
+    tv = torch.tensor(
+        [T.RandomResizedCrop.get_params(torch.zeros(3, 32, 32), [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)],
+        dtype=torch.float64,
+    )
     g = torch.Generator().manual_seed(0)
-    ours = A.crop_boxes(torch.rand(4000, 10, generator=g), torch.rand(4000, 10, generator=g), torch.rand(4000, 2, generator=g), 32, 32, (0.2, 1.0), (3 / 4, 4 / 3)).double()
+    ours = A.crop_boxes(
+        torch.rand(4000, 10, generator=g),
+        torch.rand(4000, 10, generator=g),
+        torch.rand(4000, 2, generator=g),
+        32,
+        32,
+        (0.2, 1.0),
+        (3 / 4, 4 / 3),
+    ).double()
     for boxes in (tv, ours):  # every box inside the image, area fraction inside the range (+ rounding)
         top, left, h, w = boxes.unbind(1)
         assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
@@ -66,7 +81,10 @@ def test_crop_box_distribution_matches_torchvision():
 
 def test_crop_resize_flip_equals_torchvision_resized_crop():
     x = smooth_images(6, 32).float() / 255
-    boxes = torch.tensor([[0, 0, 32, 32], [4, 6, 20, 14], [10, 0, 22, 30], [3, 3, 9, 12], [0, 16, 16, 16], [5, 5, 27, 27]], dtype=torch.float32)
+    boxes = torch.tensor(
+        [[0, 0, 32, 32], [4, 6, 20, 14], [10, 0, 22, 30], [3, 3, 9, 12], [0, 16, 16, 16], [5, 5, 27, 27]],
+        dtype=torch.float32,
+    )
     flip = torch.tensor([False, True, False, True, False, True])
     ours = A.crop_resize_flip(x, boxes, flip, 32)
     for i in range(6):
@@ -78,13 +96,16 @@ def test_crop_resize_flip_equals_torchvision_resized_crop():
         assert torch.allclose(ours[i, :, 2:-2, 2:-2], ref[:, 2:-2, 2:-2], atol=1e-4)
 
 
-@pytest.mark.parametrize("op,tv_op,factor", [
-    (A.adjust_brightness, TF.adjust_brightness, 1.3),
-    (A.adjust_contrast, TF.adjust_contrast, 0.7),
-    (A.adjust_saturation, TF.adjust_saturation, 1.4),
-    (A.adjust_hue, TF.adjust_hue, 0.3),
-    (A.adjust_hue, TF.adjust_hue, -0.45),
-])
+@pytest.mark.parametrize(
+    "op,tv_op,factor",
+    [
+        (A.adjust_brightness, TF.adjust_brightness, 1.3),
+        (A.adjust_contrast, TF.adjust_contrast, 0.7),
+        (A.adjust_saturation, TF.adjust_saturation, 1.4),
+        (A.adjust_hue, TF.adjust_hue, 0.3),
+        (A.adjust_hue, TF.adjust_hue, -0.45),
+    ],
+)
 def test_each_jitter_op_equals_torchvision(op, tv_op, factor):
     x = smooth_images(4, 16, seed=2).float() / 255
     factors = torch.tensor([factor, 1.0 if op is not A.adjust_hue else 0.0, factor / 2, factor])
@@ -118,17 +139,26 @@ def test_parameter_ranges():
 
 def test_output_statistics_match_torchvision_pipeline():
     images = smooth_images(64, 32, seed=5)
-    tv = T.Compose([
-        T.RandomResizedCrop(32, scale=(0.2, 1.0), antialias=False), T.ColorJitter(0.4, 0.4, 0.4, 0.4),
-        T.RandomGrayscale(0.2), T.RandomHorizontalFlip(), T.ToDtype(torch.float32, scale=True),
-    ])
+    tv = T.Compose(
+        [
+            T.RandomResizedCrop(32, scale=(0.2, 1.0), antialias=False),
+            T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+            T.RandomGrayscale(0.2),
+            T.RandomHorizontalFlip(),
+            T.ToDtype(torch.float32, scale=True),
+        ]
+    )
     torch.manual_seed(0)
     ref = torch.stack([tv(images[i % 64]) for i in range(3000)])
     aug = A.Augment(32, (0.0,) * 3, (1.0,) * 3)
     ours = aug(images.repeat(47, 1, 1, 1)[:3000], torch.Generator().manual_seed(0))
     assert ours.shape == ref.shape and ours.dtype == torch.float32
-    for stat in (lambda t: t.mean(dim=(0, 2, 3)), lambda t: t.std(dim=(0, 2, 3)),
-                 lambda t: t.std(dim=(1, 2, 3)).mean(), lambda t: (t.amax(1) - t.amin(1)).mean()):
+    for stat in (
+        lambda t: t.mean(dim=(0, 2, 3)),
+        lambda t: t.std(dim=(0, 2, 3)),
+        lambda t: t.std(dim=(1, 2, 3)).mean(),
+        lambda t: (t.amax(1) - t.amin(1)).mean(),
+    ):
         assert torch.allclose(stat(ours), stat(ref), atol=0.01)
 
 
@@ -177,7 +207,9 @@ def test_a_quarter_turn_of_the_whole_image_is_rot90():
     turned = A.crop_resize_flip(x, box, no_flip, 8, torch.full((2,), math.pi / 2))
     assert torch.allclose(turned, torch.rot90(x, k=1, dims=(2, 3)), atol=1e-5)
     # No angle and a zero angle are the same picture.
-    assert torch.allclose(A.crop_resize_flip(x, box, no_flip, 8, torch.zeros(2)), A.crop_resize_flip(x, box, no_flip, 8))
+    assert torch.allclose(
+        A.crop_resize_flip(x, box, no_flip, 8, torch.zeros(2)), A.crop_resize_flip(x, box, no_flip, 8)
+    )
 
 
 def test_copy_edits_are_drawn_only_when_on_so_the_papers_recipe_draws_what_it_did():
@@ -190,15 +222,24 @@ def test_copy_edits_are_drawn_only_when_on_so_the_papers_recipe_draws_what_it_di
     assert q.angle.abs().max() <= math.radians(10) and q.angle.abs().max() > math.radians(9.5)
     painted = q.erase[:, 2] > 0
     assert abs(painted.float().mean() - 0.5) < 0.03 and abs(q.blur.float().mean() - 0.3) < 0.03
-    area = (q.erase[painted, 2] * q.erase[painted, 3])
+    area = q.erase[painted, 2] * q.erase[painted, 3]
     assert area.min() >= 0.0199 and area.max() <= 0.1501
     assert (q.erase[:, 0] + q.erase[:, 2] <= 1 + 1e-6).all() and (q.erase[:, 1] + q.erase[:, 3] <= 1 + 1e-6).all()
 
 
 def test_blur_is_a_three_by_three_mean_where_drawn():
     x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(4))
-    aug = A.Augment(6, (0.0,) * 3, (1.0,) * 3, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter=0.0, grayscale_p=0.0,
-                    flip=False, blur_p=1.0)  # fmt: skip
+    aug = A.Augment(
+        6,
+        (0.0,) * 3,
+        (1.0,) * 3,
+        scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        jitter=0.0,
+        grayscale_p=0.0,
+        flip=False,
+        blur_p=1.0,
+    )
     out = aug.apply(x, aug.sample_params(2, 6, 6, torch.Generator().manual_seed(0), "cpu"))
     assert torch.allclose(out[:, :, 2, 2], x[:, :, 1:4, 1:4].mean(dim=(2, 3)), atol=1e-5)
 

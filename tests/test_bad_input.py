@@ -102,8 +102,18 @@ GOOD_IN_MESSY = 3 * 6 + len(ODD) + len(ODD_NAMES)
 
 
 def test_index_skips_counts_and_lists_every_bad_file_and_keeps_the_rest(messy_folder, trained_run, tmp_path, capsys):
-    code, out, err = run_cli(["index", str(messy_folder), "--model", str(trained_run), "--out", str(tmp_path / "ix"),
-                              "--workers", "2", "--device", "cpu"], capsys)  # fmt: skip
+    code, out, err = run_cli(
+        [
+            "index",
+            str(messy_folder),
+            "--model",
+            str(trained_run),
+            "--out",
+            str(tmp_path / "ix"),
+            *"--workers 2 --device cpu".split(),
+        ],
+        capsys,
+    )
     assert code == 0, err
     summary = json.loads(out)
     assert summary["vectors"] == GOOD_IN_MESSY and summary["skipped"] == len(BAD)
@@ -121,8 +131,10 @@ def test_index_skips_counts_and_lists_every_bad_file_and_keeps_the_rest(messy_fo
         assert path in {r["path"] for r in json.loads(out)["results"]}
     # Text output: one hit per line, a newline in a name shown as \\n.
     path = os.fsdecode(os.path.join(os.fsencode(messy_folder / "blue"), b"new\nline.png"))
-    done = subprocess.run([sys.executable, "-m", "instret", "query", path, "--index", str(tmp_path / "ix"), "-k", "8"],
-                          capture_output=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "instret", "query", path, "--index", str(tmp_path / "ix"), "-k", "8"],
+        capture_output=True,
+    )
     lines = os.fsdecode(done.stdout).strip().split("\n")
     assert done.returncode == 0 and len(lines) == 8 and all(line.count("\t") == 2 for line in lines)
     assert any(line.endswith("blue/new\\nline.png") for line in lines), lines
@@ -130,8 +142,17 @@ def test_index_skips_counts_and_lists_every_bad_file_and_keeps_the_rest(messy_fo
 
 def test_train_skips_counts_and_lists_every_bad_file(messy_folder, tmp_path, capsys):
     run = tmp_path / "run"
-    code, out, err = run_cli(["train", "--data", str(messy_folder), "--out", str(run), "--epochs", "1",
-                              "--image-size", "16", "--batch-size", "8", "--knn-k", "3", "--workers", "2"], capsys)  # fmt: skip
+    code, out, err = run_cli(
+        [
+            "train",
+            "--data",
+            str(messy_folder),
+            "--out",
+            str(run),
+            *"--epochs 1 --image-size 16 --batch-size 8 --knn-k 3 --workers 2".split(),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert f"skipped {len(BAD)} unreadable file(s)" in err
     for name, reason in bad_names(tmp_path).items():
@@ -158,8 +179,10 @@ def test_query_on_a_bad_image_is_one_line_naming_file_and_reason(photo_index, tm
 def test_folders_with_no_images_are_one_line_errors(tmp_path, trained_run, capsys):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
-    for args in (["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "run")],
-                 ["index", str(tmp_path / "empty"), "--model", str(trained_run), "--out", str(tmp_path / "ix")]):  # fmt: skip
+    for args in (
+        ["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "run")],
+        ["index", str(tmp_path / "empty"), "--model", str(trained_run), "--out", str(tmp_path / "ix")],
+    ):
         code, out, err = run_cli(args, capsys)
         assert code == 1 and err.count("\n") == 1 and "no image files" in err, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "ix" / "CURRENT").exists()

@@ -19,40 +19,72 @@ def last_json_line(stdout: str) -> dict:
 
 def test_gpu_cifar10_script_runs_a_few_steps_on_cpu(tmp_path):
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "c.npz", train_x=rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8),
-             train_y=rng.integers(0, 10, 300), test_x=rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8),
-             test_y=rng.integers(0, 10, 50))  # fmt: skip
-    proc = subprocess.run([sys.executable, BENCH / "gpu_cifar10.py", "--npz", tmp_path / "c.npz", "--arch", "small",
-                           "--device", "cpu", "--max-steps", "2", "--out", tmp_path / "run"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    np.savez(
+        tmp_path / "c.npz",
+        train_x=rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8),
+        train_y=rng.integers(0, 10, 300),
+        test_x=rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8),
+        test_y=rng.integers(0, 10, 50),
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            BENCH / "gpu_cifar10.py",
+            "--npz",
+            tmp_path / "c.npz",
+            *"--arch small --device cpu --max-steps 2 --out".split(),
+            tmp_path / "run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     result = last_json_line(proc.stdout)
-    assert {"device", "images_per_s", "seconds_per_epoch", "epochs", "knn_top1", "projected_200_epoch_minutes"} <= set(result)
+    assert {"device", "images_per_s", "seconds_per_epoch", "epochs", "knn_top1", "projected_200_epoch_minutes"} <= set(
+        result
+    )
     assert result["images_per_s"] > 0 and result["device"] == "cpu"
 
 
 def test_scripts_without_data_exit_with_a_clear_message(tmp_path):
-    for script, args in (("train_throughput.py", ["--data", str(tmp_path / "none")]),
-                         ("fidelity.py", ["--data", str(tmp_path / "none")]),
-                         ("retrieval_quality.py", ["--shared", str(tmp_path / "none")]),
-                         ("dups.py", ["--shared", str(tmp_path / "none")]),
-                         ("search.py", ["--model", "x", "--cifar", str(tmp_path / "none")])):  # fmt: skip
+    for script, args in (
+        ("train_throughput.py", ["--data", str(tmp_path / "none")]),
+        ("fidelity.py", ["--data", str(tmp_path / "none")]),
+        ("retrieval_quality.py", ["--shared", str(tmp_path / "none")]),
+        ("dups.py", ["--shared", str(tmp_path / "none")]),
+        ("search.py", ["--model", "x", "--cifar", str(tmp_path / "none")]),
+    ):
         proc = subprocess.run([sys.executable, BENCH / script, *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and "not found" in proc.stderr and "Traceback" not in proc.stderr, script
 
 
 def test_knn_monitor_script_small(tmp_path):
-    proc = subprocess.run([sys.executable, BENCH / "knn_monitor.py", "--bank", "3000", "--queries", "500", "--k", "50",
-                           "--repeats", "1"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, BENCH / "knn_monitor.py", "--bank", "3000", "--queries", "500", "--k", "50", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     result = last_json_line(proc.stdout)
     assert result["agreement"] > 0.999 and result["speedup"] > 0
 
 
-@pytest.mark.skipif(not (SHARED / "imagenette2" / "val").is_dir(), reason="needs ../shared/datasets (Imagenette, CIFAR-10)")
+@pytest.mark.skipif(
+    not (SHARED / "imagenette2" / "val").is_dir(), reason="needs ../shared/datasets (Imagenette, CIFAR-10)"
+)
 def test_retrieval_quality_script_scores_every_method_on_a_small_collection():
-    proc = subprocess.run([sys.executable, BENCH / "retrieval_quality.py", "--originals", "20", "--copies", "1",
-                           "--distractors", "20", "--minutes", "0.25"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            BENCH / "retrieval_quality.py",
+            *"--originals 20 --copies 1 --distractors 20 --minutes 0.25".split(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     result = last_json_line(proc.stdout)
     for method in ("pixels", "colour_hist", "phash", "untrained", "instret"):
@@ -63,8 +95,12 @@ def test_retrieval_quality_script_scores_every_method_on_a_small_collection():
 
 @pytest.mark.skipif(not (SHARED / "imagenette2" / "val").is_dir(), reason="needs ../shared/datasets (Imagenette)")
 def test_dups_script_scores_instret_and_the_perceptual_hash_on_planted_copies():
-    proc = subprocess.run([sys.executable, BENCH / "dups.py", "--photos", "40", "--planted", "10", "--minutes", "0.2"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, BENCH / "dups.py", "--photos", "40", "--planted", "10", "--minutes", "0.2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     result = last_json_line(proc.stdout)["results"]
     assert {"instret", "instret --whiten", "phash, d <= 10"} <= set(result)
@@ -75,8 +111,9 @@ def test_dups_script_scores_instret_and_the_perceptual_hash_on_planted_copies():
 
 
 def test_dups_scale_script_reports_time_and_memory():
-    proc = subprocess.run([sys.executable, BENCH / "dups_scale.py", "--sizes", "3000"], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, BENCH / "dups_scale.py", "--sizes", "3000"], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     row = last_json_line(proc.stdout)["results"][0]
     assert row["vectors"] == 3000 and row["peak_rss_mb"] >= row["imports_mb"] > 0 and row["planted_found"] > 0.9

@@ -17,19 +17,43 @@ def run_cli(args, capsys):
 
 def test_train_on_synthetic_folder_writes_every_run_file(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    code, stdout, err = run_cli(["train", "--data", str(image_folder), "--out", str(out), "--epochs", "2",
-                                 "--image-size", "16", "--batch-size", "8", "--knn-k", "5", "--workers", "0"], capsys)  # fmt: skip
+    code, stdout, err = run_cli(
+        [
+            "train",
+            "--data",
+            str(image_folder),
+            "--out",
+            str(out),
+            *"--epochs 2 --image-size 16 --batch-size 8 --knn-k 5 --workers 0".split(),
+        ],
+        capsys,
+    )
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "encoder.pt", "final.json", "index", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt",
+        "config.json",
+        "encoder.pt",
+        "final.json",
+        "index",
+        "metrics.jsonl",
+    ]
     assert json.loads(stdout) == json.loads((out / "final.json").read_text())
     assert "epoch 2/2" in err and " left" in err and ", 2 epochs," in err
     assert json.loads((out / "config.json").read_text())["dataset"] is None  # a folder, not the digits
 
 
 def test_nce_with_more_noise_than_images_says_so(image_folder, tmp_path, capsys):
-    code, _, err = run_cli(["train", "--data", str(image_folder), "--out", str(tmp_path / "run"), "--epochs", "1",
-                            "--image-size", "16", "--batch-size", "8", "--knn-k", "5", "--workers", "0",
-                            "--loss", "nce", "--nce-k", "100"], capsys)  # fmt: skip
+    code, _, err = run_cli(
+        [
+            "train",
+            "--data",
+            str(image_folder),
+            "--out",
+            str(tmp_path / "run"),
+            *"--epochs 1 --image-size 16 --batch-size 8 --knn-k 5 --workers 0 --loss nce --nce-k 100".split(),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "note: --nce-k 100 noise samples for 36 images" in err
 
@@ -44,14 +68,17 @@ def test_config_file_sets_defaults_and_flags_override(image_folder, tmp_path, ca
     assert saved["epochs"] == 1 and saved["lr"] == 0.5 and saved["image_size"] == 16
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["train", "--data", "/no/such/folder"], "no such folder"),
-    (["train", "--frobnicate"], "No such option"),
-    (["train", "--epochs", "0"], "--epochs must be at least 1"),
-    (["train", "--resume"], "--resume needs --out"),
-    (["train", "--device", "cuda:7"], "--device"),
-    (["train", "--stream"], "--stream reads a --data folder; the built-in datasets are held in memory"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["train", "--data", "/no/such/folder"], "no such folder"),
+        (["train", "--frobnicate"], "No such option"),
+        (["train", "--epochs", "0"], "--epochs must be at least 1"),
+        (["train", "--resume"], "--resume needs --out"),
+        (["train", "--device", "cuda:7"], "--device"),
+        (["train", "--stream"], "--stream reads a --data folder; the built-in datasets are held in memory"),
+    ],
+)
 def test_bad_input_gives_one_line_error(args, needle, capsys):
     code, out, err = run_cli(args, capsys)
     assert code != 0
@@ -68,8 +95,17 @@ def test_empty_folder_gives_one_line_error(tmp_path, capsys):
 
 def test_bad_files_among_good_ones_are_skipped_and_listed(image_folder, tmp_path, capsys):
     (image_folder / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    code, _, err = run_cli(["train", "--data", str(image_folder), "--out", str(tmp_path / "r"), "--epochs", "1",
-                            "--image-size", "16", "--batch-size", "8", "--knn-k", "5", "--workers", "0"], capsys)  # fmt: skip
+    code, _, err = run_cli(
+        [
+            "train",
+            "--data",
+            str(image_folder),
+            "--out",
+            str(tmp_path / "r"),
+            *"--epochs 1 --image-size 16 --batch-size 8 --knn-k 5 --workers 0".split(),
+        ],
+        capsys,
+    )
     assert code == 0 and "skipped 1 unreadable file" in err and "broken.png" in err
 
 

@@ -48,8 +48,18 @@ def test_html_page_holds_every_thumbnail_and_escapes_paths(indexed, tmp_path, ca
     shutil.copy(photos / "a" / "002.jpg", evil)
     build_index(photos, _run_of(ix), ix, workers=0, device="cpu")
     page = tmp_path / "out.html"
-    code, out, err = run_cli(["query", str(photos / "a" / "002.jpg"), str(photos / "b" / "001.jpg"), "--index", str(ix),
-                              "-k", "5", "--html", str(page)], capsys)  # fmt: skip
+    code, out, err = run_cli(
+        [
+            "query",
+            str(photos / "a" / "002.jpg"),
+            str(photos / "b" / "001.jpg"),
+            "--index",
+            str(ix),
+            *"-k 5 --html".split(),
+            str(page),
+        ],
+        capsys,
+    )
     assert code == 0, err
     text = page.read_text()
     assert text.count('src="data:image/jpeg;base64,') == 2 * (1 + 5)
@@ -82,28 +92,55 @@ def test_dups_json_and_info_and_env(indexed, capsys):
 
 def test_eval_retrieval_json(trained_run, capsys):
     photos = trained_run.parent / "photos"
-    code, out, err = run_cli(["eval-retrieval", str(photos), "--model", str(trained_run), "--json",
-                              "--workers", "0", "--device", "cpu"], capsys)  # fmt: skip
+    code, out, err = run_cli(
+        ["eval-retrieval", str(photos), "--model", str(trained_run), "--json", "--workers", "0", "--device", "cpu"],
+        capsys,
+    )
     assert code == 0, err
     m = json.loads(out)
     assert set(m) == {"mAP", "recall@1", "recall@5", "recall@10", "precision@10", "queries"} and m["queries"] == 30
     assert 0 <= m["mAP"] <= 1 and m["recall@1"] <= m["recall@5"] <= m["recall@10"]
 
 
-@pytest.mark.parametrize("make_args,needle", [
-    (lambda p, ix: ["query", str(p / "nope.jpg"), "--index", str(ix)], "nope.jpg"),
-    (lambda p, ix: ["query", str(p / "bad.jpg"), "--index", str(ix)], "bad.jpg: cannot read image"),
-    (lambda p, ix: ["query", str(p / "a" / "001.jpg"), "--index", str(ix), "-k", "0"], "Invalid value for '-k'"),
-    (lambda p, ix: ["query", str(p / "a" / "001.jpg"), "--index", str(p)], "not an instret index"),
-    (lambda p, ix: ["info", str(p / "missing")], "no such index folder"),
-    (lambda p, ix: ["index", str(p), "--model", str(p / "a" / "001.jpg"), "--out", str(ix)], "encoder"),
-    (lambda p, ix: ["query", str(p / "empty"), "--index", str(ix)], "empty: a folder with no image files in it"),
-    # A bad --index-type is refused before any image is encoded (no "indexing ..." line), without guesses.
-    (lambda p, ix: ["index", str(p), "--model", str(ix / "gen-000001" / "encoder.pt"), "--out", str(p.parent / "n"),
-                    "--index-type", "Bogus"], "--index-type 'Bogus' is not a FAISS factory string"),
-    (lambda p, ix: ["index", str(p), "--model", str(ix / "gen-000001" / "encoder.pt"), "--out", str(p.parent / "n"),
-                    "--index-type", "IVF9999,Flat"], "could not be trained on 31 vectors"),
-])
+@pytest.mark.parametrize(
+    "make_args,needle",
+    [
+        (lambda p, ix: ["query", str(p / "nope.jpg"), "--index", str(ix)], "nope.jpg"),
+        (lambda p, ix: ["query", str(p / "bad.jpg"), "--index", str(ix)], "bad.jpg: cannot read image"),
+        (lambda p, ix: ["query", str(p / "a" / "001.jpg"), "--index", str(ix), "-k", "0"], "Invalid value for '-k'"),
+        (lambda p, ix: ["query", str(p / "a" / "001.jpg"), "--index", str(p)], "not an instret index"),
+        (lambda p, ix: ["info", str(p / "missing")], "no such index folder"),
+        (lambda p, ix: ["index", str(p), "--model", str(p / "a" / "001.jpg"), "--out", str(ix)], "encoder"),
+        (lambda p, ix: ["query", str(p / "empty"), "--index", str(ix)], "empty: a folder with no image files in it"),
+        # A bad --index-type is refused before any image is encoded (no "indexing ..." line), without guesses.
+        (
+            lambda p, ix: [
+                "index",
+                str(p),
+                "--model",
+                str(ix / "gen-000001" / "encoder.pt"),
+                "--out",
+                str(p.parent / "n"),
+                "--index-type",
+                "Bogus",
+            ],
+            "--index-type 'Bogus' is not a FAISS factory string",
+        ),
+        (
+            lambda p, ix: [
+                "index",
+                str(p),
+                "--model",
+                str(ix / "gen-000001" / "encoder.pt"),
+                "--out",
+                str(p.parent / "n"),
+                "--index-type",
+                "IVF9999,Flat",
+            ],
+            "could not be trained on 31 vectors",
+        ),
+    ],
+)
 def test_bad_input_one_line_error(indexed, capsys, make_args, needle):
     photos, ix = indexed
     (photos / "bad.jpg").write_text("this is text, not a JPEG")
@@ -121,11 +158,22 @@ def test_k_larger_than_index_returns_everything(indexed, capsys):
 
 def test_train_with_data_leaves_a_queryable_index(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = run_cli(["train", "--data", str(image_folder), "--out", str(out), "--epochs", "1", "--image-size", "16",
-                            "--batch-size", "8", "--knn-k", "5", "--workers", "0"], capsys)  # fmt: skip
+    code, _, err = run_cli(
+        [
+            "train",
+            "--data",
+            str(image_folder),
+            "--out",
+            str(out),
+            *"--epochs 1 --image-size 16 --batch-size 8 --knn-k 5 --workers 0".split(),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert f"next: instret query IMAGE --index {out}" in err
-    code, stdout, err = run_cli(["query", str(image_folder / "red" / "000.png"), "--index", str(out / "index"), "-k", "1"], capsys)
+    code, stdout, err = run_cli(
+        ["query", str(image_folder / "red" / "000.png"), "--index", str(out / "index"), "-k", "1"], capsys
+    )
     assert code == 0 and stdout.split("\t")[2].strip().endswith("red/000.png")
     # The run folder stands for its index, for query and info alike.
     code, by_run, _ = run_cli(["query", str(image_folder / "red" / "000.png"), "--index", str(out), "-k", "1"], capsys)
@@ -164,8 +212,10 @@ def test_file_names_with_spaces_non_ascii_and_undecodable_bytes(trained_run, tmp
 def test_resuming_a_finished_run_keeps_its_index(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--out", str(out), "--workers", "0"]
-    code, _, err = run_cli(["train", "--data", str(image_folder), "--epochs", "1", "--image-size", "16",
-                            "--batch-size", "8", "--knn-k", "5", *args], capsys)  # fmt: skip
+    code, _, err = run_cli(
+        ["train", "--data", str(image_folder), *"--epochs 1 --image-size 16 --batch-size 8 --knn-k 5".split(), *args],
+        capsys,
+    )
     assert code == 0, err
     code, _, err = run_cli(["train", "--resume", *args], capsys)
     assert code == 0 and "0 to encode" in err and "no new generation" in err, err

@@ -20,7 +20,9 @@ def test_unknown_key_and_newer_version_are_refused():
         TrainConfig.from_dict({"format_version": FORMAT_VERSION + 1})
 
 
-@pytest.mark.parametrize("bad", [{"epochs": 0}, {"loss": "hinge"}, {"tau": 0}, {"bank_momentum": 1.0}, {"batch_size": 1}])
+@pytest.mark.parametrize(
+    "bad", [{"epochs": 0}, {"loss": "hinge"}, {"tau": 0}, {"bank_momentum": 1.0}, {"batch_size": 1}]
+)
 def test_invalid_values_are_refused(bad):
     with pytest.raises(InstretError):
         TrainConfig.from_dict(bad)
@@ -45,3 +47,10 @@ def test_missing_and_non_mapping_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(InstretError, match="mapping"):
         read_config_file(tmp_path / "list.yaml")
+
+
+def test_a_config_written_with_the_old_empty_extra_field_still_loads():
+    from instret.config import TrainConfig
+
+    old = {**TrainConfig().to_dict(), "extra": {}}
+    assert TrainConfig.from_dict(old) == TrainConfig()

@@ -14,8 +14,11 @@ from tests.test_cli import run_cli
 
 
 def snapshot(root: Path) -> dict:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}  # fmt: skip
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def truncate(path: Path) -> None:
@@ -67,7 +70,9 @@ def test_query_on_a_damaged_index(built, trained_run, tmp_path, capsys, name, da
     ix = shutil.copytree(built, tmp_path / "ix")
     damage(live(ix) / name)
     before = snapshot(tmp_path)
-    code, out, err = run_cli(["query", str(trained_run.parent / "photos" / "a" / "001.jpg"), "--index", str(ix)], capsys)
+    code, out, err = run_cli(
+        ["query", str(trained_run.parent / "photos" / "a" / "001.jpg"), "--index", str(ix)], capsys
+    )
     assert code == 1 and out == "" and err.count("\n") == 1 and needle in err, err
     assert snapshot(tmp_path) == before
 
@@ -76,7 +81,16 @@ def test_update_of_an_index_with_damaged_vectors_refuses_and_rebuild_repairs(bui
     ix = shutil.copytree(built, tmp_path / "ix")
     truncate(live(ix) / "vectors.npy")
     before = snapshot(tmp_path)
-    args = ["index", str(trained_run.parent / "photos"), "--model", str(trained_run), "--out", str(ix), "--workers", "0"]
+    args = [
+        "index",
+        str(trained_run.parent / "photos"),
+        "--model",
+        str(trained_run),
+        "--out",
+        str(ix),
+        "--workers",
+        "0",
+    ]
     code, out, err = run_cli(args, capsys)
     assert code == 1 and err.count("\n") == 1 and "vectors unreadable" in err, err
     assert snapshot(tmp_path) == before
@@ -111,8 +125,9 @@ def test_folders_that_are_not_indexes(trained_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("k", ["0", "-3", "many"])
 def test_k_must_be_a_positive_number(built, trained_run, capsys, k):
-    code, out, err = run_cli(["query", str(trained_run.parent / "photos" / "a" / "001.jpg"), "--index", str(built),
-                              "-k", k], capsys)  # fmt: skip
+    code, out, err = run_cli(
+        ["query", str(trained_run.parent / "photos" / "a" / "001.jpg"), "--index", str(built), "-k", k], capsys
+    )
     assert code == 2 and out == "" and err.count("\n") == 1 and "-k" in err, err
 
 
@@ -150,12 +165,14 @@ def test_resume_of_a_damaged_or_newer_run(run_copy, tmp_path, capsys, name, dama
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("damage,needle", [(truncate, "not a readable encoder file"),
-                                           (bump_version, "newer than this instret reads")])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage,needle", [(truncate, "not a readable encoder file"), (bump_version, "newer than this instret reads")]
+)
 def test_damaged_or_newer_encoder_given_to_index(run_copy, trained_run, tmp_path, capsys, damage, needle):
     damage(run_copy / "encoder.pt")
     before = snapshot(tmp_path)
-    code, _, err = run_cli(["index", str(trained_run.parent / "photos"), "--model", str(run_copy), "--out",
-                            str(tmp_path / "ix")], capsys)  # fmt: skip
+    code, _, err = run_cli(
+        ["index", str(trained_run.parent / "photos"), "--model", str(run_copy), "--out", str(tmp_path / "ix")], capsys
+    )
     assert code == 1 and err.count("\n") == 1 and needle in err, err
     assert snapshot(tmp_path) == before and not (tmp_path / "ix").exists()

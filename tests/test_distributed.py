@@ -53,8 +53,10 @@ def _bn_rank(rank, size, tmp):
         bn = GlobalBatchNorm(x.shape[1])
         xr = x[mine].clone().requires_grad_()
         (bn(xr) * w[mine]).sum().backward()
-        torch.save({"x_grad": xr.grad, "w_grad": bn.weight.grad, "b_grad": bn.bias.grad,
-                    "running_var": bn.running_var}, f"{tmp}/bn_rank{rank}.pt")
+        torch.save(
+            {"x_grad": xr.grad, "w_grad": bn.weight.grad, "b_grad": bn.bias.grad, "running_var": bn.running_var},
+            f"{tmp}/bn_rank{rank}.pt",
+        )
 
 
 def test_global_batch_norm_forward_and_backward_equal_batch_norm_of_the_whole_batch(tmp_path):
@@ -74,8 +76,18 @@ def test_global_batch_norm_forward_and_backward_equal_batch_norm_of_the_whole_ba
 
 
 def _config(folder, loss):
-    return TrainConfig(data=str(folder), epochs=EPOCHS, image_size=16, batch_size=10, knn_k=5, workers=0,
-                       loss=loss, nce_k=16, arch="small", out="unused")  # fmt: skip
+    return TrainConfig(
+        data=str(folder),
+        epochs=EPOCHS,
+        image_size=16,
+        batch_size=10,
+        knn_k=5,
+        workers=0,
+        loss=loss,
+        nce_k=16,
+        arch="small",
+        out="unused",
+    )
 
 
 def _train_and_record(folder, loss, world, record, stream=False) -> None:
@@ -83,10 +95,9 @@ def _train_and_record(folder, loss, world, record, stream=False) -> None:
     cfg = resolve(_config(folder, loss), torch.device("cpu"))
     data = load_folder(folder, 16, stream=stream, world=world)
     assert len(data.train) == 63 and [p for p, _ in data.train.skipped] == [str(folder / "red" / "005b.png")]
-    trainer = Trainer(cfg, data, folder, torch.device("cpu"), world=world)
+    trainer = Trainer(cfg, data, torch.device("cpu"), world=world)
     for epoch in range(EPOCHS):
         trainer.train_epoch()
-        trainer.epoch += 1
         record(epoch, trainer)
 
 
@@ -98,9 +109,15 @@ def _rank_main(rank, size, folder, loss, tmp, stream):
     torch.set_num_threads(1)
     world = _join(rank, size, tmp)
     with process_group(world, torch.device("cpu")):
-        _train_and_record(folder, loss, world, lambda e, t: torch.save(
-            {"bank": t.bank.features.clone(), "model": _copy(t.model.state_dict())}, f"{tmp}/rank{rank}-epoch{e}.pt"),
-            stream)  # fmt: skip
+        _train_and_record(
+            folder,
+            loss,
+            world,
+            lambda e, t: torch.save(
+                {"bank": t.bank.features.clone(), "model": _copy(t.model.state_dict())}, f"{tmp}/rank{rank}-epoch{e}.pt"
+            ),
+            stream,
+        )
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -120,8 +137,14 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, loss,
     one = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        _train_and_record(folder, loss, SINGLE, lambda e, t: one.update(
-            {(threads, e): {"bank": t.bank.features.clone(), **_copy(t.model.state_dict())}}))
+        _train_and_record(
+            folder,
+            loss,
+            SINGLE,
+            lambda e, t, threads=threads: one.update(
+                {(threads, e): {"bank": t.bank.features.clone(), **_copy(t.model.state_dict())}}
+            ),
+        )
     for epoch in range(EPOCHS):
         r0, r1 = (torch.load(tmp_path / f"rank{r}-epoch{epoch}.pt", weights_only=True) for r in (0, 1))
         assert torch.equal(r0["bank"], r1["bank"]), "the processes' banks drifted apart"
@@ -133,14 +156,18 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, loss,
 
 def _instret_2proc(*args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "instret", "train", "--nproc-per-node", "2", *map(str, args)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "instret", "train", "--nproc-per-node", "2", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def test_two_process_run_killed_then_resumed_equals_uninterrupted(tmp_path):
     folder = make_image_folder(tmp_path / "img", per_class=30, size=16)
-    args = ["--data", folder, "--epochs", "4", "--image-size", "16", "--batch-size", "12", "--knn-k", "5",
-            "--workers", "0"]  # fmt: skip
+    args = ["--data", folder, *"--epochs 4 --image-size 16 --batch-size 12 --knn-k 5 --workers 0".split()]
     ref = _instret_2proc(*args, "--out", tmp_path / "ref")
     assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-2000:]
     killed = _instret_2proc(*args, "--out", tmp_path / "run")

@@ -13,19 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from instret.calibration import (
-    LEVELS,
-    TAIL_LEVELS,
-    score_for_unrelated_share,
-    unrelated_share,
-)
-from instret.duplicates import (
-    KEEP_RULES,
-    candidate_pairs,
-    complete_linkage,
-    find_duplicates,
-    threshold_for_precision,  # fmt: skip
-)
+from instret.calibration import LEVELS, TAIL_LEVELS, score_for_unrelated_share, unrelated_share
+from instret.duplicates import KEEP_RULES, candidate_pairs, complete_linkage, find_duplicates, threshold_for_precision
 from instret.index import SearchIndex
 from instret.indexer import build_index
 from tests.test_cli import run_cli
@@ -94,7 +83,7 @@ def test_a_chain_is_not_a_group():
 
 def test_groups_are_cliques_disjoint_and_none_could_merge():
     rng = np.random.default_rng(0)
-    for trial in range(20):
+    for _ in range(20):
         n = 12
         pairs = [(i, j) for i, j in itertools.combinations(range(n), 2) if rng.random() < 0.35]
         a, b = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
@@ -212,7 +201,11 @@ def test_text_and_html_show_each_group(collection, tmp_path, capsys):
     _, ix = collection
     code, out, err = run_cli(["dups", str(ix), "--threshold", "0.9999", "--html", str(tmp_path / "d.html")], capsys)
     assert code == 0, err
-    assert out.startswith("# group 1: exact, 2 files") and "\nkeep\t1.0000\t48x48\t" in out and "\ndup\t1.0000\t48x48\t" in out
+    assert (
+        out.startswith("# group 1: exact, 2 files")
+        and "\nkeep\t1.0000\t48x48\t" in out
+        and "\ndup\t1.0000\t48x48\t" in out
+    )
     page = (tmp_path / "d.html").read_text()
     assert 'id="group-1"' in page and "48x48" in page and "copy of a2.jpg" in page
 
@@ -238,8 +231,9 @@ def test_move_then_undo_restores_every_byte_and_path(odd_collection, tmp_path, c
     photos, ix = odd_collection
     before = snapshot(photos)
     # --json: stdout stays ASCII (capsys cannot read the raw bytes of a name that is not UTF-8)
-    code, _, err = run_cli(["dups", str(ix), "--threshold", "0.9999", "--json", "--move-to", str(tmp_path / "moved")],
-                           capsys)  # fmt: skip
+    code, _, err = run_cli(
+        ["dups", str(ix), "--threshold", "0.9999", "--json", "--move-to", str(tmp_path / "moved")], capsys
+    )
     assert code == 0, err
     journal = next((tmp_path / "moved").glob("instret-dups-*.json"))
     assert "moved 3 file(s)" in err and str(journal) in err
@@ -252,8 +246,10 @@ def test_move_then_undo_restores_every_byte_and_path(odd_collection, tmp_path, c
     assert snapshot(photos) == before
     assert [p.name for p in (tmp_path / "moved").iterdir()] == [journal.name]  # emptied folders removed
     # A later --move-to does not take the undone journal for an interrupted one.
-    code, _, err = run_cli(["dups", str(ix), "--threshold", "0.9999", "--json", "--move-to", str(tmp_path / "moved"),
-                            "--keep", "path"], capsys)  # fmt: skip
+    code, _, err = run_cli(
+        ["dups", str(ix), "--threshold", "0.9999", "--json", "--move-to", str(tmp_path / "moved"), "--keep", "path"],
+        capsys,
+    )
     assert code == 0 and "interrupted" not in err and "moved 3 file(s)" in err
 
 

@@ -7,9 +7,14 @@ from instret.images import ImageReadError, list_image_files, open_rgb, read_imag
 
 
 def test_square_tensor_resizes_shorter_side_and_centre_crops():
-    img = Image.fromarray(np.zeros((20, 40, 3), dtype=np.uint8))
-    t = square_tensor(img, 10)
+    # 20 x 40: red, green and blue quarters of the width, then green; shorter side 20 -> 10 makes
+    # it 10 x 20, and the centre 10 x 10 is the middle half: green and blue, no red.
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :10, 0] = pixels[:, 10:20, 1] = pixels[:, 20:30, 2] = pixels[:, 30:, 1] = 255
+    t = square_tensor(Image.fromarray(pixels), 10, trim=False)
     assert t.shape == (3, 10, 10) and t.dtype == torch.uint8
+    assert t[0, :, 1:].max() == 0 and t[0, :, 0].max() < 64  # the red quarter is cut (its edge bleeds a little)
+    assert (t[1, :, 1:4] >= 250).all() and (t[2, :, 6:9] >= 250).all()
 
 
 def test_read_image_of_several_modes(tmp_path):

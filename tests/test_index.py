@@ -204,13 +204,26 @@ def test_sharded_build_then_merge_equals_a_single_build(photos, trained_run, tmp
 
     whole = build_index(photos, trained_run, tmp_path / "whole", batch_size=5, **QUIET)
     for i in range(3):
-        code, _, err = run_cli(["index", str(photos), "--model", str(trained_run), "--out", str(tmp_path / f"s{i}"),
-                                "--shard", f"{i}/3", "--workers", "0", "--batch-size", "3"], capsys)  # fmt: skip
+        code, _, err = run_cli(
+            [
+                "index",
+                str(photos),
+                "--model",
+                str(trained_run),
+                "--out",
+                str(tmp_path / f"s{i}"),
+                "--shard",
+                f"{i}/3",
+                *"--workers 0 --batch-size 3".split(),
+            ],
+            capsys,
+        )
         assert code == 0, err
     sizes = [SearchIndex(tmp_path / f"s{i}").ntotal for i in range(3)]
     assert sum(sizes) == whole["vectors"] == 24 and max(sizes) - min(sizes) <= 1
-    code, out, err = run_cli(["merge-index", *(str(tmp_path / f"s{i}") for i in (2, 0, 1)), "--out",
-                              str(tmp_path / "merged")], capsys)  # fmt: skip
+    code, out, err = run_cli(
+        ["merge-index", *(str(tmp_path / f"s{i}") for i in (2, 0, 1)), "--out", str(tmp_path / "merged")], capsys
+    )
     assert code == 0, err
     a, b = vectors_by_path(tmp_path / "whole"), vectors_by_path(tmp_path / "merged")
     assert sorted(a) == sorted(b)

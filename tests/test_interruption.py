@@ -78,9 +78,16 @@ def epochs_done(out: Path) -> int:
     return metrics.read_text().count("\n") if metrics.exists() else 0
 
 
-TRAIN_FAULTS = ["sigkill-after-epoch-1", "sigkill-after-epoch-3", "sigkill-random", "rename-checkpoint.pt:2:before",
-                "rename-checkpoint.pt:2:after", "rename-metrics.jsonl:3:before", "sigint-random",
-                "full-disk-after-epoch-2"]  # fmt: skip
+TRAIN_FAULTS = [
+    "sigkill-after-epoch-1",
+    "sigkill-after-epoch-3",
+    "sigkill-random",
+    "rename-checkpoint.pt:2:before",
+    "rename-checkpoint.pt:2:after",
+    "rename-metrics.jsonl:3:before",
+    "sigint-random",
+    "full-disk-after-epoch-2",
+]
 
 
 @pytest.mark.parametrize("fault", TRAIN_FAULTS)
@@ -89,23 +96,29 @@ def test_train_fault_then_resume_equals_uninterrupted(train_reference, tmp_path,
     out = tmp_path / "run"
     args = ["train", "--data", folder, "--out", out, *TRAIN_ARGS]
     if fault.startswith("rename-"):
-        proc = spawn(args, kill_at=fault[len("rename-"):])
+        proc = spawn(args, kill_at=fault[len("rename-") :])
         assert proc.wait(timeout=300) == -signal.SIGKILL
     else:
         proc = spawn(args)
         if fault.startswith("sigkill-after"):
-            wait_until(proc, lambda: epochs_done(out) >= int(fault[-1]))
+            assert wait_until(proc, lambda: epochs_done(out) >= int(fault[-1])), "the run ended before the kill"
             proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        elif fault.endswith("-random"):  # somewhere inside epochs 2-3 (an epoch takes about 0.5-1 s)
-            wait_until(proc, lambda: epochs_done(out) >= 1)
-            time.sleep(random.Random(fault).uniform(0.0, 1.5))
+            assert proc.wait() == -signal.SIGKILL
+        elif fault.endswith("-random"):  # at a random point of epoch 3, timed by epoch 2 on this machine
+            assert wait_until(proc, lambda: epochs_done(out) >= 1)
+            second_began = time.time()
+            assert wait_until(proc, lambda: epochs_done(out) >= 2)
+            time.sleep(random.Random(fault).uniform(0.0, 0.8) * (time.time() - second_began))
+            assert proc.poll() is None, "the run ended before the fault could strike"
             proc.send_signal(signal.SIGKILL if fault.startswith("sigkill") else signal.SIGINT)
             code = proc.wait(timeout=120)
-            if code == 130:
+            if fault.startswith("sigkill"):
+                assert code == -signal.SIGKILL
+            else:
+                assert code == 130
                 one_line_error(proc, "interrupted")
         else:
-            wait_until(proc, lambda: epochs_done(out) >= 2)
+            assert wait_until(proc, lambda: epochs_done(out) >= 2), "the run ended before the disk filled"
             full_disk(proc)
             assert proc.wait(timeout=120) == 1
             one_line_error(proc, "File too large")
@@ -150,10 +163,18 @@ def staged_rows(out: Path) -> int:
         con.close()
 
 
-INDEX_FAULTS = [("sigkill-random", None, 0), ("sigkill-random", None, 1), ("sigkill-random", "part", 2),
-                ("sigkill-random", "part", 3), ("sigint-random", "part", 4), ("rename-CURRENT:1:before", None, 0),
-                ("rename-CURRENT:1:after", "part", 0), ("rename-manifest.json:1:before", "part", 0),
-                ("full-disk", None, 0), ("full-disk", "part", 0)]  # fmt: skip
+INDEX_FAULTS = [
+    ("sigkill-random", None, 0),
+    ("sigkill-random", None, 1),
+    ("sigkill-random", "part", 2),
+    ("sigkill-random", "part", 3),
+    ("sigint-random", "part", 4),
+    ("rename-CURRENT:1:before", None, 0),
+    ("rename-CURRENT:1:after", "part", 0),
+    ("rename-manifest.json:1:before", "part", 0),
+    ("full-disk", None, 0),
+    ("full-disk", "part", 0),
+]
 
 
 @pytest.mark.parametrize("fault,start,seed", INDEX_FAULTS)
@@ -166,12 +187,12 @@ def test_index_fault_then_rerun_finishes_without_re_encoding(index_setup, traine
         before = PHOTOS // 3
     args = ["index", photos, "--model", trained_run, "--out", out, "--batch-size", "2", "--workers", "0"]
     if fault.startswith("rename-"):
-        proc = spawn(args, kill_at=fault[len("rename-"):])
+        proc = spawn(args, kill_at=fault[len("rename-") :])
         assert proc.wait(timeout=300) == -signal.SIGKILL
     else:
         proc = spawn(args)
         target = random.Random(seed).randint(1, PHOTOS - before - 2)  # staged rows when the fault strikes
-        wait_until(proc, lambda: staged_rows(out) >= target)
+        assert wait_until(proc, lambda: staged_rows(out) >= target), "the build ended before the fault could strike"
         if fault == "full-disk":
             full_disk(proc, 2_000)
             assert proc.wait(timeout=120) == 1
@@ -179,7 +200,9 @@ def test_index_fault_then_rerun_finishes_without_re_encoding(index_setup, traine
         else:
             proc.send_signal(signal.SIGKILL if fault == "sigkill-random" else signal.SIGINT)
             code = proc.wait(timeout=120)
-            if fault == "sigint-random" and code != 0:
+            if fault == "sigkill-random":
+                assert code == -signal.SIGKILL
+            else:
                 assert code == 130
                 one_line_error(proc, "interrupted")
     # What a reader finds now: the old index or the new one, whole.
@@ -260,7 +283,8 @@ def test_a_second_writer_is_refused_with_a_clear_message(trained_run, tmp_path):
 
 
 def test_full_disk_while_writing_a_generation_keeps_the_old_index_and_the_staged_vectors(
-        index_setup, trained_run, tmp_path, monkeypatch):  # fmt: skip
+    index_setup, trained_run, tmp_path, monkeypatch
+):
     import errno
 
     from instret import index as index_module

@@ -40,7 +40,9 @@ def nce_loss_loop(f, bank, idx, noise, tau, z):
 def test_softmax_loss_equals_paper_loop(tau):
     f, bank = unit(6, 16, seed=1).double(), unit(40, 16, seed=2).double()
     idx = torch.tensor([0, 5, 9, 17, 33, 39])
-    assert float(losses.softmax_loss(f, bank, idx, tau)) == pytest.approx(softmax_loss_loop(f, bank, idx, tau), rel=1e-9)
+    assert float(losses.softmax_loss(f, bank, idx, tau)) == pytest.approx(
+        softmax_loss_loop(f, bank, idx, tau), rel=1e-9
+    )
 
 
 def test_softmax_loss_closed_form_orthonormal_bank():
@@ -67,6 +69,28 @@ def test_nce_z_is_n_times_mean_exp():
     noise = torch.randint(0, 30, (4, 9), generator=torch.Generator().manual_seed(8))
     slow = 30 * sum(math.exp(float(bank[j] @ f[b]) / 0.2) for b in range(4) for j in noise[b].tolist()) / 36
     assert losses.estimate_nce_z(f, bank, noise, 0.2) == pytest.approx(slow, rel=1e-9)
+
+
+def test_nce_z_of_a_global_batch_pools_the_processes_sums():
+    # Two processes, each with half the batch: Z from the pooled sums equals Z of the whole batch.
+    f, bank = unit(6, 8, seed=9).double(), unit(30, 8, seed=10).double()
+    noise = losses.nce_noise(30, 6, 5, torch.Generator().manual_seed(11))
+    halves = [(f[:3], noise[:3]), (f[3:], noise[3:])]
+    other = {}
+
+    def pooled(mine):  # what all_sum does, with the other process's sums known in advance
+        return mine + other["sums"]
+
+    sims = torch.einsum("bd,bmd->bm", halves[1][0], bank[halves[1][1]])
+    other["sums"] = torch.stack([torch.exp(sims / 0.1).sum(), sims.new_tensor(float(sims.numel()))])
+    z = losses.estimate_nce_z(halves[0][0], bank, halves[0][1], 0.1, pooled)
+    assert z == pytest.approx(losses.estimate_nce_z(f, bank, noise, 0.1), rel=1e-12)
+
+
+def test_nce_noise_is_the_generators_draw():
+    a = losses.nce_noise(50, 4, 7, torch.Generator().manual_seed(3))
+    b = torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (4, 7)
 
 
 def test_nce_closed_form_when_similarities_are_zero():

@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "walkthrough.ipynb"
-DIGITS_FIGURES = {"digits_curves", "neighbours_untrained", "neighbours_trained", "failures_trained",
-                  "tsne_trained_vs_pixels", "augmented_similarities"}  # fmt: skip
+DIGITS_FIGURES = {
+    "digits_curves",
+    "neighbours_untrained",
+    "neighbours_trained",
+    "failures_trained",
+    "tsne_trained_vs_pixels",
+    "augmented_similarities",
+}
 
 
 def test_walkthrough_runs_top_to_bottom_and_reproduces_its_numbers(tmp_path, monkeypatch):
@@ -20,8 +26,9 @@ def test_walkthrough_runs_top_to_bottom_and_reproduces_its_numbers(tmp_path, mon
     monkeypatch.setenv("INSTRET_NOTEBOOK_CIFAR_EPOCHS", "0")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook stripped"
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()  # fmt: skip
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
     figures = {p.stem for p in (tmp_path / "out" / "figures").glob("*.png")}
     assert figures == DIGITS_FIGURES
     measured = json.loads((tmp_path / "out" / "measured.json").read_text())

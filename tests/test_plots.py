@@ -15,8 +15,10 @@ from tests.test_cli import run_cli
 
 
 def test_library_and_commands_import_no_matplotlib():
-    code = ("import sys, instret.cli.main, instret.trainer, instret.searcher, instret.indexer, instret.explore; "
-            "sys.exit('matplotlib' in sys.modules)")  # fmt: skip
+    code = (
+        "import sys, instret.cli.main, instret.trainer, instret.searcher, instret.indexer, instret.explore; "
+        "sys.exit('matplotlib' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -49,8 +51,9 @@ def test_query_grid_png_has_a_row_per_query_and_k_plus_one_columns(trained_run, 
     photos = trained_run.parent / "photos"
     build_index(photos, trained_run, tmp_path / "ix", workers=0, device="cpu")
     queries = [str(photos / "a" / "001.jpg"), str(photos / "b" / "002.jpg")]
-    code, out, err = run_cli(["query", *queries, "--index", str(tmp_path / "ix"), "-k", "4",
-                              "--grid", str(tmp_path / "g.png")], capsys)  # fmt: skip
+    code, out, err = run_cli(
+        ["query", *queries, "--index", str(tmp_path / "ix"), "-k", "4", "--grid", str(tmp_path / "g.png")], capsys
+    )
     assert code == 0, err
     from instret.searcher import query
 
@@ -76,7 +79,9 @@ def _images(n=12, size=16, seed=0):
 def test_augmented_copies_without_augmentation_are_identical():
     torch.manual_seed(0)
     enc = LoadedEncoder(Encoder("small", 16, 16).eval(), (0.5,) * 3, (0.25,) * 3, "x")
-    identity = Augment(16, enc.mean, enc.std, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter=0.0, grayscale_p=0.0, flip=False)
+    identity = Augment(
+        16, enc.mean, enc.std, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter=0.0, grayscale_p=0.0, flip=False
+    )
     same, different = explore.augmented_pair_similarities(enc, _images(), identity)
     assert np.allclose(same, 1.0, atol=1e-5)
     f = explore.features(enc, _images())

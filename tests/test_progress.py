@@ -3,8 +3,10 @@ import pytest
 from instret.progress import Progress, clock, plural
 
 
-@pytest.mark.parametrize("seconds, text", [(0, "0 s"), (42.4, "42 s"), (59.6, "1 min 00 s"), (185, "3 min 05 s"),
-                                           (3720, "1 h 02 min"), (-3, "0 s")])  # fmt: skip
+@pytest.mark.parametrize(
+    "seconds, text",
+    [(0, "0 s"), (42.4, "42 s"), (59.6, "1 min 00 s"), (185, "3 min 05 s"), (3720, "1 h 02 min"), (-3, "0 s")],
+)
 def test_clock_reads_like_a_person_says_it(seconds, text):
     assert clock(seconds) == text
 

@@ -25,10 +25,16 @@ class Payload:
         return (open, (self.target, "w"))
 
 
-@pytest.mark.parametrize("name,args", [
-    ("checkpoint.pt", lambda run, tmp: ["train", "--resume", "--out", str(run), "--workers", "0"]),
-    ("encoder.pt", lambda run, tmp: ["index", str(run.parent / "photos"), "--model", str(run), "--out", str(tmp / "ix")]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,args",
+    [
+        ("checkpoint.pt", lambda run, tmp: ["train", "--resume", "--out", str(run), "--workers", "0"]),
+        (
+            "encoder.pt",
+            lambda run, tmp: ["index", str(run.parent / "photos"), "--model", str(run), "--out", str(tmp / "ix")],
+        ),
+    ],
+)
 def test_a_booby_trapped_torch_file_is_refused_and_runs_nothing(trained_run, tmp_path, capsys, name, args):
     run = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("index"))
     shutil.copytree(trained_run.parent / "photos", tmp_path / "photos")

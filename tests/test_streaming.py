@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from instret.data import load_folder
-from instret.imagesource import GREY, ResidentImages, StreamedImages, chunks, evenly_spaced
 from instret.images import read_image
+from instret.imagesource import GREY, ResidentImages, StreamedImages, chunks, evenly_spaced
 from instret.trainer import load_checkpoint, train
 from tests.conftest import make_image_folder
 
@@ -47,13 +47,17 @@ def test_a_streamed_run_equals_the_resident_run_bit_for_bit(split_folder, tmp_pa
     runs = {}
     for stream, workers in ((False, 0), (True, 0), (True, 2)):
         out = tmp_path / f"run-{stream}-{workers}"
-        final = train({"data": str(split_folder), "out": str(out), "stream": stream, "workers": workers,
-                       "loss": loss, **TINY})  # fmt: skip
+        final = train(
+            {"data": str(split_folder), "out": str(out), "stream": stream, "workers": workers, "loss": loss, **TINY}
+        )
         runs[stream, workers] = (final, load_checkpoint(out / "checkpoint.pt"))
     (final, ckpt) = runs[False, 0]
     for key in ((True, 0), (True, 2)):
         other_final, other = runs[key]
-        assert {**other_final, "train_seconds": 0} == {**final, "train_seconds": 0}  # kNN top-1/top-5 of the final encoder
+        assert {**other_final, "train_seconds": 0} == {
+            **final,
+            "train_seconds": 0,
+        }  # kNN top-1/top-5 of the final encoder
         assert torch.equal(other["bank"]["features"], ckpt["bank"]["features"])
         assert all(torch.equal(other["model"][k], ckpt["model"][k]) for k in ckpt["model"])
 

@@ -35,7 +35,7 @@ def test_one_step_updates_only_the_batch_rows_of_the_bank(image_folder):
     cfg = TrainConfig(data=str(image_folder), arch="small", epochs=1, **TINY)
     from instret.data import load_train_data
 
-    trainer = Trainer(cfg, load_train_data(cfg), image_folder, torch.device("cpu"))
+    trainer = Trainer(cfg, load_train_data(cfg), torch.device("cpu"))
     before = trainer.bank.features.clone()
     weights = [p.clone() for p in trainer.model.parameters()]
     idx = torch.tensor([0, 3, 5, 30])
@@ -51,7 +51,14 @@ def test_one_step_updates_only_the_batch_rows_of_the_bank(image_folder):
 def test_training_run_writes_the_run_folder(image_folder, tmp_path, loss, prox):
     out = tmp_path / "run"
     final = train({"data": str(image_folder), "epochs": 2, "out": str(out), "loss": loss, "prox_lambda": prox, **TINY})
-    assert {p.name for p in out.iterdir()} == {"checkpoint.pt", "encoder.pt", "config.json", "metrics.jsonl", "final.json", "index"}
+    assert {p.name for p in out.iterdir()} == {
+        "checkpoint.pt",
+        "encoder.pt",
+        "config.json",
+        "metrics.jsonl",
+        "final.json",
+        "index",
+    }
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     for r in rows:
@@ -75,7 +82,7 @@ def test_unlabelled_folder_trains_without_accuracy(tmp_path):
     assert "knn_top1" not in row and "knn_top1" not in final
 
 
-def test_split_folder_evaluates_on_the_held_out_side(tmp_path):
+def test_split_folder_loads_train_and_held_out_sides(tmp_path):
     from tests.conftest import make_image_folder
 
     make_image_folder(tmp_path / "d" / "train", per_class=10, seed=1)
@@ -108,8 +115,8 @@ def test_interrupt_and_resume_equals_uninterrupted(image_folder, tmp_path, monke
     saves = {"n": 0}
     real_save = Trainer.save
 
-    def save_then_die(self, eval_model):
-        real_save(self, eval_model)
+    def save_then_die(self):
+        real_save(self)
         saves["n"] += 1
         if saves["n"] == 2:
             raise KeyboardInterrupt
@@ -140,7 +147,7 @@ def test_resume_can_extend_epochs(image_folder, tmp_path):
     assert (out / "metrics.jsonl").read_text().count("\n") == 2
 
 
-def test_digits_preset_and_default_epochs(tmp_path):
+def test_digits_preset_is_under_the_options_given():
     from instret.config import with_presets
 
     d = with_presets({"epochs": 1})
@@ -149,11 +156,26 @@ def test_digits_preset_and_default_epochs(tmp_path):
     assert "flip" not in with_presets({"data": "x"})
 
 
+def test_default_epochs_are_what_runs_and_what_help_says(tmp_path):
+    from click.testing import CliRunner
+
+    from instret.cli.main import cli
+    from instret.config import DEFAULT_EPOCHS, PAPER_EPOCHS, with_presets
+    from instret.trainer import resolve
+
+    cpu = torch.device("cpu")
+    digits = resolve(TrainConfig.from_dict(with_presets({"out": str(tmp_path)})), cpu)
+    folder = resolve(TrainConfig.from_dict(with_presets({"data": str(tmp_path), "image_size": 32})), cpu)
+    assert (digits.epochs, folder.epochs) == (DEFAULT_EPOCHS["digits"], PAPER_EPOCHS) == (40, 200)
+    help_text = " ".join(CliRunner().invoke(cli, ["train", "--help"]).output.split())
+    assert f"[{PAPER_EPOCHS}; {DEFAULT_EPOCHS['digits']} for digits]" in help_text
+
+
 def test_bank_init_from_features_matches_the_networks_output(image_folder):
     from instret.data import load_train_data
 
     cfg = TrainConfig(data=str(image_folder), arch="small", epochs=1, bank_init="features", **TINY)
-    trainer = Trainer(cfg, load_train_data(cfg), image_folder, torch.device("cpu"))
+    trainer = Trainer(cfg, load_train_data(cfg), torch.device("cpu"))
     # Replay: the same generator draws (random rows first, then one augmented view of each image).
     g = torch.Generator().manual_seed(cfg.seed)
     torch.randn(len(trainer.train_images), cfg.low_dim, generator=g)
@@ -166,15 +188,15 @@ def test_bank_init_from_features_matches_the_networks_output(image_folder):
 
 
 def test_monitor_sample_equals_knn_on_those_images(tmp_path):
-    from tests.conftest import make_image_folder
     from instret.data import load_folder
     from instret.knn import FeatureIndex, knn_evaluate
+    from tests.conftest import make_image_folder
 
     make_image_folder(tmp_path / "d" / "train", per_class=8, seed=1)
     make_image_folder(tmp_path / "d" / "test", per_class=5, seed=2)
     data = load_folder(tmp_path / "d", 16)
     cfg = TrainConfig(data=str(tmp_path / "d"), arch="small", epochs=1, **TINY)
-    trainer = Trainer(cfg, data, tmp_path, torch.device("cpu"))
+    trainer = Trainer(cfg, data, torch.device("cpu"))
     model = trainer.eval_model()
     got = trainer.knn(trainer.bank.features, model, limit=6)
     pick = torch.linspace(0, 14, 6).long()
@@ -190,7 +212,7 @@ def _first_steps(image_folder, steps=2, **speed):
     from instret.data import load_train_data
 
     cfg = TrainConfig(data=str(image_folder), arch="small", epochs=1, **TINY, **speed)
-    trainer = Trainer(cfg, load_train_data(cfg), image_folder, torch.device("cpu"))
+    trainer = Trainer(cfg, load_train_data(cfg), torch.device("cpu"))
     return [float(trainer.step(torch.arange(i * 8, (i + 1) * 8))) for i in range(steps)], trainer
 
 
@@ -213,7 +235,11 @@ def test_speed_defaults_are_off_on_cpu():
     from instret.trainer import speed_options
 
     assert speed_options(TrainConfig(), torch.device("cpu")) == {
-        "amp": False, "compile": False, "fused_optimizer": False, "channels_last": True}
+        "amp": False,
+        "compile": False,
+        "fused_optimizer": False,
+        "channels_last": True,
+    }
 
 
 def test_compiled_encoder_gives_the_same_loss(image_folder):
@@ -239,7 +265,7 @@ def test_the_monitor_leaves_the_runs_random_stream_alone(image_folder):
     from instret.data import load_train_data
 
     cfg = TrainConfig(data=str(image_folder), arch="small", epochs=1, **TINY)
-    trainer = Trainer(cfg, load_train_data(cfg), image_folder, torch.device("cpu"))
+    trainer = Trainer(cfg, load_train_data(cfg), torch.device("cpu"))
     state = trainer.generator.get_state()
     trainer.label_free(trainer.eval_model())
     assert torch.equal(trainer.generator.get_state(), state)
@@ -297,3 +323,34 @@ def test_the_epoch_line_prints_lr_as_a_person_writes_it():
     row = {"epoch": 3, "loss": 1.25, "lr": 0.03 * 0.1 * 0.1, "images_per_s": 900.0, "seconds": 1.0}
     assert 0.03 * 0.1 * 0.1 != 0.0003  # the float the schedule computes
     assert _format_row(row, 4) == "epoch 3/4  loss 1.2500  lr 0.0003  900 img/s"
+
+
+def test_trainer_parts_compose_into_what_fit_does(image_folder, tmp_path):
+    from instret.data import load_train_data
+    from instret.trainer import resolve
+
+    train({"data": str(image_folder), "epochs": 2, "out": str(tmp_path / "fit"), "arch": "small", **TINY})
+    cfg = resolve(TrainConfig(data=str(image_folder), arch="small", epochs=2, out=str(tmp_path / "parts"), **TINY),
+                  torch.device("cpu"))  # fmt: skip
+    (tmp_path / "parts").mkdir()
+    trainer = Trainer(cfg, load_train_data(cfg), torch.device("cpu"))
+    for epoch in (1, 2):
+        row = trainer.train_epoch()
+        # the epoch is counted and its row recorded, by train_epoch alone
+        assert trainer.epoch == epoch and trainer.history[-1] is row and row["epoch"] == epoch
+        model = trainer.monitor()
+        assert "knn_top1" in row and "instance_recall@1" in row
+        trainer.save()
+        trainer.export(model)
+    files = sorted(p.name for p in (tmp_path / "parts").iterdir())
+    assert files == ["checkpoint.pt", "encoder.pt", "metrics.jsonl"]
+    final = trainer.final_eval()
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == files  # evaluating writes nothing
+    # The parts, called in fit's order, give fit's run: the same bank, weights and final kNN.
+    fit, parts = (
+        load_checkpoint(tmp_path / "fit" / "checkpoint.pt"),
+        load_checkpoint(tmp_path / "parts" / "checkpoint.pt"),
+    )
+    assert torch.equal(fit["bank"]["features"], parts["bank"]["features"])
+    assert all(torch.equal(fit["model"][k], parts["model"][k]) for k in fit["model"])
+    assert json.loads((tmp_path / "fit" / "final.json").read_text())["knn_top1"] == round(final["knn_top1"], 4)
