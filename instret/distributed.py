@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,12 @@ def world_from_env() -> World:
     return World(rank(), world_size(), local_rank())
 
 
+# How long a process waits in a collective. The others wait at the closing barrier while rank 0
+# evaluates, exports and indexes alone, which takes far longer than NCCL's default 10 minutes at
+# ImageNet scale; a real hang still ends, after this.
+COLLECTIVE_TIMEOUT = timedelta(hours=6)
+
+
 @contextlib.contextmanager
 def process_group(world: World, device: torch.device):
     """Joined to the other processes inside the block: NCCL between GPUs, gloo on CPUs.
@@ -63,7 +70,7 @@ def process_group(world: World, device: torch.device):
     "terminate called without an active exception"). After an error it does not wait, since
     the others may never arrive; the launcher stops them."""
     if world.distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     try:
         yield
         if world.distributed:

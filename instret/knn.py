@@ -100,26 +100,35 @@ def knn_class_scores(
     sigma: float = 0.1,
     leave_one_out: bool = False,
     chunk: int = 4096,
+    key_rows: torch.Tensor | None = None,
 ):
     """Each query's weighted vote per class, chunk by chunk: yields (first query row, chunk x
-    num_classes scores). leave_one_out: the queries are the keys themselves (row i is key i)
-    and each excludes itself."""
+    num_classes scores). leave_one_out: the queries are keys themselves and each excludes
+    itself; key_rows: the key row of each query (default: query i is key i)."""
     key_labels = key_labels.to(queries.device)
     k = min(k, index.ntotal - (1 if leave_one_out else 0))
+    if leave_one_out and key_rows is None:
+        key_rows = torch.arange(len(queries))
     for start in range(0, len(queries), chunk):
         q = queries[start : start + chunk]
         if leave_one_out:
             sims, ids = index.search(q, k + 1)
-            sims, ids = drop_self(sims, ids, torch.arange(start, start + len(q), device=q.device))
+            sims, ids = drop_self(sims, ids, key_rows[start : start + len(q)].to(q.device))
         else:
             sims, ids = index.search(q, k)
         yield start, knn_vote(sims.float(), key_labels[ids], num_classes, sigma)
 
 
-def knn_evaluate(index: FeatureIndex, key_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
-                 num_classes: int, **vote) -> dict[str, float]:  # fmt: skip
+def knn_evaluate(
+    index: FeatureIndex,
+    key_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    num_classes: int,
+    **vote,
+) -> dict[str, float]:
     """Weighted kNN top-1/top-5 of queries against the indexed keys; vote: knn_class_scores's
-    k, sigma, leave_one_out and chunk."""
+    k, sigma, leave_one_out, chunk and key_rows."""
     hits = {1: 0.0, 5: 0.0}
     for start, scores in knn_class_scores(index, key_labels, queries, num_classes, **vote):
         for kk, acc in topk_accuracy(scores, query_labels[start : start + len(scores)].to(scores.device)).items():

@@ -289,14 +289,18 @@ class Trainer:
 
     def knn(self, keys: torch.Tensor, model: torch.nn.Module, limit: int = 0) -> dict:
         """Weighted kNN top-1/top-5 against `keys` (the bank, or re-embedded training images),
-        for the held-out images (evenly spaced `limit` of them, when limit > 0)."""
+        for the held-out images, or without a held-out split for the keys themselves (leave one
+        out); evenly spaced `limit` of them when limit > 0."""
         train = self.data.train
         index = FeatureIndex()
         index.sync(keys)
         num_classes = len(train.classes)
         common = dict(num_classes=num_classes, k=self.cfg.knn_k, sigma=self.cfg.tau)
         if self.eval_images is None:
-            return knn_evaluate(index, train.labels, keys, train.labels, leave_one_out=True, **common)
+            # At 1.28 M images the whole bank against itself is ~420 TFLOP: a sample of it, too.
+            pick = evenly_spaced(len(keys), limit) if 0 < limit < len(keys) else torch.arange(len(keys))
+            queries, labels = keys[pick.to(keys.device)], train.labels[pick]
+            return knn_evaluate(index, train.labels, queries, labels, leave_one_out=True, key_rows=pick, **common)
         labels, pick = self.data.eval.labels, torch.arange(len(self.eval_images))
         if 0 < limit < len(pick):
             # Embedding the held-out images is most of the monitor's cost: a sample keeps it small.
@@ -337,7 +341,17 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.bank.load_state_dict(ckpt["bank"])
-        self.generator.set_state(ckpt["generator"])
+        try:
+            self.generator.set_state(ckpt["generator"])
+        except RuntimeError:
+            # Saved on another kind of device (a CUDA generator's state is 16 bytes, a CPU one's
+            # 5,056): its stream cannot continue here. Start a new one, fixed by seed and epoch.
+            self.generator.manual_seed(self.cfg.seed * 1_000_003 + ckpt["epoch"])
+            log(
+                f"note: this run's checkpoint was written on another kind of device than {self.device}; its "
+                f"random stream restarts from a fixed seed, so the run continues but is not bit for bit "
+                f"what it would have been"
+            )
         torch.set_rng_state(ckpt["torch_rng"])
         self.epoch, self.nce_z, self.history = ckpt["epoch"], ckpt["nce_z"], list(ckpt["history"])
         self.mean, self.std = tuple(ckpt["mean"]), tuple(ckpt["std"])

@@ -196,3 +196,21 @@ def test_a_user_error_under_two_processes_is_still_one_line(tmp_path):
     err = proc.stderr.read().decode().strip().splitlines()
     assert err == [f"instret: error: --data {tmp_path / 'missing'}: no such folder"], err
     assert not (tmp_path / "run").exists()
+
+
+def test_process_groups_wait_longer_than_nccls_default_in_collectives(monkeypatch):
+    # Rank 0 alone evaluates and indexes while the others wait at the closing barrier: NCCL's
+    # default 10 minutes would abort the job. The group is made with a longer timeout.
+    import torch.distributed as dist
+
+    from instret import distributed
+
+    made = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(made))
+    monkeypatch.setattr(
+        dist, "init_process_group", lambda backend, timeout: made.update(backend=backend, timeout=timeout)
+    )
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: made.clear())
+    with distributed.process_group(distributed.World(0, 2, 0), torch.device("cpu")):
+        assert made["backend"] == "gloo" and made["timeout"].total_seconds() >= 3600

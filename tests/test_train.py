@@ -354,3 +354,34 @@ def test_trainer_parts_compose_into_what_fit_does(image_folder, tmp_path):
     assert torch.equal(fit["bank"]["features"], parts["bank"]["features"])
     assert all(torch.equal(fit["model"][k], parts["model"][k]) for k in fit["model"])
     assert json.loads((tmp_path / "fit" / "final.json").read_text())["knn_top1"] == round(final["knn_top1"], 4)
+
+
+def test_monitor_without_a_held_out_split_samples_the_bank(image_folder):
+    from instret.data import load_train_data
+    from instret.knn import FeatureIndex, knn_class_scores
+
+    cfg = TrainConfig(data=str(image_folder), arch="small", epochs=1, **TINY)
+    trainer = Trainer(cfg, load_train_data(cfg), torch.device("cpu"))
+    trainer.train_epoch()
+    keys, labels = trainer.bank.features, trainer.data.train.labels
+    got = trainer.knn(keys, trainer.eval_model(), limit=6)
+    # the reference: every key against all the others, then the 6 evenly spaced rows only
+    index = FeatureIndex()
+    index.sync(keys)
+    scores = torch.cat([s for _, s in knn_class_scores(index, labels, keys, 3, k=5, sigma=cfg.tau, leave_one_out=True)])
+    pick = torch.arange(0, 36, 6)
+    assert got["knn_top1"] == pytest.approx(float((scores[pick].argmax(dim=1) == labels[pick]).float().mean()))
+
+
+def test_a_checkpoint_from_another_kind_of_device_resumes_with_a_note(image_folder, tmp_path, capsys):
+    from instret.storage import atomic_torch_save
+
+    out = tmp_path / "run"
+    train({"data": str(image_folder), "epochs": 1, "out": str(out), **TINY})
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    ckpt["generator"] = torch.zeros(16, dtype=torch.uint8)  # the shape of a CUDA generator's state
+    atomic_torch_save(ckpt, out / "checkpoint.pt")
+    capsys.readouterr()
+    train({"out": str(out), "epochs": 2}, resume=True)
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    assert "written on another kind of device" in capsys.readouterr().err
