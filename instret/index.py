@@ -49,6 +49,7 @@ TRAIN_SAMPLE = 100_000  # vectors used to train IVF / PQ layouts
 # Search-time breadth of approximate layouts (README's sizing table measures recall at these):
 DEFAULT_NPROBE = 16  # IVF: inverted lists visited per query
 DEFAULT_EF_SEARCH = 64  # HNSW: candidate list length
+GPU_MAX_K = 2048  # FAISS GPU indexes refuse a larger k or nprobe
 
 
 def as_float32(x) -> np.ndarray:
@@ -146,10 +147,15 @@ class SearchIndex:
         generation: str | None = None,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        gpu: bool = False,
     ):
+        """gpu: search on the GPUs faiss-gpu sees (a query with --device cuda), where the layout
+        allows; otherwise, and always with faiss-cpu, on the CPU."""
         self.dir = index_folder(index_dir)
         self.breadth = (nprobe, ef_search)
+        self.gpu = gpu
         self._faiss = None
+        self._faiss_gpu = None
         self._vectors = None
         for attempt in range(3):
             name = generation or read_current(self.dir)
@@ -220,13 +226,28 @@ class SearchIndex:
                     f"{self.ntotal} x {self.dim}; the index is damaged, rebuild it"
                 )
             set_search_breadth(index, *self.breadth)
-            gpus = faiss_gpu_count()
-            if gpus > 0:  # only then: with no GPU this would give an empty index
-                options = faiss.GpuMultipleClonerOptions()
-                options.shard = gpus > 1  # split the vectors across the GPUs rather than copy them to each
-                index = faiss.index_cpu_to_all_gpus(index, options)
             self._faiss = index
         return self._faiss
+
+    def _search_engine(self, k: int):
+        """The FAISS index to search with k neighbours: a GPU copy when one was asked for, the
+        layout runs on FAISS's GPUs (Flat, IVF...,Flat) and k and nprobe are within their 2,048;
+        the CPU index otherwise."""
+        index = self.faiss_index()
+        if not self.gpu or k > GPU_MAX_K or (self.breadth[0] or DEFAULT_NPROBE) > GPU_MAX_K:
+            return index
+        if self._faiss_gpu is None:
+            factory = self.manifest["factory"]
+            gpus = faiss_gpu_count()
+            if gpus == 0 or not (factory == "Flat" or (factory.startswith("IVF") and factory.endswith(",Flat"))):
+                self._faiss_gpu = index
+            else:
+                import faiss
+
+                options = faiss.GpuMultipleClonerOptions()
+                options.shard = gpus > 1  # split the vectors across the GPUs rather than copy them to each
+                self._faiss_gpu = faiss.index_cpu_to_all_gpus(index, options)
+        return self._faiss_gpu
 
     def search(self, queries, k: int) -> list[list[Hit]]:
         """Best-first hits for each query's encoder vector (k at most)."""
@@ -237,7 +258,7 @@ class SearchIndex:
         k = min(k, self.ntotal)
         if k <= 0:
             return [[] for _ in range(len(q))]
-        scores, ids = self.faiss_index().search(q, k)
+        scores, ids = self._search_engine(k).search(q, k)
         paths = self.paths_of({int(i) for i in ids.ravel() if i >= 0})
         return [
             [Hit(int(i), paths[int(i)], float(s)) for s, i in zip(srow, irow) if i >= 0]
@@ -246,8 +267,8 @@ class SearchIndex:
 
     def within(self, queries, radius: float, fallback_k: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every indexed vector scoring above `radius` with each query's encoder vector, as flat
-        arrays (query row, id, score). Layouts FAISS cannot range-search (and GPU copies) answer
-        through their `fallback_k` nearest neighbours instead."""
+        arrays (query row, id, score), searched on the CPU. Layouts FAISS cannot range-search
+        answer through their `fallback_k` nearest neighbours instead."""
         q = self.transform(queries)
         index = self.faiss_index()
         try:

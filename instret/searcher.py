@@ -27,9 +27,9 @@ class Searcher:
         nprobe: int | None = None,
         ef_search: int | None = None,
     ):
-        self.index = SearchIndex(index_dir, nprobe=nprobe, ef_search=ef_search)
-        self.max_pixels = max_pixels
         self.device = resolve_device(device)
+        self.index = SearchIndex(index_dir, nprobe=nprobe, ef_search=ef_search, gpu=self.device.type == "cuda")
+        self.max_pixels = max_pixels
         self.encoder = load_encoder(self.index.gen_dir / "encoder.pt", self.device)
         expected = self.index.manifest["encoder_fingerprint"]
         if self.encoder.fingerprint != expected:

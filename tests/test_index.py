@@ -266,3 +266,30 @@ def test_search_breadth_reaches_the_layouts_inside_the_id_map():
     set_search_breadth(ivf, nprobe=32)  # every list: IVF search becomes exact
     _, got = ivf.search(x[:50], 1)
     assert (got[:, 0] == np.arange(50)).all()
+
+
+def test_the_gpu_copy_is_made_only_when_asked_and_where_faiss_gpu_serves_it(photos, trained_run, tmp_path, monkeypatch):
+    # faiss-gpu seeing one GPU, faked: the cloner records what it is given and hands the CPU
+    # index back, so every search still runs.
+    import faiss
+
+    from instret import index as index_module
+
+    cloned = []
+    monkeypatch.setattr(index_module, "faiss_gpu_count", lambda: 1)
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", type("Options", (), {}), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda idx, options: cloned.append(idx) or idx, raising=False)
+    build_index(photos, trained_run, tmp_path / "flat", **QUIET)
+    build_index(photos, trained_run, tmp_path / "hnsw", factory="HNSW32", **QUIET)
+    v = np.asarray(SearchIndex(tmp_path / "flat").vectors()[0][:2])
+
+    SearchIndex(tmp_path / "flat").search(v, 3)  # a CPU query (query --device cpu)
+    assert cloned == []
+    on_gpu = SearchIndex(tmp_path / "flat", gpu=True)
+    on_gpu.search(v, 3)
+    on_gpu.search(v, 5)
+    assert len(cloned) == 1  # made once, then kept
+    on_gpu.search(v, 4096)  # above FAISS GPU's k limit: the CPU index answers
+    SearchIndex(tmp_path / "hnsw", gpu=True).search(v, 3)  # HNSW does not run on FAISS's GPUs
+    assert len(cloned) == 1
+    assert Searcher(tmp_path / "flat", device="cpu").index.gpu is False
