@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from instret.calibration import score_for_unrelated_share, unrelated_share
+from instret.calibration import describe, score_for_unrelated_share, unrelated_share
 from instret.errors import InstretError
 from instret.index import SearchIndex, from_db
 
@@ -214,7 +214,11 @@ def find_duplicates(
     near = complete_linkage(a, b, s, choice["threshold"])
     grouped = {r for g in near for r in g}
     exact = [[r] for r in np.unique(rep_row[rep_row != np.arange(len(ids))]).tolist() if r not in grouped]
-    groups = [_describe_group(index, vectors, ids, rep_row, rows, keep) for rows in exact + near]
+    # The rows of each content, found by one sort rather than a scan of every row per group.
+    by_content = np.argsort(rep_row, kind="stable")
+    edges = np.searchsorted(rep_row[by_content], np.arange(len(ids) + 1))
+    files_of = lambda reps: np.sort(np.concatenate([by_content[edges[r] : edges[r + 1]] for r in reps]))
+    groups = [_describe_group(index, vectors, ids, files_of(reps), keep) for reps in exact + near]
     groups.sort(key=lambda g: (g["tier"] != "exact", -len(g["members"]), g["keep"]))
     index.close()
     return {**choice, "keep_rule": keep, "groups": groups}
@@ -233,7 +237,7 @@ def _threshold(s, contents, distributions, threshold, precision) -> dict:
     t = found["threshold"]
     copies = ""
     if "copies" in distributions:
-        share = 1.0 - float(np.interp(t, distributions["copies"], np.linspace(0, 1, len(distributions["copies"]))))
+        share = 1.0 - describe(t, distributions)["copies_below"]
         copies = f"; {share:.0%} of edited copies of this index's images (instret.edits) score at least this"
     reason = (
         f"--precision {precision}: calibrated on this index, {found['pairs']} pair(s) of distinct images "
@@ -253,20 +257,18 @@ def _content_reps(meta: sqlite3.Connection, ids: np.ndarray) -> np.ndarray:
     return pairs[:, 1]
 
 
-def _describe_group(index: SearchIndex, vectors, ids, rep_row, rows: list[int], keep: str) -> dict:
-    """The JSON of one group: its files (every byte copy of every content in it), the kept one,
-    and each member's score with the kept one."""
-    all_rows = np.flatnonzero(np.isin(rep_row, rows))
-    members = _members(index, [int(ids[r]) for r in all_rows])
+def _describe_group(index: SearchIndex, vectors, ids, rows: np.ndarray, keep: str) -> dict:
+    """The JSON of one group of files (rows, ascending: every byte copy of every content in it):
+    the kept one, and each member's score with the kept one."""
+    members = _members(index, [int(ids[r]) for r in rows])
     kept = min(members, key=KEEP_RULES[keep])
-    row_of = {int(ids[r]): int(r) for r in all_rows}
-    searched = index.transform(np.asarray(vectors[np.sort(all_rows)]))
-    position = {int(r): i for i, r in enumerate(np.sort(all_rows))}
-    kept_vec = searched[position[row_of[kept.id]]]
+    searched = index.transform(np.asarray(vectors[rows]))
+    position = {int(ids[r]): i for i, r in enumerate(rows)}  # id -> its row of `searched`
+    kept_vec = searched[position[kept.id]]
     out = []
     for m in sorted(members, key=KEEP_RULES[keep]):
         identical = m.sha256 == kept.sha256
-        score = 1.0 if identical else float(searched[position[row_of[m.id]]] @ kept_vec)
+        score = 1.0 if identical else float(searched[position[m.id]] @ kept_vec)
         out.append(
             {
                 "path": m.path,

@@ -7,6 +7,12 @@ import pytest
 from instret.cli.main import main
 
 
+def tiny_train_args(data, out, epochs=1, *extra) -> list[str]:
+    """`instret train` on a small folder, quickly: the options most CLI tests share."""
+    return ["train", "--data", str(data), "--out", str(out), "--epochs", str(epochs),
+            *"--image-size 16 --batch-size 8 --knn-k 5 --workers 0".split(), *extra]  # fmt: skip
+
+
 def run_cli(args, capsys):
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -17,17 +23,7 @@ def run_cli(args, capsys):
 
 def test_train_on_synthetic_folder_writes_every_run_file(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    code, stdout, err = run_cli(
-        [
-            "train",
-            "--data",
-            str(image_folder),
-            "--out",
-            str(out),
-            *"--epochs 2 --image-size 16 --batch-size 8 --knn-k 5 --workers 0".split(),
-        ],
-        capsys,
-    )
+    code, stdout, err = run_cli(tiny_train_args(image_folder, out, 2), capsys)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == [
         "checkpoint.pt",
@@ -44,15 +40,7 @@ def test_train_on_synthetic_folder_writes_every_run_file(image_folder, tmp_path,
 
 def test_nce_with_more_noise_than_images_says_so(image_folder, tmp_path, capsys):
     code, _, err = run_cli(
-        [
-            "train",
-            "--data",
-            str(image_folder),
-            "--out",
-            str(tmp_path / "run"),
-            *"--epochs 1 --image-size 16 --batch-size 8 --knn-k 5 --workers 0 --loss nce --nce-k 100".split(),
-        ],
-        capsys,
+        tiny_train_args(image_folder, tmp_path / "run", 1, "--loss", "nce", "--nce-k", "100"), capsys
     )
     assert code == 0, err
     assert "note: --nce-k 100 noise samples for 36 images" in err
@@ -95,17 +83,7 @@ def test_empty_folder_gives_one_line_error(tmp_path, capsys):
 
 def test_bad_files_among_good_ones_are_skipped_and_listed(image_folder, tmp_path, capsys):
     (image_folder / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    code, _, err = run_cli(
-        [
-            "train",
-            "--data",
-            str(image_folder),
-            "--out",
-            str(tmp_path / "r"),
-            *"--epochs 1 --image-size 16 --batch-size 8 --knn-k 5 --workers 0".split(),
-        ],
-        capsys,
-    )
+    code, _, err = run_cli(tiny_train_args(image_folder, tmp_path / "r"), capsys)
     assert code == 0 and "skipped 1 unreadable file" in err and "broken.png" in err
 
 

@@ -5,7 +5,13 @@ import shutil
 import pytest
 
 from instret.indexer import build_index
-from tests.test_cli import run_cli
+from tests.test_cli import run_cli, tiny_train_args
+
+
+def index_with_type(photos, ix, factory) -> list[str]:
+    """`instret index` of the photos into a new folder with the encoder of `ix`, as `factory`."""
+    return ["index", str(photos), "--model", str(ix / "gen-000001" / "encoder.pt"), "--out", str(photos.parent / "n"),
+            "--index-type", factory]  # fmt: skip
 
 
 @pytest.fixture
@@ -114,29 +120,11 @@ def test_eval_retrieval_json(trained_run, capsys):
         (lambda p, ix: ["query", str(p / "empty"), "--index", str(ix)], "empty: a folder with no image files in it"),
         # A bad --index-type is refused before any image is encoded (no "indexing ..." line), without guesses.
         (
-            lambda p, ix: [
-                "index",
-                str(p),
-                "--model",
-                str(ix / "gen-000001" / "encoder.pt"),
-                "--out",
-                str(p.parent / "n"),
-                "--index-type",
-                "Bogus",
-            ],
+            lambda p, ix: index_with_type(p, ix, "Bogus"),
             "--index-type 'Bogus' is not a FAISS factory string",
         ),
         (
-            lambda p, ix: [
-                "index",
-                str(p),
-                "--model",
-                str(ix / "gen-000001" / "encoder.pt"),
-                "--out",
-                str(p.parent / "n"),
-                "--index-type",
-                "IVF9999,Flat",
-            ],
+            lambda p, ix: index_with_type(p, ix, "IVF9999,Flat"),
             "could not be trained on 31 vectors",
         ),
     ],
@@ -158,17 +146,7 @@ def test_k_larger_than_index_returns_everything(indexed, capsys):
 
 def test_train_with_data_leaves_a_queryable_index(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = run_cli(
-        [
-            "train",
-            "--data",
-            str(image_folder),
-            "--out",
-            str(out),
-            *"--epochs 1 --image-size 16 --batch-size 8 --knn-k 5 --workers 0".split(),
-        ],
-        capsys,
-    )
+    code, _, err = run_cli(tiny_train_args(image_folder, out), capsys)
     assert code == 0, err
     assert f"next: instret query IMAGE --index {out}" in err
     code, stdout, err = run_cli(
