@@ -19,9 +19,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from instret.cli import search, train
+    from instret.cli import search, serve, train
 
-    for command in [*train.COMMANDS, *search.COMMANDS]:
+    for command in [*train.COMMANDS, *search.COMMANDS, *serve.COMMANDS]:
         cli.add_command(command)
 
 

@@ -194,16 +194,20 @@ def complete_linkage(a: np.ndarray, b: np.ndarray, s: np.ndarray, threshold: flo
 
 
 def find_duplicates(
-    index_dir: str | Path, threshold: float | None = None, precision: float = DEFAULT_PRECISION, keep: str = "largest"
+    index_dir: str | Path | SearchIndex,
+    threshold: float | None = None,
+    precision: float = DEFAULT_PRECISION,
+    keep: str = "largest",
 ) -> dict:
     """{"threshold", "reason", "keep_rule", "groups": [{"tier", "keep", "min_score", "members"}]}
-    of an index: exact groups first, then near ones, largest first. `threshold` (a cosine
-    similarity) overrides the one calibrated for `precision`."""
+    of an index (a folder, or one opened already: a server's generation): exact groups first,
+    then near ones, largest first. `threshold` (a cosine similarity) overrides the one
+    calibrated for `precision`."""
     if keep not in KEEP_RULES:
         raise InstretError(f"--keep must be one of {', '.join(KEEP_RULES)}, not {keep!r}")
     if threshold is None and not 0 < precision < 1:
         raise InstretError(f"--precision must be between 0 and 1 (exclusive), not {precision}")
-    index = SearchIndex(index_dir)
+    index = index_dir if isinstance(index_dir, SearchIndex) else SearchIndex(index_dir)
     vectors, ids = index.vectors()
     rep_row = np.searchsorted(ids, _content_reps(index.meta, ids))
     contents = int((rep_row == np.arange(len(ids))).sum())
@@ -220,7 +224,8 @@ def find_duplicates(
     files_of = lambda reps: np.sort(np.concatenate([by_content[edges[r] : edges[r + 1]] for r in reps]))
     groups = [_describe_group(index, vectors, ids, files_of(reps), keep) for reps in exact + near]
     groups.sort(key=lambda g: (g["tier"] != "exact", -len(g["members"]), g["keep"]))
-    index.close()
+    if index is not index_dir:
+        index.close()
     return {**choice, "keep_rule": keep, "groups": groups}
 
 
@@ -271,6 +276,7 @@ def _describe_group(index: SearchIndex, vectors, ids, rows: np.ndarray, keep: st
         score = 1.0 if identical else float(searched[position[m.id]] @ kept_vec)
         out.append(
             {
+                "id": m.id,
                 "path": m.path,
                 "score": round(score, 6),
                 "identical": identical,

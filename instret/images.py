@@ -202,16 +202,17 @@ def read_file_bytes(path: str | Path) -> bytes:
 
 def read_image(path: str | Path, size: int, max_pixels: int | None = None) -> torch.Tensor:
     """One image file as a uint8 tensor 3 x size x size; raises ImageReadError."""
-    return _decode(read_file_bytes(path), size, max_pixels)
+    return decode_image(read_file_bytes(path), size, max_pixels)
 
 
 def read_image_and_hash(path: str | Path, size: int, max_pixels: int | None = None):
     """(uint8 tensor, sha256 hex of the file's bytes): the file is read once for both."""
     data = read_file_bytes(path)
-    return _decode(data, size, max_pixels), hashlib.sha256(data).hexdigest()
+    return decode_image(data, size, max_pixels), hashlib.sha256(data).hexdigest()
 
 
-def _decode(data: bytes, size: int, max_pixels: int | None) -> torch.Tensor:
+def decode_image(data: bytes, size: int, max_pixels: int | None = None) -> torch.Tensor:
+    """An image file's bytes as the encoder's uint8 input 3 x size x size; raises ImageReadError."""
     return square_tensor(open_rgb(io.BytesIO(data), max_pixels=max_pixels, draft=size), size)
 
 

@@ -34,10 +34,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from instret.errors import InstretError
-from instret.knn import faiss_gpu_count
 from instret.postprocess import Whitening, normalise
 from instret.storage import atomic_write_text, remove_stale_temps
 
@@ -53,8 +51,19 @@ GPU_MAX_K = 2048  # FAISS GPU indexes refuse a larger k or nprobe
 
 
 def as_float32(x) -> np.ndarray:
-    """Contiguous float32 rows, L2-normalised: what every FAISS call here takes."""
-    return normalise(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
+    """Contiguous float32 rows, L2-normalised: what every FAISS call here takes (from numpy or
+    torch; torch is not imported here, so that `instret info` starts without it)."""
+    return normalise(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
+
+
+def faiss_gpu_count() -> int:
+    """GPUs faiss can use; 0 for faiss-cpu. index_cpu_to_all_gpus with none gives an empty index."""
+    try:
+        import faiss
+    except ImportError:
+        return 0
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
 
 
 def check_factory(factory: str, dim: int, count: int) -> None:
@@ -291,6 +300,14 @@ class SearchIndex:
             out.update((i, from_db(p)) for i, p in rows)
         return {i: str(Path(self.manifest["root"]) / p) for i, p in out.items()}
 
+    def id_of(self, path: str) -> int | None:
+        """The id of an indexed file, by the path results show (under the indexed folder) or its
+        path relative to that folder; None when the index does not hold it."""
+        root = self.manifest["root"].rstrip("/") + "/"
+        relative = path[len(root) :] if path.startswith(root) else path
+        row = self.meta.execute("SELECT id FROM files WHERE path = ?", (to_db(relative),)).fetchone()
+        return None if row is None else int(row[0])
+
     def entries(self) -> list[tuple[int, str, int, int, str, np.ndarray]]:
         """(id, path, size, mtime_ns, sha256, vector) of every indexed file, in id order."""
         vectors, ids = self.vectors()
@@ -392,7 +409,8 @@ CREATE TABLE IF NOT EXISTS skipped (path TEXT PRIMARY KEY, reason TEXT NOT NULL)
 def open_metadata(path: Path, readonly: bool = False) -> sqlite3.Connection:
     try:
         if readonly:
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            # Shared by a server's threads (instret.live serialises them): read-only, so safe.
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
             con.execute("SELECT count(*) FROM files").fetchone()
         else:
             con = sqlite3.connect(path)

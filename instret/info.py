@@ -7,8 +7,9 @@ from pathlib import Path
 from instret.index import SearchIndex
 
 
-def index_info(index_dir: str | Path) -> dict:
-    index = SearchIndex(index_dir)
+def index_info(index_dir: str | Path | SearchIndex) -> dict:
+    """What the index (a folder, or one opened already) holds, as `instret info --json` prints it."""
+    index = index_dir if isinstance(index_dir, SearchIndex) else SearchIndex(index_dir)
     m = index.manifest
     sizes = {p.name: p.stat().st_size for p in sorted(index.gen_dir.iterdir()) if p.is_file()}
     total = sum(p.stat().st_size for p in index.dir.rglob("*") if p.is_file())

@@ -11,15 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def faiss_gpu_count() -> int:
-    """GPUs faiss can use; 0 for faiss-cpu. index_cpu_to_all_gpus with none gives an empty index."""
-    try:
-        import faiss
-    except ImportError:
-        return 0
-    get = getattr(faiss, "get_num_gpus", None)
-    return int(get()) if get is not None else 0
+from instret.index import faiss_gpu_count
 
 
 def knn_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, sigma: float) -> torch.Tensor:

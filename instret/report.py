@@ -8,8 +8,6 @@ import io
 import json
 from pathlib import Path
 
-from instret.images import thumbnail
-
 
 def one_line(path: str) -> str:
     """A path for line-based text output: control characters (a newline or tab in a file name)
@@ -47,6 +45,8 @@ def dups_text(groups: list[dict]) -> str:
 
 def thumbnail_uri(path: str, size: int = 128) -> str | None:
     """A data: URI of a small JPEG of the image, or None if it cannot be read."""
+    from instret.images import thumbnail  # imports torch: text and JSON output start without it
+
     img = thumbnail(path, size)
     if img is None:
         return None

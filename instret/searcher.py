@@ -11,7 +11,7 @@ from instret.calibration import describe
 from instret.device import resolve_device
 from instret.encoder import load_encoder
 from instret.errors import InstretError
-from instret.images import file_sha256
+from instret.images import ImageReadError, decode_image, file_sha256
 from instret.index import SearchIndex, as_float32
 
 
@@ -48,30 +48,67 @@ class Searcher:
             raise InstretError(f"encoder dimension {self.encoder.dim} != index dimension {self.index.dim}")
 
     def query(self, items, k: int = 10, min_score: float | None = None, exclude_self: bool = False) -> list[dict]:
-        """One {"query", "results": [{"rank", "path", "score", ...}]} per query image (a file, a
-        PIL image or an image tensor; "query" is the file's path or "<image i>"), best first;
-        with the index's score distributions, each result also says how unusual its score is
-        (instret.calibration.describe: "unrelated_above", "copies_below")."""
+        """One {"query", "results": [{"rank", "id", "path", "score", ...}]} per query image (a
+        file, a PIL image or an image tensor; "query" is the file's path or "<image i>"), best
+        first; with the index's score distributions, each result also says how unusual its
+        score is (instret.calibration.describe: "unrelated_above", "copies_below")."""
         if k < 1:
             raise InstretError(f"-k must be at least 1, not {k}")
         names, vectors = self.encoder.embed_named(items, self.max_pixels)
         extra = 1 if exclude_self else 0
-        scores = self.index.manifest.get("scores")
         out = []
         for name, hits in zip(names, self.index.search(vectors, k + extra)):
             if exclude_self and not name.startswith("<image "):
                 hits = _without_self(name, hits)
-            hits = [h for h in hits if min_score is None or h.score >= min_score][:k]
-            out.append(
-                {
-                    "query": name,
-                    "results": [
-                        {"rank": r, "path": h.path, "score": round(h.score, 6), **describe(h.score, scores)}
-                        for r, h in enumerate(hits, 1)
-                    ],
-                }
-            )
+            out.append(self._ranked(name, hits, k, min_score))
         return out
+
+    def decode_uploads(self, uploads) -> tuple[list[str], torch.Tensor]:
+        """(names, the encoder's uint8 input) of (name, bytes) pairs of image files sent to a
+        server, each decoded exactly as `instret index` reads a file. Raises InstretError
+        naming the first it cannot read."""
+        names, pictures = [], []
+        for name, data in uploads:
+            try:
+                pictures.append(decode_image(data, self.encoder.image_size, self.max_pixels))
+            except ImageReadError as e:
+                raise InstretError(f"{name}: cannot read image: {e}") from None
+            names.append(name)
+        if not pictures:
+            raise InstretError("no image in the request")
+        return names, torch.stack(pictures)
+
+    def query_decoded(self, names, pictures: torch.Tensor, k: int = 10, min_score: float | None = None) -> list[dict]:
+        """As query(), for decode_uploads()' output."""
+        hits = self.index.search(self.encoder.embed(pictures), k)
+        return [self._ranked(name, found, k, min_score) for name, found in zip(names, hits)]
+
+    def query_ids(self, ids, k: int = 10, min_score: float | None = None, exclude_self: bool = False) -> list[dict]:
+        """As query(), for images already in the index, by id: their stored vectors are searched
+        (nothing is read or encoded). Raises InstretError for an id the index does not hold."""
+        vectors, stored = self.index.vectors()
+        rows = np.searchsorted(stored, ids)  # ids.npy is ascending
+        for i, r in zip(ids, rows):
+            if r >= len(stored) or stored[r] != i:
+                raise InstretError(f"no image with id {i} in this index")
+        paths = self.index.paths_of(int(i) for i in ids)
+        extra = 1 if exclude_self else 0
+        found = self.index.search(np.asarray(vectors[rows]), k + extra)
+        return [
+            self._ranked(paths[int(i)], [h for h in hits if not (exclude_self and h.id == i)], k, min_score)
+            for i, hits in zip(ids, found)
+        ]
+
+    def _ranked(self, name: str, hits, k: int, min_score: float | None) -> dict:
+        scores = self.index.manifest.get("scores")
+        hits = [h for h in hits if min_score is None or h.score >= min_score][:k]
+        return {
+            "query": name,
+            "results": [
+                {"rank": r, "id": h.id, "path": h.path, "score": round(h.score, 6), **describe(h.score, scores)}
+                for r, h in enumerate(hits, 1)
+            ],
+        }
 
 
 def _without_self(query: str, hits):

@@ -43,7 +43,7 @@ def test_query_json_schema_one_object_per_query(indexed, capsys):
         assert set(o) == {"query", "results"}
         assert [r["rank"] for r in o["results"]] == [1, 2, 3]
         for r in o["results"]:
-            assert set(r) == {"rank", "path", "score", "unrelated_above", "copies_below"}
+            assert set(r) == {"rank", "id", "path", "score", "unrelated_above", "copies_below"}
             assert isinstance(r["score"], float) and 0 <= r["unrelated_above"] <= 1 and 0 <= r["copies_below"] <= 1
     assert "indexing" not in out  # logs stay on stderr
 

@@ -1,0 +1,192 @@
+// The search page of `instret serve`: every name is set as text (textContent), never as HTML.
+"use strict";
+
+const API = "/api/v1";
+const $ = (id) => document.getElementById(id);
+
+function say(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+async function getJSON(url, options) {
+  const response = await fetch(url, options);
+  let body;
+  try {
+    body = await response.json();
+  } catch {
+    throw new Error(`${response.status} ${response.statusText}`);
+  }
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function baseName(path) {
+  return path.split("/").pop();
+}
+
+// How unusual a score is for this index (instret.calibration): the share of unrelated pairs
+// that score at least as high.
+function meaning(hit) {
+  if (hit.unrelated_above === undefined) return "";
+  const share = hit.unrelated_above;
+  if (share <= 0) return "above every unrelated pair measured";
+  if (share >= 0.5) return `${Math.round(share * 100)}% of unrelated pairs score this high`;
+  return `1 in ${Math.round(1 / share).toLocaleString("en")} unrelated pairs score this high`;
+}
+
+function picture(id, path, onSearch) {
+  const button = element("button");
+  button.type = "button";
+  button.title = `Search from ${path}`;
+  button.setAttribute("aria-label", `Search from ${baseName(path)}`);
+  const img = element("img");
+  img.src = `${API}/thumbnail/${id}?size=160`;
+  img.alt = "";
+  img.loading = "lazy";
+  button.append(img);
+  button.addEventListener("click", onSearch);
+  return button;
+}
+
+function fileLink(id, path) {
+  const link = element("a", "name", baseName(path));
+  link.href = `${API}/image/${id}`;
+  link.target = "_blank";
+  link.rel = "noopener";
+  link.title = path;
+  return link;
+}
+
+function showQuery(src, name) {
+  $("results").hidden = false;
+  $("query-picture").src = src;
+  $("query-name").textContent = `Query: ${name}`;
+  $("hits").replaceChildren();
+}
+
+function render(query) {
+  const list = $("hits");
+  list.replaceChildren();
+  for (const hit of query.results) {
+    const item = element("li", "hit");
+    item.dataset.id = hit.id;
+    item.dataset.path = hit.path;
+    item.append(
+      picture(hit.id, hit.path, () => searchIndexed(hit.id, hit.path)),
+      element("span", "score", `#${hit.rank} · ${hit.score.toFixed(4)}`),
+      element("span", "meaning", meaning(hit)),
+      fileLink(hit.id, hit.path),
+    );
+    list.append(item);
+  }
+  say(`${query.results.length} results for ${query.query}`);
+}
+
+async function run(search) {
+  say("Searching…");
+  try {
+    const found = await search();
+    render(found.queries[0]);
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
+function searchFile(file) {
+  if (!file) return;
+  const name = file.name || "pasted image";
+  showQuery(URL.createObjectURL(file), name);
+  const url = `${API}/search?k=${$("k").value}&name=${encodeURIComponent(name)}`;
+  return run(() =>
+    getJSON(url, {
+      method: "POST",
+      body: file,
+      headers: { "content-type": file.type || "application/octet-stream" },
+    }),
+  );
+}
+
+function searchIndexed(id, path) {
+  showQuery(`${API}/thumbnail/${id}?size=256`, path);
+  window.scrollTo({ top: 0 });
+  return run(() => getJSON(`${API}/search?id=${id}&k=${$("k").value}`));
+}
+
+async function showInfo() {
+  try {
+    const info = await getJSON(`${API}/info`);
+    $("index-info").textContent =
+      `${info.vectors.toLocaleString("en")} images under ${info.root} · ${info.index_type} · ${info.generation}`;
+  } catch (error) {
+    $("index-info").textContent = `The index is unavailable: ${error.message}`;
+  }
+}
+
+async function showDuplicates() {
+  const box = $("groups");
+  box.replaceChildren();
+  say("Finding duplicate groups…");
+  try {
+    const found = await getJSON(`${API}/duplicates`);
+    const summary = `${found.groups.length} group(s) at similarity ≥ ${found.threshold.toFixed(4)} (${found.reason})`;
+    box.append(element("p", "", summary));
+    found.groups.forEach((group, n) => {
+      box.append(element("h3", "", `Group ${n + 1}: ${group.tier}, ${group.members.length} files`));
+      const list = element("ol", "grid");
+      for (const member of group.members) {
+        const item = element("li");
+        const role = member.path === group.keep ? "keep" : member.identical ? "identical bytes" : "copy";
+        item.append(
+          picture(member.id, member.path, () => searchIndexed(member.id, member.path)),
+          element("span", member.path === group.keep ? "keep" : "score", `${role} · ${member.score.toFixed(4)}`),
+          element("span", "meaning", `${member.width}×${member.height} · ${(member.bytes / 1024).toFixed(0)} KB`),
+          fileLink(member.id, member.path),
+        );
+        list.append(item);
+      }
+      box.append(list);
+    });
+    say(summary);
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
+function firstFile(items) {
+  for (const item of items || []) {
+    const file = item instanceof File ? item : item.kind === "file" ? item.getAsFile() : null;
+    if (file) return file;
+  }
+  return null;
+}
+
+function wire() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (event) => searchFile(event.target.files[0]));
+  drop.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    drop.classList.add("over");
+  });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    searchFile(firstFile(event.dataTransfer.files));
+  });
+  document.addEventListener("paste", (event) => {
+    const file = firstFile(event.clipboardData && event.clipboardData.items);
+    if (file) searchFile(file);
+  });
+  $("show-dups").addEventListener("click", showDuplicates);
+  showInfo();
+}
+
+wire();

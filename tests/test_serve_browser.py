@@ -1,0 +1,140 @@
+"""The search page of `instret serve` in a real browser: Debian's chromium driven by Selenium
+through chromedriver (.ci/run installs both; nothing downloads a browser)."""
+
+import os
+import shutil
+
+import pytest
+
+from instret.indexer import build_index
+from tests.server_process import Server
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+# CI installs them (.ci/run), so there a missing browser fails rather than skips.
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"), reason="needs Debian's chromium and chromium-driver"
+)
+# A name that would run script if the page wrote it as HTML.
+HOSTILE = "<img src=x onerror=window.pwned=1>.jpg"
+
+
+@pytest.fixture(scope="module")
+def served(trained_run, tmp_path_factory):
+    base = tmp_path_factory.mktemp("page")
+    photos = shutil.copytree(trained_run.parent / "photos", base / "photos")
+    shutil.copy(photos / "a" / "003.jpg", photos / "a" / HOSTILE)
+    build_index(photos, trained_run, base / "ix", workers=0, device="cpu")
+    server = Server(base / "ix")
+    yield photos, server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # Headless, and none of the background connections a closed network refuses.
+    for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1000,900"]:  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, condition, timeout=30):
+    return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+
+
+def hits(driver):
+    return driver.find_elements(By.CSS_SELECTOR, "#hits li")
+
+
+def test_upload_through_the_page_shows_the_image_first_with_its_score(served, browser):
+    photos, server = served
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    wait_for(browser, lambda d: "31 images under" in d.find_element(By.ID, "index-info").text)
+    image = photos / "b" / "004.jpg"
+    browser.find_element(By.ID, "file").send_keys(str(image))
+    wait_for(browser, lambda d: hits(d) and "results for 004.jpg" in d.find_element(By.ID, "status").text)
+    first = hits(browser)[0]
+    assert first.get_attribute("data-path") == str(image)
+    assert first.find_element(By.CLASS_NAME, "score").text == "#1 · 1.0000"
+    assert "unrelated pairs" in first.find_element(By.CLASS_NAME, "meaning").text
+    assert len(hits(browser)) == 20  # the page's default number of results
+    thumbnail = first.find_element(By.TAG_NAME, "img")
+    wait_for(
+        browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", thumbnail)
+    )
+    link = first.find_element(By.TAG_NAME, "a")
+    assert link.get_attribute("href").endswith(f"/api/v1/image/{first.get_attribute('data-id')}")
+    if os.environ.get("INSTRET_SCREENSHOT"):  # the README's picture: INSTRET_SCREENSHOT=path pytest ...
+        browser.save_screenshot(os.environ["INSTRET_SCREENSHOT"])
+
+
+def test_clicking_a_result_searches_from_it_by_keyboard(served, browser):
+    photos, server = served
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    browser.find_element(By.ID, "file").send_keys(str(photos / "c" / "001.jpg"))
+    wait_for(browser, lambda d: len(hits(d)) == 20)
+    second = hits(browser)[1]
+    target = second.get_attribute("data-path")
+    button = second.find_element(By.TAG_NAME, "button")
+    browser.execute_script("arguments[0].focus()", button)
+    assert browser.switch_to.active_element == button  # reachable by keyboard: a real button
+    button.send_keys("\n")  # Enter on the focused button
+    wait_for(browser, lambda d: d.find_element(By.ID, "query-name").text == f"Query: {target}")
+    wait_for(browser, lambda d: hits(d) and hits(d)[0].get_attribute("data-path") == target)
+
+
+def test_names_are_shown_as_text_never_run_as_html(served, browser):
+    photos, server = served
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    browser.find_element(By.ID, "file").send_keys(str(photos / "a" / "003.jpg"))
+    wait_for(browser, lambda d: len(hits(d)) == 20)
+    names = [h.find_element(By.TAG_NAME, "a").text for h in hits(browser)[:2]]
+    assert sorted(names) == sorted(["003.jpg", HOSTILE])  # the copy scores 1.0 too
+    assert browser.execute_script("return window.pwned") is None
+    assert not browser.find_elements(By.CSS_SELECTOR, "#hits img[src='x']")
+
+
+def test_a_bad_file_shows_the_servers_reason(served, browser, tmp_path):
+    photos, server = served
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a picture")
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    status = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#status.error"))
+    assert status.text == "notes.jpg: cannot read image: not an image in any format Pillow reads"
+
+
+def test_duplicate_groups_are_listed(served, browser):
+    photos, server = served
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    browser.find_element(By.ID, "show-dups").click()
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#groups h3"))
+    group = browser.find_element(By.CSS_SELECTOR, "#groups ol")
+    names = sorted(a.text for a in group.find_elements(By.TAG_NAME, "a"))
+    assert names == sorted(["003.jpg", HOSTILE])
+    assert "Group 1: exact, 2 files" == browser.find_element(By.CSS_SELECTOR, "#groups h3").text
+
+
+def test_the_page_fits_a_phone_screen(served, browser):
+    photos, server = served
+    browser.set_window_size(390, 844)
+    try:
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        browser.find_element(By.ID, "file").send_keys(str(photos / "a" / "001.jpg"))
+        wait_for(browser, lambda d: len(hits(d)) == 20)
+        width = browser.execute_script("return document.documentElement.clientWidth")
+        scroll = browser.execute_script("return document.documentElement.scrollWidth")
+        assert scroll <= width  # no sideways scrolling
+        left = {round(h.rect["x"]) for h in hits(browser)}
+        assert len(left) == 2  # two columns of results
+    finally:
+        browser.set_window_size(1000, 900)
