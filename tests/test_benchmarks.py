@@ -1,6 +1,7 @@
 """The benchmark scripts run (a few steps, on tiny data); their figures are not asserted here."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,7 @@ def test_scripts_without_data_exit_with_a_clear_message(tmp_path):
         ("retrieval_quality.py", ["--shared", str(tmp_path / "none")]),
         ("dups.py", ["--shared", str(tmp_path / "none")]),
         ("search.py", ["--model", "x", "--cifar", str(tmp_path / "none")]),
+        ("serve.py", ["--cifar", str(tmp_path / "none")]),
     ):
         proc = subprocess.run([sys.executable, BENCH / script, *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and "not found" in proc.stderr and "Traceback" not in proc.stderr, script
@@ -117,3 +119,34 @@ def test_dups_scale_script_reports_time_and_memory():
     assert proc.returncode == 0, proc.stderr
     row = last_json_line(proc.stdout)["results"][0]
     assert row["vectors"] == 3000 and row["peak_rss_mb"] >= row["imports_mb"] > 0 and row["planted_found"] > 0.9
+
+
+def test_serve_script_measures_uploads_to_a_real_server(tmp_path):
+    from tests.conftest import make_photos
+
+    cifar, photos = make_photos(tmp_path / "c", per_group=4, size=32), make_photos(tmp_path / "p", per_group=4)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            BENCH / "serve.py",
+            "--cifar",
+            cifar,
+            "--imagenette",
+            photos,
+            "--requests",
+            "6",
+            "--repeats",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = last_json_line(proc.stdout)["results"]
+    for name in ("cifar10", "imagenette"):
+        row = results[name]
+        assert row["images"] == 12 and row["one_client"]["p50_ms"] > 0 and row["8_clients"]["requests_per_s"] > 0
+        assert row["cold_query_s"] > 0 and row["in_process"]["p50_ms"] > 0
+    assert set(results["startup_s"]) == {"instret --help", "instret info", "instret env", "import torch"}
