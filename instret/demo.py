@@ -52,7 +52,7 @@ def first_search(data: TrainData, out: Path, workers: int, device: str) -> None:
         log(f"  {h['rank']}  {h['score']:.3f}  {one_line(h['path'])}")
     log(
         f"next: instret query {one_line(str(sample))} --index {one_line(str(out))} --html page.html; "
-        f"instret plot {one_line(str(out))}"
+        f"instret serve --index {one_line(str(out))} (a search page); instret plot {one_line(str(out))}"
     )
 
 

@@ -545,7 +545,10 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World, s
             rebuild=None,
             max_pixels=cfg.max_image_pixels,
         )
-        log(f"next: instret query IMAGE --index {out}   (or a folder of images; --html page.html shows them)")
+        log(
+            f"next: instret query IMAGE --index {out}   (or a folder of images; --html page.html shows them); "
+            f"instret serve --index {out}   (a search page)"
+        )
     elif world.main and cfg.dataset == "digits":
         from instret.demo import first_search
 

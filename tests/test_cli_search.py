@@ -148,7 +148,7 @@ def test_train_with_data_leaves_a_queryable_index(image_folder, tmp_path, capsys
     out = tmp_path / "run"
     code, _, err = run_cli(tiny_train_args(image_folder, out), capsys)
     assert code == 0, err
-    assert f"next: instret query IMAGE --index {out}" in err
+    assert f"next: instret query IMAGE --index {out}" in err and f"instret serve --index {out}" in err
     code, stdout, err = run_cli(
         ["query", str(image_folder / "red" / "000.png"), "--index", str(out / "index"), "-k", "1"], capsys
     )
@@ -206,6 +206,6 @@ def test_the_embedded_default_ends_with_a_search(tmp_path, capsys):
     assert code == 0, err
     assert len(list((out / "images").rglob("*.png"))) == 1797  # every digit, held-out ones too
     sample = err.split("sample query ")[1].split(" ")[0]
-    assert f"next: instret query {sample} --index {out}" in err
+    assert f"next: instret query {sample} --index {out}" in err and f"instret serve --index {out}" in err
     code, stdout, _ = run_cli(["query", sample, "--index", str(out), "-k", "1", "--exclude-self"], capsys)
     assert code == 0 and len(stdout.strip().splitlines()) == 1

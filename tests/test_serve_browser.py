@@ -73,8 +73,6 @@ def test_upload_through_the_page_shows_the_image_first_with_its_score(served, br
     )
     link = first.find_element(By.TAG_NAME, "a")
     assert link.get_attribute("href").endswith(f"/api/v1/image/{first.get_attribute('data-id')}")
-    if os.environ.get("INSTRET_SCREENSHOT"):  # the README's picture: INSTRET_SCREENSHOT=path pytest ...
-        browser.save_screenshot(os.environ["INSTRET_SCREENSHOT"])
 
 
 def test_clicking_a_result_searches_from_it_by_keyboard(served, browser):
