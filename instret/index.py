@@ -314,8 +314,11 @@ class SearchIndex:
         row_of = {int(i): r for r, i in enumerate(ids)}
         return [(*f, np.asarray(vectors[row_of[f[0]]])) for f in self.files()]
 
-    def files(self) -> list[tuple[int, str, int, int, str]]:
-        rows = self.meta.execute("SELECT id, path, size, mtime_ns, sha256 FROM files ORDER BY id")
+    def files(self, offset: int = 0, limit: int = -1) -> list[tuple[int, str, int, int, str]]:
+        """(id, path under the indexed folder, size, mtime_ns, sha256) in id order: all, or a page."""
+        rows = self.meta.execute(
+            "SELECT id, path, size, mtime_ns, sha256 FROM files ORDER BY id LIMIT ? OFFSET ?", (limit, offset)
+        )
         return [(i, from_db(p), *rest) for i, p, *rest in rows]
 
     def skipped(self) -> list[tuple[str, str]]:

@@ -2,6 +2,7 @@
 
     GET  /api/v1/health                      {"status", "generation", "vectors"}
     GET  /api/v1/info                        what `instret info --json` prints
+    GET  /api/v1/images?offset=0&limit=100   {"generation", "total", "offset", "images": [{"id", "path", "bytes"}]}
     POST /api/v1/search?k=&min_score=&nprobe=
          body: an image file's bytes, or multipart/form-data with one or more files
                                              {"generation", "queries": [what `query --json` prints, per image]}
@@ -39,11 +40,13 @@ from starlette.staticfiles import StaticFiles
 
 from instret.errors import InstretError
 from instret.live import LiveSearcher
+from instret.searcher import Searcher
 
 API = "/api/v1"
 WEB = Path(__file__).parent / "web"
 MAX_K = 1000
 MAX_IMAGES = 32  # per request, uploaded or by id
+MAX_PAGE = 1000  # images listed per request
 THUMBNAIL_SIZES = (16, 512)
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -62,32 +65,40 @@ class RequestError(Exception):
 def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
     duplicates = _DuplicatesCache()
 
-    async def health(request: Request):
-        searcher = live.current()
+    # Each endpoint runs in a worker thread with the live generation's Searcher, taken once.
+    def health(request: Request, searcher: Searcher):
         return {"status": "ok", "generation": searcher.index.generation, "vectors": searcher.index.ntotal}
 
-    async def info(request: Request):
+    def info(request: Request, searcher: Searcher):
         from instret.info import index_info
 
-        searcher = live.current()
-        return await run_in_threadpool(live.run, searcher, lambda s: index_info(s.index))
+        return live.run(searcher, lambda s: index_info(s.index))
 
-    async def search_upload(request: Request):
+    def images(request: Request, searcher: Searcher):
+        offset = _int(request.query_params.get("offset", "0"), "offset")
+        limit = _int(request.query_params.get("limit", "100"), "limit")
+        if offset < 0 or not 1 <= limit <= MAX_PAGE:
+            raise RequestError(400, f"offset must be 0 or more and limit between 1 and {MAX_PAGE}")
+        root = Path(searcher.index.manifest["root"])
+        files = live.run(searcher, lambda s: s.index.files(offset, limit))
+        return {
+            "generation": searcher.index.generation,
+            "total": searcher.index.ntotal,
+            "offset": offset,
+            "images": [{"id": i, "path": str(root / p), "bytes": size} for i, p, size, *_ in files],
+        }
+
+    def search_upload(request: Request, searcher: Searcher, uploads):
         k, min_score, nprobe = _search_options(request)
-        uploads = await _read_uploads(request, max_upload_bytes)
-        searcher = live.current()
-        names, pictures = await run_in_threadpool(searcher.decode_uploads, uploads)  # outside the lock
-        queries = await run_in_threadpool(
-            live.run, searcher, lambda s: s.query_decoded(names, pictures, k, min_score), nprobe
-        )
+        names, pictures = searcher.decode_uploads(uploads)  # outside the lock: decoding runs alongside
+        queries = live.run(searcher, lambda s: s.query_decoded(names, pictures, k, min_score), nprobe)
         return {"generation": searcher.index.generation, "queries": queries}
 
-    async def search_indexed(request: Request):
+    def search_indexed(request: Request, searcher: Searcher):
         k, min_score, nprobe = _search_options(request)
-        exclude_self = _flag(request, "exclude_self")
-        searcher = live.current()
+        exclude_self = request.query_params.get("exclude_self", "0").lower() in ("1", "true", "yes")
 
-        def work(s):
+        def work(s: Searcher):
             ids = [_int(v, "id") for v in request.query_params.getlist("id")]
             for path in request.query_params.getlist("path"):
                 found = s.index.id_of(path)
@@ -103,30 +114,26 @@ def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
             except InstretError as e:
                 raise RequestError(404, str(e)) from None
 
-        queries = await run_in_threadpool(live.run, searcher, work, nprobe)
-        return {"generation": searcher.index.generation, "queries": queries}
+        return {"generation": searcher.index.generation, "queries": live.run(searcher, work, nprobe)}
 
-    async def find_duplicates(request: Request):
+    def find_duplicates(request: Request, searcher: Searcher):
         q = request.query_params
         threshold = _float(q["threshold"], "threshold") if "threshold" in q else None
         precision = _float(q.get("precision", "0.99"), "precision")
-        keep = q.get("keep", "largest")
-        searcher = live.current()
-        found = await run_in_threadpool(duplicates.get, live.dir, searcher.index.generation, threshold, precision, keep)
+        found = duplicates.get(live.dir, searcher.index.generation, threshold, precision, q.get("keep", "largest"))
         return {"generation": searcher.index.generation, **found}
 
-    async def image(request: Request):
-        path = await _indexed_file(live, request.path_params["id"])
+    def image(request: Request, searcher: Searcher):
+        path = _indexed_file(live, searcher, request.path_params["id"])
         return FileResponse(path, media_type=mimetypes.guess_type(path)[0] or "application/octet-stream")
 
-    async def thumbnail(request: Request):
+    def thumbnail(request: Request, searcher: Searcher):
         from instret.images import thumbnail as make_thumbnail
 
         size = _int(request.query_params.get("size", "160"), "size")
         if not THUMBNAIL_SIZES[0] <= size <= THUMBNAIL_SIZES[1]:
             raise RequestError(400, f"size must be between {THUMBNAIL_SIZES[0]} and {THUMBNAIL_SIZES[1]}")
-        path = await _indexed_file(live, request.path_params["id"])
-        picture = await run_in_threadpool(make_thumbnail, path, size)
+        picture = make_thumbnail(_indexed_file(live, searcher, request.path_params["id"]), size)
         if picture is None:
             raise RequestError(404, f"image {request.path_params['id']} is unreadable")
         buf = io.BytesIO()
@@ -136,14 +143,16 @@ def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
     async def page(request: Request):
         return FileResponse(WEB / "index.html", media_type="text/html")
 
+    api = lambda endpoint, upload=False: _endpoint(live, endpoint, max_upload_bytes if upload else None)
     routes = [
-        Route(f"{API}/health", _json(health)),
-        Route(f"{API}/info", _json(info)),
-        Route(f"{API}/search", _json(search_upload), methods=["POST"]),
-        Route(f"{API}/search", _json(search_indexed), methods=["GET"]),
-        Route(f"{API}/duplicates", _json(find_duplicates)),
-        Route(f"{API}/image/{{id:int}}", _json(image)),
-        Route(f"{API}/thumbnail/{{id:int}}", _json(thumbnail)),
+        Route(f"{API}/health", api(health)),
+        Route(f"{API}/info", api(info)),
+        Route(f"{API}/images", api(images)),
+        Route(f"{API}/search", api(search_upload, upload=True), methods=["POST"]),
+        Route(f"{API}/search", api(search_indexed), methods=["GET"]),
+        Route(f"{API}/duplicates", api(find_duplicates)),
+        Route(f"{API}/image/{{id:int}}", api(image)),
+        Route(f"{API}/thumbnail/{{id:int}}", api(thumbnail)),
         Route("/", page),
         Mount("/static", StaticFiles(directory=WEB)),
     ]
@@ -154,13 +163,16 @@ def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
     )
 
 
-def _json(endpoint):
-    """An endpoint returning a dict (or a Response) as JSON; RequestError and InstretError as
-    {"error": ...} with their status (400 for a library error: the request's fault)."""
+def _endpoint(live: LiveSearcher, work, upload_limit: int | None):
+    """An ASGI endpoint: the upload read (when upload_limit is given), then work(request,
+    searcher[, uploads]) in a worker thread, its dict answered as JSON (a Response as it is);
+    RequestError and InstretError become {"error": ...} (400 for a library error: the request's
+    fault)."""
 
     async def handler(request: Request):
         try:
-            result = await endpoint(request)
+            extra = [await _read_uploads(request, upload_limit)] if upload_limit else []
+            result = await run_in_threadpool(lambda: work(request, live.current(), *extra))
         except RequestError as e:
             return _error(e.status, str(e))
         except InstretError as e:
@@ -222,10 +234,6 @@ def _float(value: str, name: str) -> float:
         raise RequestError(400, f"{name} must be a number, not {value!r}") from None
 
 
-def _flag(request: Request, name: str) -> bool:
-    return request.query_params.get(name, "0").lower() in ("1", "true", "yes")
-
-
 async def _read_uploads(request: Request, limit: int) -> list[tuple[str, bytes]]:
     """(name, bytes) of each image sent: the raw body (named by ?name=), or each file of a
     multipart/form-data body. The declared length is checked before anything is read."""
@@ -253,10 +261,9 @@ async def _read_uploads(request: Request, limit: int) -> list[tuple[str, bytes]]
     ]
 
 
-async def _indexed_file(live: LiveSearcher, id_: int) -> str:
+def _indexed_file(live: LiveSearcher, searcher: Searcher, id_: int) -> str:
     """The path of indexed file `id_`, if it is still a regular file on disk."""
-    searcher = live.current()
-    path = (await run_in_threadpool(live.run, searcher, lambda s: s.index.paths_of([id_]))).get(id_)
+    path = live.run(searcher, lambda s: s.index.paths_of([id_])).get(id_)
     if path is None:
         raise RequestError(404, f"no image with id {id_} in this index")
     try:

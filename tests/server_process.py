@@ -56,6 +56,12 @@ class Server:
         status, headers, data = self.request("POST", path, body, {"Content-Type": content_type})
         return _result(status, headers, data, check)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> None:
         self.process.terminate()
         try:

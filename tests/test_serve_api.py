@@ -236,34 +236,37 @@ def test_eight_concurrent_clients_get_whole_correct_answers(served):
             assert all(a["results"] == answers[0]["results"] for a in answers)
 
 
-def test_a_new_generation_is_served_without_restart_and_never_mixed(served, trained_run):
-    photos, ix, server = served
-    original = photos / "b" / "006.jpg"
+def test_a_new_generation_is_served_without_restart_and_never_mixed(served, trained_run, tmp_path):
+    photos = shutil.copytree(served[0], tmp_path / "photos")  # its own folder, index and server
+    ix = tmp_path / "ix"
+    build_index(photos, trained_run, ix, workers=0, device="cpu")
+    original, copy = photos / "b" / "006.jpg", photos / "b" / "006-copy.jpg"
     data = original.read_bytes()
     stop = threading.Event()
     answers, failures = [], []
+    with Server(ix) as server:
 
-    def client():
-        while not stop.is_set():
-            status, value = server.post("/api/v1/search?k=2", data, check=False)
-            (answers if status == 200 else failures).append(value)
+        def client():
+            while not stop.is_set():
+                status, value = server.post("/api/v1/search?k=2", data, check=False)
+                (answers if status == 200 else failures).append(value)
 
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        copy = photos / "b" / "006-copy.jpg"
-        shutil.copy(original, copy)
-        build_index(photos, trained_run, ix, workers=0, device="cpu")  # commits gen-000002
-        seen_new = 0
-        while seen_new < 5 and not failures:
-            status, value = server.post("/api/v1/search?k=2", data, check=False)
-            seen_new += value.get("generation") == "gen-000002"
-    finally:
-        stop.set()
+        threads = [threading.Thread(target=client) for _ in range(4)]
         for t in threads:
-            t.join()
-        copy.unlink()
+            t.start()
+        try:
+            shutil.copy(original, copy)
+            build_index(photos, trained_run, ix, workers=0, device="cpu")  # commits gen-000002
+            seen_new = 0
+            while seen_new < 5 and not failures:
+                status, value = server.post("/api/v1/search?k=2", data, check=False)
+                seen_new += value.get("generation") == "gen-000002"
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert server.get("/api/v1/health")[1]["generation"] == "gen-000002"
+        assert server.get("/api/v1/info")[1]["vectors"] == 31
     assert not failures
     generations = {a["generation"] for a in answers}
     assert generations <= {"gen-000001", "gen-000002"} and answers
@@ -271,17 +274,26 @@ def test_a_new_generation_is_served_without_restart_and_never_mixed(served, trai
         paths = {h["path"] for h in a["queries"][0]["results"]}
         assert (str(copy) in paths) == (a["generation"] == "gen-000002")
         assert str(original) in paths
-    assert server.get("/api/v1/health")[1]["generation"] == "gen-000002"
-    assert server.get("/api/v1/info")[1]["vectors"] == 31
 
 
 def test_several_worker_processes_serve(served, capsys):
     photos, ix, _ = served
-    server = Server(ix, "--workers", "2")
-    try:
-        image = photos / "c" / "001.jpg"
+    image = photos / "c" / "001.jpg"
+    with Server(ix, "--workers", "2") as server:
         for _ in range(4):
             _, found = server.post("/api/v1/search?k=1", image.read_bytes())
             assert found["queries"][0]["results"][0]["path"] == str(image)
-    finally:
-        server.stop()
+
+
+def test_images_lists_the_index_page_by_page(served):
+    photos, ix, server = served
+    _, first = server.get("/api/v1/images?limit=20")
+    _, rest = server.get("/api/v1/images?offset=20&limit=20")
+    listed = first["images"] + rest["images"]
+    assert first["total"] == rest["total"] == len(listed) and first["offset"] == 0 and rest["offset"] == 20
+    assert sorted(i["path"] for i in listed) == sorted(str(p) for p in photos.rglob("*.jpg"))
+    assert [i["id"] for i in listed] == sorted(i["id"] for i in listed)
+    assert all(i["bytes"] == (photos / i["path"]).stat().st_size for i in listed)
+    for bad in ("offset=-1", "limit=0", "limit=5000", "offset=x"):
+        status, value = server.get(f"/api/v1/images?{bad}", check=False)
+        assert status == 400 and set(value) == {"error"}

@@ -136,3 +136,16 @@ def test_the_page_fits_a_phone_screen(served, browser):
         assert len(left) == 2  # two columns of results
     finally:
         browser.set_window_size(1000, 900)
+
+
+def test_browsing_pages_through_the_whole_index(served, browser):
+    photos, server = served
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    browser.find_element(By.ID, "show-images").click()
+    shown = lambda d: [li.get_attribute("data-path") for li in d.find_elements(By.CSS_SELECTOR, "#images li")]
+    wait_for(browser, lambda d: len(shown(d)) == 31)  # one page of 48 holds them all
+    assert sorted(shown(browser)) == sorted(str(p) for p in photos.rglob("*.jpg"))
+    assert browser.find_element(By.ID, "page-of").text == "1–31 of 31"
+    assert not browser.find_element(By.ID, "next").is_enabled()
+    browser.find_elements(By.CSS_SELECTOR, "#images li button")[5].click()  # a/005.jpg: one with no copy
+    wait_for(browser, lambda d: hits(d) and hits(d)[0].get_attribute("data-path") == shown(d)[5])

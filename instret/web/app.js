@@ -160,6 +160,32 @@ async function showDuplicates() {
   }
 }
 
+const PAGE = 48;
+let browsed = 0;
+
+async function showImages(offset) {
+  try {
+    const found = await getJSON(`${API}/images?offset=${offset}&limit=${PAGE}`);
+    browsed = found.offset;
+    const list = $("images");
+    list.replaceChildren();
+    for (const image of found.images) {
+      const item = element("li");
+      item.dataset.id = image.id;
+      item.dataset.path = image.path;
+      item.append(picture(image.id, image.path, () => searchIndexed(image.id, image.path)), fileLink(image.id, image.path));
+      list.append(item);
+    }
+    const last = Math.min(found.offset + found.images.length, found.total);
+    $("page-of").textContent = `${found.offset + 1}–${last} of ${found.total.toLocaleString("en")}`;
+    $("previous").disabled = found.offset === 0;
+    $("next").disabled = last >= found.total;
+    $("pages").hidden = false;
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
 function firstFile(items) {
   for (const item of items || []) {
     const file = item instanceof File ? item : item.kind === "file" ? item.getAsFile() : null;
@@ -186,6 +212,9 @@ function wire() {
     if (file) searchFile(file);
   });
   $("show-dups").addEventListener("click", showDuplicates);
+  $("show-images").addEventListener("click", () => showImages(0));
+  $("previous").addEventListener("click", () => showImages(Math.max(0, browsed - PAGE)));
+  $("next").addEventListener("click", () => showImages(browsed + PAGE));
   showInfo();
 }
 
