@@ -1,6 +1,7 @@
 """The search page of `instret serve` in a real browser: Debian's chromium driven by Selenium
 through chromedriver (.ci/run installs both; nothing downloads a browser)."""
 
+import base64
 import os
 import shutil
 
@@ -149,3 +150,26 @@ def test_browsing_pages_through_the_whole_index(served, browser):
     assert not browser.find_element(By.ID, "next").is_enabled()
     browser.find_elements(By.CSS_SELECTOR, "#images li button")[5].click()  # a/005.jpg: one with no copy
     wait_for(browser, lambda d: hits(d) and hits(d)[0].get_attribute("data-path") == shown(d)[5])
+
+
+# A file handed to the page as a drop or a paste would hand it (DataTransfer, as the browser makes).
+GIVE_FILE = """
+const [kind, name, base64] = arguments;
+const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+const data = new DataTransfer();
+data.items.add(new File([bytes], name, { type: "image/jpeg" }));
+const event = kind === "drop"
+  ? new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true })
+  : new ClipboardEvent("paste", { clipboardData: data, bubbles: true, cancelable: true });
+(kind === "drop" ? document.getElementById("drop") : document.body).dispatchEvent(event);
+"""
+
+
+@pytest.mark.parametrize("kind", ["drop", "paste"])
+def test_a_dropped_or_pasted_image_is_searched(served, browser, kind):
+    photos, server = served
+    image = photos / "c" / "006.jpg"
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    browser.execute_script(GIVE_FILE, kind, f"{kind}.jpg", base64.b64encode(image.read_bytes()).decode())
+    wait_for(browser, lambda d: hits(d) and f"results for {kind}.jpg" in d.find_element(By.ID, "status").text)
+    assert hits(browser)[0].get_attribute("data-path") == str(image)
