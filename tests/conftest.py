@@ -77,3 +77,15 @@ def trained_run(tmp_path_factory) -> Path:
         }
     )
     return out
+
+
+@pytest.fixture
+def indexed(trained_run, tmp_path):
+    """(photos, index folder): a copy of the trained run's photos, indexed with its encoder."""
+    import shutil
+
+    from instret.indexer import build_index
+
+    photos = shutil.copytree(trained_run.parent / "photos", tmp_path / "photos")
+    build_index(photos, trained_run, tmp_path / "ix", workers=0, device="cpu")
+    return photos, tmp_path / "ix"

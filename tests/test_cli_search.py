@@ -14,13 +14,6 @@ def index_with_type(photos, ix, factory) -> list[str]:
             "--index-type", factory]  # fmt: skip
 
 
-@pytest.fixture
-def indexed(trained_run, tmp_path):
-    photos = shutil.copytree(trained_run.parent / "photos", tmp_path / "photos")
-    build_index(photos, trained_run, tmp_path / "ix", workers=0, device="cpu")
-    return photos, tmp_path / "ix"
-
-
 def test_query_text_output_is_rank_score_path(indexed, capsys):
     photos, ix = indexed
     code, out, err = run_cli(["query", str(photos / "a" / "001.jpg"), "--index", str(ix), "-k", "4"], capsys)

@@ -1,23 +1,13 @@
 """instret.live: the generation a server searches, switched between requests."""
 
-import shutil
-
 import faiss
-import pytest
 
 from instret.indexer import build_index
 from instret.live import LiveSearcher
 
 
-@pytest.fixture
-def index(trained_run, tmp_path):
-    photos = shutil.copytree(trained_run.parent / "photos", tmp_path / "photos")
-    build_index(photos, trained_run, tmp_path / "ix", workers=0, device="cpu")
-    return photos, tmp_path / "ix"
-
-
-def test_switches_when_a_new_generation_is_committed_and_not_before(index, trained_run):
-    photos, ix = index
+def test_switches_when_a_new_generation_is_committed_and_not_before(indexed, trained_run):
+    photos, ix = indexed
     said = []
     live = LiveSearcher(ix, log=said.append)
     first = live.current()
@@ -31,8 +21,8 @@ def test_switches_when_a_new_generation_is_committed_and_not_before(index, train
     assert first.index.ntotal == 30 and len(first.query_ids([0], k=30)[0]["results"]) == 30
 
 
-def test_a_damaged_new_generation_is_reported_once_and_the_old_one_serves_on(index):
-    photos, ix = index
+def test_a_damaged_new_generation_is_reported_once_and_the_old_one_serves_on(indexed):
+    photos, ix = indexed
     said = []
     live = LiveSearcher(ix, log=said.append)
     damaged = ix / "gen-000009"
@@ -44,8 +34,8 @@ def test_a_damaged_new_generation_is_reported_once_and_the_old_one_serves_on(ind
     assert len(said) == 1 and said[0].startswith("kept serving gen-000001: ") and "not valid JSON" in said[0]
 
 
-def test_nprobe_of_one_request_does_not_stay(index, trained_run, tmp_path):
-    photos, _ = index
+def test_nprobe_of_one_request_does_not_stay(indexed, trained_run, tmp_path):
+    photos, _ = indexed
     ivf = tmp_path / "ivf"
     build_index(photos, trained_run, ivf, "IVF4,Flat", workers=0, device="cpu")
     live = LiveSearcher(ivf)
