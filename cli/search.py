@@ -25,7 +25,13 @@ def _write_html(path: str, page: str) -> None:
 @click.option(
     "--index-type", default=None, help="FAISS factory string, e.g. Flat, IVF256,Flat, HNSW32, IVF256,PQ16 [Flat]."
 )
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--batch-size",
+    default=64,  # instret.indexer.INDEX_BATCH (not imported: --help stays light; a test holds them equal)
+    show_default=True,
+    type=click.IntRange(1),
+    help="Images per decoded batch.",
+)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
 @click.option("--device", default="auto", show_default=True)
 @click.option("--rebuild", is_flag=True, help="Re-encode everything (e.g. with a new encoder).")

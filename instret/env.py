@@ -20,6 +20,11 @@ def _version(package: str) -> str | None:
         return None
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _faiss() -> tuple[str | None, str | None, int]:
     """(version, build: the package that installed it, GPUs it sees)."""
     from instret.index import faiss_gpu_count
@@ -58,5 +63,5 @@ def environment() -> dict:
         "torch_cuda_version": cuda_version,
         "torch_gpus": len(gpu_names),
         "gpu_names": gpu_names,
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpus": usable_cpus(),
     }

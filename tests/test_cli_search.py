@@ -202,3 +202,11 @@ def test_the_embedded_default_ends_with_a_search(tmp_path, capsys):
     assert f"next: instret query {sample} --index {out}" in err and f"instret serve --index {out}" in err
     code, stdout, _ = run_cli(["query", sample, "--index", str(out), "-k", "1", "--exclude-self"], capsys)
     assert code == 0 and len(stdout.strip().splitlines()) == 1
+
+
+def test_index_batch_default_is_the_libraries():
+    from instret.cli.search import index_cmd
+    from instret.indexer import INDEX_BATCH, build_index
+
+    assert {p.name: p.default for p in index_cmd.params}["batch_size"] == INDEX_BATCH
+    assert build_index.__defaults__[1] == INDEX_BATCH

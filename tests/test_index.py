@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageEnhance
 
 from instret import indexer
@@ -293,3 +294,21 @@ def test_the_gpu_copy_is_made_only_when_asked_and_where_faiss_gpu_serves_it(phot
     SearchIndex(tmp_path / "hnsw", gpu=True).search(v, 3)  # HNSW does not run on FAISS's GPUs
     assert len(cloned) == 1
     assert Searcher(tmp_path / "flat", device="cpu").index.gpu is False
+
+
+def test_cpu_encoding_leaves_the_decoding_workers_their_cores(trained_run, tmp_path, monkeypatch):
+    from instret import indexer
+
+    seen = []
+    real = indexer.embed_images
+    monkeypatch.setattr(
+        indexer, "embed_images", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1]
+    )
+    monkeypatch.setattr(indexer, "usable_cpus", lambda: 3)
+    torch.set_num_threads(2)
+    indexer.build_index(trained_run.parent / "photos", trained_run, tmp_path / "w2", workers=2, device="cpu")
+    assert seen and set(seen) == {1}  # 3 cores, 2 decoding: 1 for the encoder
+    assert torch.get_num_threads() == 2  # restored
+    seen.clear()
+    indexer.build_index(trained_run.parent / "photos", trained_run, tmp_path / "w0", workers=0, device="cpu")
+    assert set(seen) == {2}  # no workers: the encoder keeps every thread
