@@ -56,6 +56,7 @@ def test_scripts_without_data_exit_with_a_clear_message(tmp_path):
         ("dups.py", ["--shared", str(tmp_path / "none")]),
         ("search.py", ["--model", "x", "--cifar", str(tmp_path / "none")]),
         ("serve.py", ["--cifar", str(tmp_path / "none")]),
+        ("index_pipeline.py", ["--model", "x", "--data", str(tmp_path / "none")]),
     ):
         proc = subprocess.run([sys.executable, BENCH / script, *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and "not found" in proc.stderr and "Traceback" not in proc.stderr, script
@@ -150,3 +151,16 @@ def test_serve_script_measures_uploads_to_a_real_server(tmp_path):
         assert row["images"] == 12 and row["one_client"]["p50_ms"] > 0 and row["8_clients"]["requests_per_s"] > 0
         assert row["cold_query_s"] > 0 and row["in_process"]["p50_ms"] > 0
     assert set(results["startup_s"]) == {"instret --help", "instret info", "instret env", "import torch"}
+
+
+def test_index_pipeline_script_compares_settings_with_the_encoder_alone(trained_run):
+    proc = subprocess.run(
+        [sys.executable, BENCH / "index_pipeline.py", "--model", trained_run, "--data", trained_run.parent / "photos",
+         "--repeats", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (row,) = last_json_line(proc.stdout)["results"].values()
+    assert row["images"] == 30 and row["encoder_alone_images_per_s"] > 0
+    assert {(s["workers"], s["encoder_threads"], s["batch"]) for s in row["settings"]} >= {(2, 2, 256), (2, 1, 64)}
+    assert all(s["efficiency"] > 0 for s in row["settings"])

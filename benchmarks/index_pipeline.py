@@ -1,0 +1,93 @@
+"""Index-build pipeline benchmark: how decoding workers, encoder threads and batch size share the CPU.
+
+    python benchmarks/index_pipeline.py --model RUN_DIR [--data DIR]... [--images N] [--repeats 3]
+
+For each folder: images/s of decoding (worker processes) plus encoding, as `instret index`
+runs them (instret.images.iter_decoded, then the encoder), for several (workers, encoder
+threads, batch) settings, against the encoder alone on images decoded beforehand (the
+ceiling). The settings and the ceiling are measured in turn, `--repeats` times, and the
+medians kept, so that a shared, noisy machine affects them alike. The last line on stdout is
+one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from instret.encoder import embed_images, load_encoder
+from instret.images import iter_decoded, list_image_files
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+# (decoding workers, encoder threads, batch): before 2026-11-29 `index` ran (2, 2, 256).
+SETTINGS = [(2, 2, 256), (2, 2, 64), (2, 1, 64), (1, 2, 64)]
+
+
+def pipeline_images_per_s(encoder, paths, workers: int, threads: int, batch: int) -> float:
+    torch.set_num_threads(threads)
+    start, n = time.perf_counter(), 0
+    for positions, images, _, _ in iter_decoded(paths, encoder.image_size, workers, batch, hashes=True):
+        embed_images(encoder.model, images, encoder.mean, encoder.std)
+        n += len(positions)
+    return n / (time.perf_counter() - start)
+
+
+def encoder_alone_images_per_s(encoder, images: torch.Tensor, threads: int) -> float:
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    embed_images(encoder.model, images, encoder.mean, encoder.std, batch_size=256)
+    return len(images) / (time.perf_counter() - start)
+
+
+def bench_folder(folder: str, encoder, count: int, repeats: int, threads: int) -> dict:
+    paths = list_image_files(folder)[:count]
+    images = torch.cat([imgs for _, imgs, _, _ in iter_decoded(paths, encoder.image_size, 2) if imgs is not None])
+    encoder_alone_images_per_s(encoder, images[:256], threads)  # warm
+    alone, measured = [], {s: [] for s in SETTINGS}
+    for _ in range(repeats):
+        alone.append(encoder_alone_images_per_s(encoder, images, threads))
+        for setting in SETTINGS:
+            measured[setting].append(pipeline_images_per_s(encoder, paths, *setting))
+    ceiling = float(np.median(alone))
+    rows = []
+    for (workers, encoder_threads, batch), values in measured.items():
+        rate = float(np.median(values))
+        rows.append(
+            {
+                "workers": workers,
+                "encoder_threads": encoder_threads,
+                "batch": batch,
+                "images_per_s": round(rate, 1),
+                "efficiency": round(rate / ceiling, 3),
+            }
+        )
+        print(f"[{Path(folder).name}] {rows[-1]}", flush=True)
+    return {"images": len(paths), "encoder_alone_images_per_s": round(ceiling, 1), "settings": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="encoder.pt or a run folder")
+    ap.add_argument("--data", action="append", help="image folder (repeatable) [CIFAR-10 test, Imagenette val]")
+    ap.add_argument("--images", type=int, default=10_000, help="images per folder, at most")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    folders = args.data or [str(SHARED / "cifar10" / "test"), str(SHARED / "imagenette2" / "val")]
+    for folder in folders:
+        if not Path(folder).is_dir():
+            sys.exit(f"index pipeline benchmark: data folder {folder} not found (pass --data)")
+    threads = torch.get_num_threads()
+    torch.set_grad_enabled(False)
+    encoder = load_encoder(args.model)
+    results = {folder: bench_folder(folder, encoder, args.images, args.repeats, threads) for folder in folders}
+    print(json.dumps({"model": args.model, "threads": threads, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
