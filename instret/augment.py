@@ -14,6 +14,7 @@ which lets tests compare each stage with torchvision's per-sample transforms.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +24,14 @@ import torch.nn.functional as F
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its centre-crop fallback
+HSV_TABLE = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))  # sextant -> (r, g, b) from (v, p, q, t)
+
+
+@functools.lru_cache(maxsize=64)
+def constant(values: tuple, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small tensor of fixed values on a device, made once: torch.tensor(...) on a GPU is a
+    copy from the host that waits for it, and an augmentation step would otherwise make eight."""
+    return torch.tensor(values, device=device, dtype=dtype)
 
 
 @dataclass
@@ -76,8 +85,8 @@ class Augment:
         box = crop_boxes(rand(n, ATTEMPTS), rand(n, ATTEMPTS), rand(n, 2), height, width, self.scale, self.ratio)
         j = self.jitter
         hue = min(j, 0.5) if self.hue is None else self.hue
-        lo = torch.tensor([max(0.0, 1 - j)] * 3 + [-hue], device=device)
-        hi = torch.tensor([1 + j] * 3 + [hue], device=device)
+        lo = constant((max(0.0, 1 - j),) * 3 + (-hue,), torch.device(device))
+        hi = constant((1 + j,) * 3 + (hue,), torch.device(device))
         factors = lo + (hi - lo) * rand(n, 4)
         order = rand(n, 4).argsort(dim=1)
         flip = rand(n) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool, device=device)
@@ -231,7 +240,7 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     t = (v * (1 - s * (1 - f))).clamp(0, 1)
     # The sextant i picks (r, g, b) from (v, p, q, t): the standard table.
     vpqt = torch.stack([v, p, q, t], dim=1)
-    table = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=x.device)
+    table = constant(HSV_TABLE, x.device)
     select = table[:, i].permute(1, 0, 2, 3)  # n x 3 x H x W
     return vpqt.gather(1, select)
 
@@ -258,8 +267,8 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    m = constant(tuple(mean), x.device, x.dtype).view(1, -1, 1, 1)
+    s = constant(tuple(std), x.device, x.dtype).view(1, -1, 1, 1)
     return (x - m) / s
 
 

@@ -133,7 +133,7 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         dims = [0, 2, 3]
         c = x.shape[1]
         xf = x.float()
-        count = torch.tensor([x.numel() / c], device=x.device, dtype=torch.float32)
+        count = xf.new_full((1,), x.numel() / c)  # filled on the device: no copy from the host
         sums = _global_sum(torch.cat([xf.sum(dims), count]))
         n = sums[c]
         mean = sums[:c] / n

@@ -250,3 +250,20 @@ def test_a_share_of_a_batch_gets_the_whole_batchs_draws_with_copy_edits_on():
     whole = aug(images, torch.Generator().manual_seed(5))
     share = aug(images[2:5], torch.Generator().manual_seed(5), rows=slice(2, 5), batch=8)
     assert torch.equal(share, whole[2:5])
+
+
+def test_a_step_makes_no_tensor_from_host_values_after_the_first(monkeypatch):
+    """On a GPU each torch.tensor(...) is a copy from the host that waits: an augmentation step
+    (every option on) and the test-time transform make none once their constants exist."""
+    aug = A.Augment(16, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), rotate=10, erase_p=0.5, blur_p=0.5)
+    images = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8)
+    first = aug(images, torch.Generator().manual_seed(0))
+    A.eval_transform(images, aug.mean, aug.std)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.tensor called in a step")
+
+    monkeypatch.setattr(torch, "tensor", refuse)
+    again = aug(images, torch.Generator().manual_seed(0))
+    A.eval_transform(images, aug.mean, aug.std)
+    assert torch.equal(first, again)  # the cached constants give the same images

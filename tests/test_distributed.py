@@ -214,3 +214,19 @@ def test_process_groups_wait_longer_than_nccls_default_in_collectives(monkeypatc
     monkeypatch.setattr(dist, "destroy_process_group", lambda: made.clear())
     with distributed.process_group(distributed.World(0, 2, 0), torch.device("cpu")):
         assert made["backend"] == "gloo" and made["timeout"].total_seconds() >= 3600
+
+
+def test_global_batch_norm_makes_no_tensor_from_host_values(tmp_path, monkeypatch):
+    """One copy from the host per BatchNorm layer and step would stall a GPU 20-53 times a step."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        bn, plain = GlobalBatchNorm(3), torch.nn.BatchNorm2d(3)
+        x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("torch.tensor called in forward")
+
+        monkeypatch.setattr(torch, "tensor", refuse)
+        assert torch.allclose(bn(x), plain(x), atol=1e-5)  # one process: plain BatchNorm
+    finally:
+        torch.distributed.destroy_process_group()
