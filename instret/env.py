@@ -27,7 +27,7 @@ def usable_cpus() -> int:
 
 def _faiss() -> tuple[str | None, str | None, int]:
     """(version, build: the package that installed it, GPUs it sees)."""
-    from instret.index import faiss_gpu_count
+    from instret.faiss_boundary import faiss_gpu_count
 
     try:
         import faiss

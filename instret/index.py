@@ -1,4 +1,4 @@
-"""The FAISS boundary and the on-disk search index.
+"""The on-disk search index (FAISS's side of it: instret.faiss_boundary).
 
     INDEX_DIR/
       CURRENT              name of the live generation (replaced atomically: the commit point)
@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from instret.errors import InstretError
+from instret.faiss_boundary import GPU_MAX_K, as_float32, faiss_gpu_count, to_gpus
 from instret.postprocess import Whitening, normalise
 from instret.storage import atomic_write_text, remove_stale_temps
 
@@ -47,23 +48,6 @@ TRAIN_SAMPLE = 100_000  # vectors used to train IVF / PQ layouts
 # Search-time breadth of approximate layouts (README's sizing table measures recall at these):
 DEFAULT_NPROBE = 16  # IVF: inverted lists visited per query
 DEFAULT_EF_SEARCH = 64  # HNSW: candidate list length
-GPU_MAX_K = 2048  # FAISS GPU indexes refuse a larger k or nprobe
-
-
-def as_float32(x) -> np.ndarray:
-    """Contiguous float32 rows, L2-normalised: what every FAISS call here takes (from numpy or
-    torch; torch is not imported here, so that `instret info` starts without it)."""
-    return normalise(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
-
-
-def faiss_gpu_count() -> int:
-    """GPUs faiss can use; 0 for faiss-cpu. index_cpu_to_all_gpus with none gives an empty index."""
-    try:
-        import faiss
-    except ImportError:
-        return 0
-    get = getattr(faiss, "get_num_gpus", None)
-    return int(get()) if get is not None else 0
 
 
 def check_factory(factory: str, dim: int, count: int) -> None:
@@ -251,11 +235,7 @@ class SearchIndex:
             if gpus == 0 or not (factory == "Flat" or (factory.startswith("IVF") and factory.endswith(",Flat"))):
                 self._faiss_gpu = index
             else:
-                import faiss
-
-                options = faiss.GpuMultipleClonerOptions()
-                options.shard = gpus > 1  # split the vectors across the GPUs rather than copy them to each
-                self._faiss_gpu = faiss.index_cpu_to_all_gpus(index, options)
+                self._faiss_gpu = to_gpus(index)
         return self._faiss_gpu
 
     def search(self, queries, k: int) -> list[list[Hit]]:

@@ -24,11 +24,11 @@ from instret.device import resolve_device
 from instret.encoder import LoadedEncoder, embed_images, load_encoder
 from instret.env import usable_cpus
 from instret.errors import InstretError
+from instret.faiss_boundary import as_float32
 from instret.images import file_sha256, iter_decoded, list_image_files
 from instret.index import (
     DEFAULT_FACTORY,
     SearchIndex,
-    as_float32,
     check_factory,
     make_manifest,
     read_current,

@@ -1,17 +1,15 @@
 """Weighted kNN (METHOD.md, "Evaluation") over a FAISS view of a feature table.
 
 The vote is one pure function of neighbour similarities and labels; the search that finds
-the neighbours is separate: FAISS (a GPU index where faiss-gpu sees a GPU), or a chunked
-torch matmul for CUDA tensors when only faiss-cpu is installed, so a bank on the GPU is
-searched in place.
+the neighbours is separate (FeatureIndex): FAISS on the CPU, and for a bank on the GPU a
+search where it lies, by FAISS's GPU kernels (faiss-gpu) or a chunked torch matmul.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from instret.index import faiss_gpu_count
+from instret.faiss_boundary import GPU_MAX_K, faiss_gpu_count, host_rows, knn_on_gpu
 
 
 def knn_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, sigma: float) -> torch.Tensor:
@@ -38,26 +36,29 @@ def torch_search(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int =
 
 
 class FeatureIndex:
-    """A FAISS inner-product view of an n x D feature table (e.g. the memory bank).
+    """A searchable view of an n x D feature table (e.g. the memory bank).
 
     `sync(table)` refreshes the view; `search(queries, k)` returns torch (sims, ids) on the
-    queries' device. CUDA tables are searched by faiss-gpu when present, else by torch.
+    queries' device. A table on the CPU is copied into a FAISS Flat index. A CUDA table is
+    searched where it lies, never copied to the host: by FAISS's GPU brute force when faiss-gpu
+    is installed and k is within its limit, else by a chunked torch matmul. `engine` says which
+    served the last search ("faiss-cpu", "faiss-gpu" or "torch").
     """
 
     def __init__(self):
         self._index = None
-        self._table = None  # the CUDA tensor searched in place when faiss-gpu is absent
+        self._table = None  # the tensor searched in place
+        self.engine = None
 
-    def sync(self, table: torch.Tensor) -> None:
-        if table.is_cuda and faiss_gpu_count() == 0:
+    def sync(self, table: torch.Tensor, in_place: bool | None = None) -> None:
+        """in_place: search the tensor itself (default: when it is on a GPU)."""
+        if table.is_cuda if in_place is None else in_place:
             self._table, self._index = table, None
             return
         import faiss
 
-        keys = np.ascontiguousarray(table.detach().float().cpu().numpy())
+        keys = host_rows(table)
         index = faiss.IndexFlatIP(keys.shape[1])
-        if table.is_cuda:  # faiss-gpu sees a GPU (checked above)
-            index = faiss.index_cpu_to_all_gpus(index)
         index.add(keys)
         self._table, self._index = None, index
 
@@ -68,9 +69,14 @@ class FeatureIndex:
     def search(self, queries: torch.Tensor, k: int):
         k = min(k, self.ntotal)
         if self._index is None:
+            if k <= GPU_MAX_K and faiss_gpu_count() > 0:
+                self.engine = "faiss-gpu"
+                sims, ids = knn_on_gpu(queries, self._table, k)
+                return sims.to(queries.device), ids.to(queries.device)
+            self.engine = "torch"
             return torch_search(queries.to(self._table.dtype), self._table, k)
-        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
-        sims, ids = self._index.search(q, k)
+        self.engine = "faiss-cpu"
+        sims, ids = self._index.search(host_rows(queries), k)
         return torch.from_numpy(sims).to(queries.device), torch.from_numpy(ids).to(queries.device)
 
 

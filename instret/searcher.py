@@ -11,8 +11,9 @@ from instret.calibration import describe
 from instret.device import resolve_device
 from instret.encoder import load_encoder
 from instret.errors import InstretError
+from instret.faiss_boundary import as_float32
 from instret.images import ImageReadError, decode_image, file_sha256
-from instret.index import SearchIndex, as_float32
+from instret.index import SearchIndex
 
 
 class Searcher:

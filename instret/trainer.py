@@ -290,7 +290,7 @@ class Trainer:
     def knn(self, keys: torch.Tensor, model: torch.nn.Module, limit: int = 0) -> dict:
         """Weighted kNN top-1/top-5 against `keys` (the bank, or re-embedded training images),
         for the held-out images, or without a held-out split for the keys themselves (leave one
-        out); evenly spaced `limit` of them when limit > 0."""
+        out); evenly spaced `limit` of them when limit > 0. "knn_engine" names the search."""
         train = self.data.train
         index = FeatureIndex()
         index.sync(keys)
@@ -300,14 +300,15 @@ class Trainer:
             # At 1.28 M images the whole bank against itself is ~420 TFLOP: a sample of it, too.
             pick = evenly_spaced(len(keys), limit) if 0 < limit < len(keys) else torch.arange(len(keys))
             queries, labels = keys[pick.to(keys.device)], train.labels[pick]
-            return knn_evaluate(index, train.labels, queries, labels, leave_one_out=True, key_rows=pick, **common)
+            found = knn_evaluate(index, train.labels, queries, labels, leave_one_out=True, key_rows=pick, **common)
+            return {**found, "knn_engine": index.engine}
         labels, pick = self.data.eval.labels, torch.arange(len(self.eval_images))
         if 0 < limit < len(pick):
             # Embedding the held-out images is most of the monitor's cost: a sample keeps it small.
             pick = torch.linspace(0, len(pick) - 1, limit).long()
             labels = labels[pick]
         queries = embed_batches(model, self.eval_images.batches(chunks(pick)), self.mean, self.std)
-        return knn_evaluate(index, train.labels, queries, labels, **common)
+        return {**knn_evaluate(index, train.labels, queries, labels, **common), "knn_engine": index.engine}
 
     def final_eval(self, model: torch.nn.Module | None = None) -> dict:
         """kNN of the final model (eval_model with a 4,096-image sample, unless given) as the
@@ -390,12 +391,10 @@ class Trainer:
         row = self.history[-1]
         t = time.perf_counter()
         eval_model = self.eval_model()
-        row.update({k: round(v, 4) for k, v in self.label_free(eval_model).items()})
+        row.update(rounded(self.label_free(eval_model)))
         if self.data.labelled:
             knn_start = time.perf_counter()
-            row.update(
-                {k: round(v, 4) for k, v in self.knn(self.bank.features, eval_model, self.cfg.monitor_size).items()}
-            )
+            row.update(rounded(self.knn(self.bank.features, eval_model, self.cfg.monitor_size)))
             row["knn_seconds"] = round(time.perf_counter() - knn_start, 3)
         row["monitor_seconds"] = round(time.perf_counter() - t, 3)
         return eval_model
@@ -423,9 +422,14 @@ class Trainer:
         model = self.eval_model(sample=4096)
         self.export(model)
         final = {"epochs": self.epoch, "train_seconds": round(sum(r["seconds"] for r in self.history), 1)}
-        final.update({k: round(v, 4) for k, v in self.final_eval(model).items()})
+        final.update(rounded(self.final_eval(model)))
         atomic_write_text(self.out / "final.json", json.dumps(final, indent=2) + "\n")
         return final
+
+
+def rounded(figures: dict) -> dict:
+    """Figures for metrics.jsonl and final.json: floats to 4 places, words (knn_engine) as they are."""
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
 
 
 def _format_row(row: dict, epochs: int) -> str:

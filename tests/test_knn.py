@@ -81,3 +81,48 @@ def test_drop_self_removes_query_or_last():
     s, i = drop_self(sims, ids, torch.tensor([0, 1]))
     assert i.tolist() == [[4, 2], [5, 6]]
     assert torch.allclose(s, torch.tensor([[0.9, 0.7], [0.9, 0.8]]))
+
+
+def test_a_bank_on_the_gpu_is_searched_where_it_lies(monkeypatch):
+    """faiss-gpu seeing a GPU, faked: FAISS's GPU brute force gets the bank tensor itself (no
+    copy through the host), one GPU resources object for every search, and the torch search
+    answers beyond FAISS's k limit or without faiss-gpu. The bank stands on the CPU here."""
+    import faiss
+    import faiss.contrib.torch_utils  # what instret imports first, imported here first
+
+    from instret import faiss_boundary
+    from instret import knn as knn_module
+
+    calls = []
+
+    def fake_knn_gpu(res, xq, xb, k, metric=None, device=-1):
+        calls.append(dict(res=res, xq=xq, xb=xb, k=k, metric=metric, device=device))
+        return torch_search(xq, xb, k)
+
+    monkeypatch.setattr(faiss, "knn_gpu", fake_knn_gpu, raising=False)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(knn_module, "faiss_gpu_count", lambda: 1)
+    faiss_boundary.gpu_resources.cache_clear()
+    try:
+        g = torch.Generator().manual_seed(0)
+        bank = F.normalize(torch.randn(300, 16, generator=g), dim=1)
+        queries = F.normalize(torch.randn(20, 16, generator=g), dim=1)
+        index = FeatureIndex()
+        index.sync(bank, in_place=True)
+        sims, ids = index.search(queries, 10)
+        assert index.engine == "faiss-gpu" and len(calls) == 1
+        call = calls[0]
+        assert call["xb"].data_ptr() == bank.data_ptr() and call["k"] == 10  # the bank itself
+        assert call["metric"] == faiss.METRIC_INNER_PRODUCT and call["device"] == 0
+        assert torch.equal(ids, torch_search(queries, bank, 10)[1])
+        index.search(queries, 5)
+        assert calls[1]["res"] is call["res"]  # one resources object per GPU and process
+        big = F.normalize(torch.randn(3000, 16, generator=g), dim=1)
+        index.sync(big, in_place=True)
+        _, ids = index.search(queries, 2100)  # above FAISS GPU's 2,048
+        assert index.engine == "torch" and len(calls) == 2 and ids.shape == (20, 2100)
+        monkeypatch.setattr(knn_module, "faiss_gpu_count", lambda: 0)  # faiss-cpu on a GPU machine
+        index.search(queries, 5)
+        assert index.engine == "torch" and len(calls) == 2
+    finally:
+        faiss_boundary.gpu_resources.cache_clear()
