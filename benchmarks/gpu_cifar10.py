@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package from a bare checkout too
+
 from instret.config import TrainConfig
 from instret.data import ImageSet, TrainData, load_folder
 from instret.device import resolve_device

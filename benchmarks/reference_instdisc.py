@@ -71,7 +71,7 @@ def dense_knn_predict(queries, bank, bank_labels, num_classes, k=200, sigma=0.1,
     test features, a dense product with the transposed bank, topk, a one-hot of the
     neighbours' labels weighted by exp(s / sigma), summed per class, sorted."""
     train_features = bank.t().contiguous()  # D x n, as the authors keep it
-    one_hot = torch.zeros(batch * k, num_classes)
+    one_hot = torch.zeros(batch * k, num_classes, device=bank.device)  # the authors': .cuda()
     preds = []
     for start in range(0, len(queries), batch):
         features = queries[start : start + batch]

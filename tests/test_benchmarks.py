@@ -164,3 +164,21 @@ def test_index_pipeline_script_compares_settings_with_the_encoder_alone(trained_
     assert row["images"] == 30 and row["encoder_alone_images_per_s"] > 0
     assert {(s["workers"], s["encoder_threads"], s["batch"]) for s in row["settings"]} >= {(2, 2, 256), (2, 1, 64)}
     assert all(s["efficiency"] > 0 for s in row["settings"])
+
+
+def test_gpu_check_script_runs_every_step_on_the_cpu(tmp_path):
+    proc = subprocess.run(
+        ["bash", BENCH / "gpu_check.sh", "--cpu"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = {p.name for p in tmp_path.iterdir()}
+    assert written == {"env.json", "device-tests.txt", "gpu_cifar10.json", "knn_monitor.json", "index_query.json"}
+    assert json.loads((tmp_path / "env.json").read_text())["device"] == "cpu"
+    assert json.loads((tmp_path / "knn_monitor.json").read_text())["agreement"] > 0.999
+    check = json.loads((tmp_path / "index_query.json").read_text())
+    assert check["query_finds_itself"] and check["max_cosine_gap"] < 1e-4
+    assert "passed" in (tmp_path / "device-tests.txt").read_text()
