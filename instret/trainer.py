@@ -103,6 +103,11 @@ class Trainer:
         self.max_epochs: int | None = None  # the most epochs a time budget may plan
         torch.manual_seed(cfg.seed)
         self.speed = speed_options(cfg, device)
+        if device.type == "cuda":
+            # The batch shape is fixed: cuDNN picks the fastest convolution kernels once. They are
+            # not deterministic, so a resumed GPU run matches an uninterrupted one closely, not
+            # bit for bit (README: "Interruption").
+            torch.backends.cudnn.benchmark = True
         # channels_last: faster convolutions on CPUs and on tensor-core GPUs alike.
         self.memory_format = torch.channels_last if self.speed["channels_last"] else torch.contiguous_format
         self.model = Encoder(cfg.arch, cfg.low_dim, cfg.image_size).to(device, memory_format=self.memory_format)

@@ -69,6 +69,7 @@ def test_training_steps_on_the_device_with_autocast(device, tmp_path):
     cfg = TrainConfig(data=str(folder), arch="small", epochs=1, image_size=16, batch_size=8, knn_k=5, workers=0,
                       amp=True, out=str(tmp_path / "run"))  # fmt: skip
     trainer = Trainer(cfg, load_train_data(cfg), device)
+    assert torch.backends.cudnn.benchmark == (device.type == "cuda")  # tuned kernels for the fixed batch shape
     row = trainer.train_epoch()
     trainer.monitor()
     assert torch.isfinite(torch.tensor(row["loss"])) and trainer.bank.features.device.type == device.type
