@@ -168,8 +168,9 @@ class Trainer:
         """
         ids = chunks(torch.arange(len(self.train_images)), batch_size)
         for idx, images in zip(ids, self.train_images.batches(ids)):
+            # The plain model: under no_grad the compiled one would compile a second graph.
             self.bank.features[idx.to(self.device)] = F.normalize(
-                self.encode(self.augment(images, self.generator)), dim=1
+                self.encode(self.augment(images, self.generator), self.model), dim=1
             )
 
     def image_source(self, images: ImageSet) -> ResidentImages | StreamedImages:
@@ -194,11 +195,16 @@ class Trainer:
             loss = loss + losses.proximal_term(f, bank[idx], cfg.prox_lambda)
         return loss
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Training-time forward with the speed options; features come back in float32."""
+    def encode(self, x: torch.Tensor, forward: torch.nn.Module | None = None) -> torch.Tensor:
+        """Training-time forward with the speed options; features come back in float32.
+        forward: another module than the (compiled, distributed) training one."""
         x = x.contiguous(memory_format=self.memory_format)
+        if forward is None and self.speed["compile"]:
+            # The batch size varies (the short last batch): one graph for every size, compiled
+            # once, rather than a second compilation at the end of the first epoch.
+            torch._dynamo.maybe_mark_dynamic(x, 0)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.speed["amp"]):
-            return self.forward(x).float()
+            return (forward or self.forward)(x).float()
 
     def step(self, idx: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
         """One step on the global batch idx, of which this process holds `images` (its rows;

@@ -7,6 +7,7 @@ import torch
 from instret.config import TrainConfig
 from instret.errors import InstretError
 from instret.trainer import Trainer, batches, load_checkpoint, lr_at, train
+from tests.conftest import make_image_folder
 
 TINY = dict(image_size=16, batch_size=8, knn_k=5, workers=0, nce_k=16)
 
@@ -389,3 +390,28 @@ def test_a_checkpoint_from_another_kind_of_device_resumes_with_a_note(image_fold
     train({"out": str(out), "epochs": 2}, resume=True)
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
     assert "written on another kind of device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bank_init", ["random", "features"])
+def test_compile_compiles_once_for_every_batch_size_and_the_bank_init(tmp_path, monkeypatch, bank_init):
+    """--compile: the short last batch and the no_grad bank initialisation must not compile
+    again (on a GPU each compilation costs minutes). Dynamo traces as it would for inductor;
+    the eager backend keeps the test fast, and any recompilation raises."""
+    import functools
+
+    import torch._dynamo
+
+    from instret.data import load_train_data
+
+    folder = make_image_folder(tmp_path / "images", per_class=7)  # 21 images in batches of 8: the last has 5
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            cfg = TrainConfig(data=str(folder), arch="small", epochs=2, compile=True, bank_init=bank_init,
+                              out=str(tmp_path / "run"), **{**TINY, "image_size": 16})  # fmt: skip
+            trainer = Trainer(cfg, load_train_data(cfg), torch.device("cpu"))
+            for _ in range(2):
+                assert trainer.train_epoch()["loss"] > 0
+    finally:
+        torch._dynamo.reset()
