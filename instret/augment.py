@@ -249,12 +249,17 @@ JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 IDENTITY = (1.0, 1.0, 1.0, 0.0)
 
 
-def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """ColorJitter with per-sample factors and per-sample op order (n x 4 each)."""
+def color_jitter(
+    x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, masked: bool | None = None
+) -> torch.Tensor:
+    """ColorJitter with per-sample factors and per-sample op order (n x 4 each). masked: every
+    op on the whole batch, kept where chosen (the GPU's way; default on a GPU), rather than on
+    the rows that chose it."""
+    masked = x.is_cuda if masked is None else masked
     for stage in range(4):
         for op, fn in enumerate(JITTER_OPS):
             chosen = order[:, stage] == op
-            if x.is_cuda:
+            if masked:
                 # No host sync on the GPU: run the op on the whole batch with identity
                 # factors for the samples that did not choose it at this stage.
                 f = torch.where(chosen, factors[:, op], torch.full_like(factors[:, op], IDENTITY[op]))

@@ -267,3 +267,15 @@ def test_a_step_makes_no_tensor_from_host_values_after_the_first(monkeypatch):
     again = aug(images, torch.Generator().manual_seed(0))
     A.eval_transform(images, aug.mean, aug.std)
     assert torch.equal(first, again)  # the cached constants give the same images
+
+
+def test_the_gpus_masked_colour_jitter_equals_the_row_wise_one():
+    """The GPU branch (every op on the whole batch, kept where chosen: no host sync) run on the
+    CPU against the CPU branch (each op on the rows that chose it)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(32, 3, 12, 12, generator=g)
+    params = A.Augment(12, (0.5,) * 3, (0.2,) * 3).sample_params(32, 12, 12, g, "cpu")
+    rows = A.color_jitter(x, params.factors, params.order, masked=False)
+    masked = A.color_jitter(x, params.factors, params.order, masked=True)
+    assert not torch.allclose(rows, x, atol=1e-3)  # the jitter did something
+    assert torch.allclose(masked, rows, atol=1e-6)
