@@ -24,6 +24,9 @@ import torch
 from instret.encoder import embed_images, load_encoder
 from instret.images import iter_decoded, list_image_files
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search import decoded, encoder_images_per_s  # the encoder-alone ceiling, as benchmarks/search.py measures it
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 # (decoding workers, encoder threads, batch): before 2026-11-29 `index` ran (2, 2, 256).
 SETTINGS = [(2, 2, 256), (2, 2, 64), (2, 1, 64), (1, 2, 64)]
@@ -38,20 +41,15 @@ def pipeline_images_per_s(encoder, paths, workers: int, threads: int, batch: int
     return n / (time.perf_counter() - start)
 
 
-def encoder_alone_images_per_s(encoder, images: torch.Tensor, threads: int) -> float:
-    torch.set_num_threads(threads)
-    start = time.perf_counter()
-    embed_images(encoder.model, images, encoder.mean, encoder.std, batch_size=256)
-    return len(images) / (time.perf_counter() - start)
-
-
 def bench_folder(folder: str, encoder, count: int, repeats: int, threads: int) -> dict:
     paths = list_image_files(folder)[:count]
-    images = torch.cat([imgs for _, imgs, _, _ in iter_decoded(paths, encoder.image_size, 2) if imgs is not None])
-    encoder_alone_images_per_s(encoder, images[:256], threads)  # warm
+    images = decoded(encoder, paths)
+    torch.set_num_threads(threads)
+    encoder_images_per_s(encoder, images[:256])  # warm
     alone, measured = [], {s: [] for s in SETTINGS}
     for _ in range(repeats):
-        alone.append(encoder_alone_images_per_s(encoder, images, threads))
+        torch.set_num_threads(threads)
+        alone.append(encoder_images_per_s(encoder, images))
         for setting in SETTINGS:
             measured[setting].append(pipeline_images_per_s(encoder, paths, *setting))
     ceiling = float(np.median(alone))

@@ -40,12 +40,19 @@ def say(msg: str) -> None:
 def forward_images_per_s(model_path, paths, workers: int) -> float:
     """Encoder forward alone, on images decoded beforehand (the ceiling for an index build)."""
     enc = load_encoder(model_path)
-    chunks = [imgs for _, imgs, _, _ in iter_decoded(paths, enc.image_size, workers) if imgs is not None]
-    images = torch.cat(chunks)
-    torch.set_grad_enabled(False)
-    embed_images(enc.model, images[:512], enc.mean, enc.std, batch_size=256)  # warm-up
+    images = decoded(enc, paths, workers)
+    encoder_images_per_s(enc, images[:512])  # warm-up
+    return encoder_images_per_s(enc, images)
+
+
+def decoded(encoder, paths, workers: int = 2) -> torch.Tensor:
+    """The readable files among paths as the encoder's uint8 input, in memory."""
+    return torch.cat([imgs for _, imgs, _, _ in iter_decoded(paths, encoder.image_size, workers) if imgs is not None])
+
+
+def encoder_images_per_s(encoder, images: torch.Tensor) -> float:
     start = time.perf_counter()
-    embed_images(enc.model, images, enc.mean, enc.std, batch_size=256)
+    embed_images(encoder.model, images, encoder.mean, encoder.std, batch_size=256)
     return len(images) / (time.perf_counter() - start)
 
 

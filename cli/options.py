@@ -9,3 +9,7 @@ max_pixels_option = click.option(
     type=click.IntRange(0),
     help="Refuse image files with more pixels (decompression bombs); 0: no limit [89478485, Pillow's].",
 )
+
+index_option = click.option(
+    "--index", "index_dir", required=True, help="Index folder, or a run folder of `train --data`."
+)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from instret.cli.options import max_pixels_option
+from instret.cli.options import index_option, max_pixels_option
 from instret.errors import InstretError
 from instret.storage import atomic_write_text
 
@@ -79,7 +79,7 @@ def merge_index_cmd(shard_dirs, out, index_type):
 
 @click.command("query")
 @click.argument("images", nargs=-1, required=True)
-@click.option("--index", "index_dir", required=True, help="Index folder, or a run folder of `train --data`.")
+@index_option
 @click.option(
     "-k",
     default=10,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from instret.cli.options import max_pixels_option
+from instret.cli.options import index_option, max_pixels_option
 
 
 @click.command("serve")
-@click.option("--index", "index_dir", required=True, help="Index folder, or a run folder of `train --data`.")
+@index_option
 @click.option(
     "--host",
     default="127.0.0.1",

@@ -139,8 +139,12 @@ class LoadedEncoder:
         from instret.images import encoder_inputs
 
         names, images = encoder_inputs(items, self.image_size, max_pixels)
+        return names, self.embed_inputs(images)
+
+    def embed_inputs(self, images: torch.Tensor) -> np.ndarray:
+        """Feature rows of images already in the encoder's input form (uint8 N x 3 x size x size)."""
         device = next(self.model.parameters()).device
-        return names, embed_images(self.model, images.to(device), self.mean, self.std).float().cpu().numpy()
+        return embed_images(self.model, images.to(device), self.mean, self.std).float().cpu().numpy()
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> LoadedEncoder:

@@ -20,7 +20,7 @@ GPU_MAX_K = 2048
 def as_float32(x) -> np.ndarray:
     """Contiguous float32 rows, L2-normalised: what every FAISS call of the search index takes
     (from numpy or torch, on any device)."""
-    return normalise(x.detach().float().cpu().numpy() if hasattr(x, "detach") else x)
+    return normalise(host_rows(x) if hasattr(x, "detach") else x)
 
 
 def host_rows(table) -> np.ndarray:

@@ -21,7 +21,7 @@ import torch
 from instret.calibration import score_distributions
 from instret.data import report_skipped
 from instret.device import resolve_device
-from instret.encoder import LoadedEncoder, embed_images, load_encoder
+from instret.encoder import LoadedEncoder, load_encoder
 from instret.env import usable_cpus
 from instret.errors import InstretError
 from instret.faiss_boundary import as_float32
@@ -139,7 +139,7 @@ def encode_files(
         ):
             skipped += [(files[i].rel, reason) for i, reason in bad]
             if images is not None:
-                vectors = as_float32(embed_images(encoder.model, images.to(device), encoder.mean, encoder.std))
+                vectors = as_float32(encoder.embed_inputs(images))
                 rows = [(files[i], h, v) for i, h, v in zip(positions, digests, vectors)]
                 staging.add(rows)
                 done.update({f.rel: (h, v) for f, h, v in rows})

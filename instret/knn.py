@@ -48,12 +48,13 @@ class FeatureIndex:
     def __init__(self):
         self._index = None
         self._table = None  # the tensor searched in place
+        self._faiss_gpu = False  # whether FAISS's GPU kernels search it
         self.engine = None
 
     def sync(self, table: torch.Tensor, in_place: bool | None = None) -> None:
         """in_place: search the tensor itself (default: when it is on a GPU)."""
         if table.is_cuda if in_place is None else in_place:
-            self._table, self._index = table, None
+            self._table, self._index, self._faiss_gpu = table, None, faiss_gpu_count() > 0
             return
         import faiss
 
@@ -69,7 +70,7 @@ class FeatureIndex:
     def search(self, queries: torch.Tensor, k: int):
         k = min(k, self.ntotal)
         if self._index is None:
-            if k <= GPU_MAX_K and faiss_gpu_count() > 0:
+            if k <= GPU_MAX_K and self._faiss_gpu:
                 self.engine = "faiss-gpu"
                 sims, ids = knn_on_gpu(queries, self._table, k)
                 return sims.to(queries.device), ids.to(queries.device)

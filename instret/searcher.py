@@ -81,7 +81,7 @@ class Searcher:
 
     def query_decoded(self, names, pictures: torch.Tensor, k: int = 10, min_score: float | None = None) -> list[dict]:
         """As query(), for decode_uploads()' output."""
-        hits = self.index.search(self.encoder.embed(pictures), k)
+        hits = self.index.search(self.encoder.embed_inputs(pictures), k)
         return [self._ranked(name, found, k, min_score) for name, found in zip(names, hits)]
 
     def query_ids(self, ids, k: int = 10, min_score: float | None = None, exclude_self: bool = False) -> list[dict]:

@@ -15,16 +15,6 @@ from instret.errors import InstretError
 SETTINGS_VARIABLE = "INSTRET_SERVE_SETTINGS"  # how worker processes receive the settings
 
 
-def missing_packages() -> str | None:
-    """The advice to give when the web server packages are not installed, or None."""
-    try:
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        return "instret serve needs the web server packages: pip install 'instret[serve]'"
-    return None
-
-
 def serve(
     index_dir: str | Path,
     host: str = "127.0.0.1",
@@ -36,19 +26,20 @@ def serve(
     nprobe: int | None = None,
 ) -> None:
     """Serve until interrupted. The index is opened here first, so a bad one fails at once."""
-    advice = missing_packages()
-    if advice:
-        raise InstretError(advice)
-    import uvicorn
-
-    from instret.live import LiveSearcher
+    try:
+        import uvicorn
+    except ImportError:
+        raise InstretError("instret serve needs the web server packages: pip install 'instret[serve]'") from None
     from instret.server import create_app
 
     settings = dict(
-        index_dir=str(index_dir), max_upload_bytes=int(max_upload_mb * 1e6), max_pixels=max_pixels, device=device
+        index_dir=str(index_dir),
+        device=device,
+        max_pixels=max_pixels,
+        nprobe=nprobe,
+        max_upload_bytes=int(max_upload_mb * 1e6),
     )
-    settings["nprobe"] = nprobe
-    live = LiveSearcher(index_dir, device, max_pixels, nprobe, log=_say)
+    live = _live(settings)
     port = _free_to_listen(host, port)
     if not _is_loopback(host):
         _say(
@@ -70,12 +61,17 @@ def serve(
 
 def app_from_settings():
     """The app of one worker process (uvicorn imports this by name in each)."""
-    from instret.live import LiveSearcher
     from instret.server import create_app
 
-    s = json.loads(os.environ[SETTINGS_VARIABLE])
-    live = LiveSearcher(s["index_dir"], s["device"], s["max_pixels"], s["nprobe"], log=_say)
-    return create_app(live, s["max_upload_bytes"])
+    settings = json.loads(os.environ[SETTINGS_VARIABLE])
+    return create_app(_live(settings), settings["max_upload_bytes"])
+
+
+def _live(settings: dict):
+    from instret.live import LiveSearcher
+
+    s = settings
+    return LiveSearcher(s["index_dir"], s["device"], s["max_pixels"], s["nprobe"], log=_say)
 
 
 def _free_to_listen(host: str, port: int) -> int:

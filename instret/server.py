@@ -38,7 +38,11 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from instret.duplicates import DEFAULT_PRECISION, find_duplicates
 from instret.errors import InstretError
+from instret.images import thumbnail as make_thumbnail
+from instret.index import SearchIndex
+from instret.info import index_info
 from instret.live import LiveSearcher
 from instret.searcher import Searcher
 
@@ -70,8 +74,6 @@ def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
         return {"status": "ok", "generation": searcher.index.generation, "vectors": searcher.index.ntotal}
 
     def info(request: Request, searcher: Searcher):
-        from instret.info import index_info
-
         return live.run(searcher, lambda s: index_info(s.index))
 
     def images(request: Request, searcher: Searcher):
@@ -116,10 +118,10 @@ def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
 
         return {"generation": searcher.index.generation, "queries": live.run(searcher, work, nprobe)}
 
-    def find_duplicates(request: Request, searcher: Searcher):
+    def duplicate_groups(request: Request, searcher: Searcher):
         q = request.query_params
         threshold = _float(q["threshold"], "threshold") if "threshold" in q else None
-        precision = _float(q.get("precision", "0.99"), "precision")
+        precision = _float(q["precision"], "precision") if "precision" in q else DEFAULT_PRECISION
         found = duplicates.get(live.dir, searcher.index.generation, threshold, precision, q.get("keep", "largest"))
         return {"generation": searcher.index.generation, **found}
 
@@ -128,8 +130,6 @@ def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
         return FileResponse(path, media_type=mimetypes.guess_type(path)[0] or "application/octet-stream")
 
     def thumbnail(request: Request, searcher: Searcher):
-        from instret.images import thumbnail as make_thumbnail
-
         size = _int(request.query_params.get("size", "160"), "size")
         if not THUMBNAIL_SIZES[0] <= size <= THUMBNAIL_SIZES[1]:
             raise RequestError(400, f"size must be between {THUMBNAIL_SIZES[0]} and {THUMBNAIL_SIZES[1]}")
@@ -150,7 +150,7 @@ def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
         Route(f"{API}/images", api(images)),
         Route(f"{API}/search", api(search_upload, upload=True), methods=["POST"]),
         Route(f"{API}/search", api(search_indexed), methods=["GET"]),
-        Route(f"{API}/duplicates", api(find_duplicates)),
+        Route(f"{API}/duplicates", api(duplicate_groups)),
         Route(f"{API}/image/{{id:int}}", api(image)),
         Route(f"{API}/thumbnail/{{id:int}}", api(thumbnail)),
         Route("/", page),
@@ -284,9 +284,6 @@ class _DuplicatesCache:
         self._found: dict[tuple, dict] = {}
 
     def get(self, index_dir: Path, generation: str, threshold, precision, keep) -> dict:
-        from instret.duplicates import find_duplicates
-        from instret.index import SearchIndex
-
         key = (generation, threshold, precision, keep)
         with self._lock:
             if key not in self._found:

@@ -312,14 +312,15 @@ class Trainer:
             pick = evenly_spaced(len(keys), limit) if 0 < limit < len(keys) else torch.arange(len(keys))
             queries, labels = keys[pick.to(keys.device)], train.labels[pick]
             found = knn_evaluate(index, train.labels, queries, labels, leave_one_out=True, key_rows=pick, **common)
-            return {**found, "knn_engine": index.engine}
-        labels, pick = self.data.eval.labels, torch.arange(len(self.eval_images))
-        if 0 < limit < len(pick):
-            # Embedding the held-out images is most of the monitor's cost: a sample keeps it small.
-            pick = torch.linspace(0, len(pick) - 1, limit).long()
-            labels = labels[pick]
-        queries = embed_batches(model, self.eval_images.batches(chunks(pick)), self.mean, self.std)
-        return {**knn_evaluate(index, train.labels, queries, labels, **common), "knn_engine": index.engine}
+        else:
+            labels, pick = self.data.eval.labels, torch.arange(len(self.eval_images))
+            if 0 < limit < len(pick):
+                # Embedding the held-out images is most of the monitor's cost: a sample keeps it small.
+                pick = torch.linspace(0, len(pick) - 1, limit).long()
+                labels = labels[pick]
+            queries = embed_batches(model, self.eval_images.batches(chunks(pick)), self.mean, self.std)
+            found = knn_evaluate(index, train.labels, queries, labels, **common)
+        return {**found, "knn_engine": index.engine}
 
     def final_eval(self, model: torch.nn.Module | None = None) -> dict:
         """kNN of the final model (eval_model with a 4,096-image sample, unless given) as the

@@ -297,12 +297,12 @@ def test_the_gpu_copy_is_made_only_when_asked_and_where_faiss_gpu_serves_it(phot
 
 
 def test_cpu_encoding_leaves_the_decoding_workers_their_cores(trained_run, tmp_path, monkeypatch):
-    from instret import indexer
+    from instret import encoder, indexer
 
     seen = []
-    real = indexer.embed_images
+    real = encoder.embed_images  # what the encoding of each decoded batch runs
     monkeypatch.setattr(
-        indexer, "embed_images", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1]
+        encoder, "embed_images", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1]
     )
     monkeypatch.setattr(indexer, "usable_cpus", lambda: 3)
     torch.set_num_threads(2)

@@ -122,6 +122,7 @@ def test_a_bank_on_the_gpu_is_searched_where_it_lies(monkeypatch):
         _, ids = index.search(queries, 2100)  # above FAISS GPU's 2,048
         assert index.engine == "torch" and len(calls) == 2 and ids.shape == (20, 2100)
         monkeypatch.setattr(knn_module, "faiss_gpu_count", lambda: 0)  # faiss-cpu on a GPU machine
+        index.sync(big, in_place=True)
         index.search(queries, 5)
         assert index.engine == "torch" and len(calls) == 2
     finally:
