@@ -80,7 +80,7 @@ from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, RECIPES, SCHEDUL
 )
 @click.option("--seed", type=int, help=f"Random seed [{default_text('seed')}].")
 @max_pixels_option
-@click.option("--amp/--no-amp", default=None, help="bf16 autocast [on where the GPU supports bf16].")
+@click.option("--amp/--no-amp", default=None, help="bf16 autocast [on a GPU with bf16, and on a CPU with AMX].")
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the encoder [off].")
 @click.option("--fused-optimizer/--no-fused-optimizer", default=None, help="Fused SGD [on on a GPU].")
 @click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format [on].")

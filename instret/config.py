@@ -87,8 +87,8 @@ class TrainConfig:
     # evaluation
     knn_k: int = 200
     monitor_size: int = 5000  # held-out images the per-epoch kNN monitor embeds (0: all); the final evaluation uses all
-    # speed (None: on where it pays, i.e. on a CUDA device; each can be forced on or off)
-    amp: bool | None = None  # bf16 autocast for the encoder
+    # speed (None: on where it pays, mostly on a CUDA device; each can be forced on or off)
+    amp: bool | None = None  # bf16 autocast for the encoder: a GPU with bf16, a CPU with AMX
     compile: bool = False  # torch.compile the encoder
     fused_optimizer: bool | None = None
     channels_last: bool = True

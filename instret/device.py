@@ -22,3 +22,14 @@ def resolve_device(spec: str) -> torch.device:
     elif device.type != "cpu":
         raise InstretError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
     return device
+
+
+def fast_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (Intel AMX): bf16 autocast then nearly halves
+    a CPU training step (benchmarks/train_throughput.py). Elsewhere oneDNN emulates bf16, which
+    is slower than float32."""
+    init_amx = getattr(torch._C._cpu, "_init_amx", None)  # asks the kernel for the AMX tiles
+    try:
+        return bool(init_amx and init_amx())
+    except RuntimeError:
+        return False

@@ -26,7 +26,7 @@ from instret.augment import Augment, channel_stats
 from instret.bank import MemoryBank
 from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, PAPER_EPOCHS, TrainConfig, with_presets
 from instret.data import ImageSet, TrainData, auto_image_size, load_train_data
-from instret.device import resolve_device
+from instret.device import fast_cpu_bf16, resolve_device
 from instret.distributed import (
     SINGLE,
     World,
@@ -63,7 +63,7 @@ def lr_at(epoch: int, cfg: TrainConfig) -> float:
 def speed_options(cfg: TrainConfig, device: torch.device) -> dict:
     """What `None` means for each speed option on this device (README: "Speed options")."""
     cuda = device.type == "cuda"
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    bf16 = torch.cuda.is_bf16_supported() if cuda else fast_cpu_bf16()
     return {
         "amp": bf16 if cfg.amp is None else cfg.amp,
         "compile": cfg.compile,

@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,7 +176,8 @@ def test_default_epochs_are_what_runs_and_what_help_says(tmp_path):
 def test_bank_init_from_features_matches_the_networks_output(image_folder):
     from instret.data import load_train_data
 
-    cfg = TrainConfig(data=str(image_folder), arch="small", epochs=1, bank_init="features", **TINY)
+    # float32, so that the plain forward below is the reference (bf16 is compared in test_speed_options).
+    cfg = TrainConfig(data=str(image_folder), arch="small", epochs=1, bank_init="features", amp=False, **TINY)
     trainer = Trainer(cfg, load_train_data(cfg), torch.device("cpu"))
     # Replay: the same generator draws (random rows first, then one augmented view of each image).
     g = torch.Generator().manual_seed(cfg.seed)
@@ -233,15 +235,19 @@ def test_fused_optimizer_and_channels_last_alone_are_exact_enough(image_folder):
     assert fused == pytest.approx(plain, rel=1e-4)
 
 
-def test_speed_defaults_are_off_on_cpu():
-    from instret.trainer import speed_options
+def test_cpu_speed_defaults_turn_bf16_on_only_with_amx(monkeypatch):
+    from instret import trainer as trainer_module
 
-    assert speed_options(TrainConfig(), torch.device("cpu")) == {
-        "amp": False,
-        "compile": False,
-        "fused_optimizer": False,
-        "channels_last": True,
-    }
+    for amx in (False, True):
+        monkeypatch.setattr(trainer_module, "fast_cpu_bf16", lambda amx=amx: amx)
+        assert trainer_module.speed_options(TrainConfig(), torch.device("cpu")) == {
+            "amp": amx,
+            "compile": False,
+            "fused_optimizer": False,
+            "channels_last": True,
+        }
+        forced = trainer_module.speed_options(TrainConfig(amp=not amx), torch.device("cpu"))
+        assert forced["amp"] is (not amx)
 
 
 def test_compiled_encoder_gives_the_same_loss(image_folder):
@@ -415,3 +421,13 @@ def test_compile_compiles_once_for_every_batch_size_and_the_bank_init(tmp_path, 
                 assert trainer.train_epoch()["loss"] > 0
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU flags from Linux's /proc/cpuinfo")
+def test_fast_cpu_bf16_means_the_cpu_has_amx():
+    from instret.device import fast_cpu_bf16
+
+    flags = {
+        f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags") for f in line.split()
+    }
+    assert fast_cpu_bf16() == ("amx_bf16" in flags)
