@@ -34,8 +34,9 @@ from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, RECIPES, SCHEDUL
     "--recipe",
     type=click.Choice(sorted(RECIPES)),
     help="Training recipe: retrieval (the paper's augmentation plus the edits copies go through, "
-    "bank from features), colour (retrieval with gentle colour jitter) or paper (the authors') "
-    "[paper].",
+    "bank from features), colour (retrieval with gentle colour jitter), short (for CPU runs of "
+    "minutes: lr 0.01, crops of 40-100 %, cosine schedule, bank from features) or paper (the "
+    "authors') [paper].",
 )
 @click.option("--batch-size", type=int, help=f"Batch size [{default_text('batch_size')}].")
 @click.option("--lr", type=float, help=f"SGD learning rate [{default_text('lr')}].")
