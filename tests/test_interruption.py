@@ -35,7 +35,15 @@ def spawn(args, kill_at: str | None = None):
     if kill_at:
         env["INSTRET_KILL_AT"] = kill_at
         cmd = [sys.executable, str(FAULTY), *map(str, args)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Ctrl-C as a user's terminal delivers it: a suite started in the background (`cmd &`) hands
+    # its children SIGINT ignored, and the SIGINT trials would then strike nothing.
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def wait_until(proc, ready, timeout=240) -> bool:
