@@ -7,8 +7,8 @@ through the paper's per-sample torchvision transforms in a DataLoader (2 workers
 step (exact softmax over a 50,000-row bank, SGD, bank update). instret: the same images
 resident as one uint8 tensor, batched tensor augmentation, channels_last, the same step;
 with its defaults (bf16 autocast on a CPU with AMX) and in float32 (--no-amp), so the bf16
-gain is measured in the same run. Same backbone, batch (128) and loss. Runs alternate so machine noise hits both; the best of
-the repeats counts. Last stdout line: one JSON object.
+gain is measured in the same run. Same backbone, batch (128) and loss. Runs alternate so
+machine noise hits both; the best of the repeats counts. Last stdout line: one JSON object.
 """
 
 from __future__ import annotations

@@ -67,10 +67,9 @@ def app_from_settings():
     return create_app(_live(settings), settings["max_upload_bytes"])
 
 
-def _live(settings: dict):
+def _live(s: dict):
     from instret.live import LiveSearcher
 
-    s = settings
     return LiveSearcher(s["index_dir"], s["device"], s["max_pixels"], s["nprobe"], log=_say)
 
 
