@@ -327,7 +327,8 @@ def test_recipes_set_the_augmentation_under_the_options_given():
     assert with_presets({"data": "x", "recipe": "colour", "hue": 0.1})["hue"] == 0.1  # an option beats the recipe
     assert "rotate" not in with_presets({"dataset": "cifar10"})  # the built-in sets keep the paper's recipe
     short = TrainConfig.from_dict(with_presets({"data": "x", "recipe": "short", "lr": 0.02}))
-    assert (short.lr, short.crop_scale, short.lr_schedule, short.bank_init) == (0.02, (0.4, 1.0), "cosine", "features")
+    assert (short.lr, short.batch_size, short.crop_scale, short.jitter, short.hue) == (0.02, 64, (0.4, 1.0), 0.2, 0.1)
+    assert (short.lr_schedule, short.bank_init) == ("cosine", "features")
 
 
 def test_the_epoch_line_prints_lr_as_a_person_writes_it():
