@@ -59,22 +59,28 @@ def run_instret(data, cfg: dict, out: Path) -> tuple[dict, list[dict]]:
     return trainer.final_eval(), trainer.history
 
 
-def pixel_baselines(data, k: int = 200, sigma: float = 0.1) -> dict:
+def pixel_baselines(data) -> dict:
     """The cheapest baseline, scored as the trainer's final evaluation scores features (weighted
-    kNN, the same k and sigma): raw pixels centred by the training images' mean, and each image
-    centred on its own mean (brightness removed: the better of the two on CIFAR-10)."""
-    centre = data.train.images.flatten(1).float().mean(dim=0)
+    kNN with the default k and sigma): raw pixels centred by the training images' mean, and each
+    image centred on its own mean (brightness removed: the better of the two on CIFAR-10)."""
+    train_x, eval_x = (images.flatten(1).float() for images in (data.train.images, data.eval.images))
+    centre = train_x.mean(dim=0)
     ways = {
         "pixels_top1": lambda x: x - centre,
         "pixels_per_image_top1": lambda x: x - x.mean(dim=1, keepdim=True),
     }
     found = {}
     for name, way in ways.items():
-        train_x, eval_x = (F.normalize(way(x.flatten(1).float()), dim=1) for x in (data.train.images, data.eval.images))
         index = FeatureIndex()
-        index.sync(train_x)
+        index.sync(F.normalize(way(train_x), dim=1))
         knn = knn_evaluate(
-            index, data.train.labels, eval_x, data.eval.labels, len(data.train.classes), k=k, sigma=sigma
+            index,
+            data.train.labels,
+            F.normalize(way(eval_x), dim=1),
+            data.eval.labels,
+            len(data.train.classes),
+            k=TrainConfig.knn_k,
+            sigma=TrainConfig.tau,
         )
         found[name] = round(knn["knn_top1"], 4)
     return found
@@ -112,7 +118,7 @@ def main() -> None:
     result = pixel_baselines(data)
     print(
         f"raw pixels: kNN top-1 {result['pixels_top1']:.4f}, each image centred {result['pixels_per_image_top1']:.4f} "
-        f"(k 200, sigma 0.1: the final evaluation's vote)",
+        f"(k {TrainConfig.knn_k}, sigma {TrainConfig.tau}: the final evaluation's vote)",
         flush=True,
     )
     tmp = Path(tempfile.mkdtemp())

@@ -9,7 +9,17 @@ from pathlib import Path
 import click
 
 from instret.cli.options import max_pixels_option
-from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, RECIPES, SCHEDULES, default_text, read_config_file
+from instret.config import (
+    ARCHS,
+    BANK_INITS,
+    DATASETS,
+    LOSSES,
+    RECIPES,
+    SCHEDULES,
+    default_text,
+    read_config_file,
+    recipe_text,
+)
 
 
 @click.command()
@@ -35,9 +45,7 @@ from instret.config import ARCHS, BANK_INITS, DATASETS, LOSSES, RECIPES, SCHEDUL
     type=click.Choice(sorted(RECIPES)),
     help="Training recipe: retrieval (the paper's augmentation plus the edits copies go through, "
     "bank from features), colour (retrieval with gentle colour jitter), short (for CPU runs of "
-    "minutes: lr 0.005 at batch 64, crops of 40-100 %, colour jitter 0.2 with hue 0.1, cosine "
-    "schedule, bank from features) or paper (the "
-    "authors') [paper].",
+    f"minutes: {recipe_text('short')}) or paper (the authors') [paper].",
 )
 @click.option("--batch-size", type=int, help=f"Batch size [{default_text('batch_size')}].")
 @click.option("--lr", type=float, help=f"SGD learning rate [{default_text('lr')}].")

@@ -209,6 +209,14 @@ def default_text(name: str) -> str:
     return f"{value}" if digits == value else f"{value}; {digits} for digits"
 
 
+def recipe_text(name: str) -> str:
+    """A recipe's settings as help text shows them, read from RECIPES (so they cannot drift)."""
+    return ", ".join(
+        f"{key} {'-'.join(map(str, value)) if isinstance(value, tuple) else value}"
+        for key, value in RECIPES[name].items()
+    )
+
+
 def read_config_file(path: str | Path) -> dict:
     """A YAML or JSON file of configuration keys (plain data only: yaml.safe_load)."""
     path = Path(path)
