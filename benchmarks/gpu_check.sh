@@ -40,7 +40,8 @@ json.dump(env, open(path, "w"), indent=2)
 PYTHON
 
 step "the device tests (tests/test_device.py) on $DEVICE"
-INSTRET_TEST_DEVICE=$DEVICE $PY -m pytest -p no:cacheprovider -m device tests/test_device.py \
+# -o addopts=: one process (pyproject asks for a worker per core; the device machine may lack xdist).
+INSTRET_TEST_DEVICE=$DEVICE $PY -m pytest -p no:cacheprovider -o addopts=-q -m device tests/test_device.py \
     > "$DEST/device-tests.txt" 2>&1 || { cat "$DEST/device-tests.txt" >&2; exit 1; }
 tail -1 "$DEST/device-tests.txt" >&2
 

@@ -29,10 +29,29 @@ def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "images")
 
 
+def suite_threads() -> int:
+    """Threads for each test's torch and for the processes tests start: the cores, at most 2,
+    shared among pytest-xdist's workers (`-n`), so that no torch spins against another's threads
+    (measured with 2 threads in each of 2 workers on 2 cores: slower than one worker alone)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, cpus // workers))
+
+
+def pytest_configure(config):
+    os.environ["OMP_NUM_THREADS"] = str(suite_threads())  # what the processes tests start inherit
+
+
+def pytest_collection_modifyitems(items):
+    # The longest tests first: under -n, the other workers share out the rest while they run,
+    # rather than one worker being left with a long test at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_threads():
     # Tests compare runs bit for bit: keep the thread count fixed within the suite.
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(suite_threads())
     yield
 
 

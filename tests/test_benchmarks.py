@@ -48,6 +48,7 @@ def test_gpu_cifar10_script_runs_a_few_steps_on_cpu(tmp_path):
     assert result["images_per_s"] > 0 and result["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_scripts_without_data_exit_with_a_clear_message(tmp_path):
     procs = {}
     for script, args in (
@@ -83,6 +84,7 @@ def test_knn_monitor_script_small(tmp_path):
 @pytest.mark.skipif(
     not (SHARED / "imagenette2" / "val").is_dir(), reason="needs ../shared/datasets (Imagenette, CIFAR-10)"
 )
+@pytest.mark.slow
 def test_retrieval_quality_script_scores_every_method_on_a_small_collection():
     proc = subprocess.run(
         [
@@ -102,6 +104,7 @@ def test_retrieval_quality_script_scores_every_method_on_a_small_collection():
     assert result["setup"] == {"originals": 20, "distractors": 20, "queries": 20, "seed": 0}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "imagenette2" / "val").is_dir(), reason="needs ../shared/datasets (Imagenette)")
 def test_dups_script_scores_instret_and_the_perceptual_hash_on_planted_copies():
     proc = subprocess.run(
@@ -128,6 +131,7 @@ def test_dups_scale_script_reports_time_and_memory():
     assert row["vectors"] == 3000 and row["peak_rss_mb"] >= row["imports_mb"] > 0 and row["planted_found"] > 0.9
 
 
+@pytest.mark.slow
 def test_serve_script_measures_uploads_to_a_real_server(tmp_path):
     from tests.conftest import make_photos
 
@@ -172,6 +176,7 @@ def test_index_pipeline_script_compares_settings_with_the_encoder_alone(trained_
     assert all(s["efficiency"] > 0 for s in row["settings"])
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_every_step_on_the_cpu(tmp_path):
     proc = subprocess.run(
         ["bash", BENCH / "gpu_check.sh", "--cpu"],

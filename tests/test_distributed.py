@@ -165,6 +165,7 @@ def _instret_2proc(*args):
     )
 
 
+@pytest.mark.slow
 def test_two_process_run_killed_then_resumed_equals_uninterrupted(tmp_path):
     folder = make_image_folder(tmp_path / "img", per_class=30, size=16)
     args = ["--data", folder, *"--epochs 4 --image-size 16 --batch-size 12 --knn-k 5 --workers 0".split()]

@@ -30,7 +30,7 @@ FAULTY = Path(__file__).with_name("faulty_instret.py")
 
 
 def spawn(args, kill_at: str | None = None):
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # OMP_NUM_THREADS: conftest.suite_threads
     cmd = [sys.executable, "-m", "instret", *map(str, args)]
     if kill_at:
         env["INSTRET_KILL_AT"] = kill_at

@@ -66,7 +66,7 @@ def test_upload_through_the_page_shows_the_image_first_with_its_score(served, br
     first = hits(browser)[0]
     assert first.get_attribute("data-path") == str(image)
     assert first.find_element(By.CLASS_NAME, "score").text == "#1 · 1.0000"
-    assert "unrelated pairs" in first.find_element(By.CLASS_NAME, "meaning").text
+    assert "unrelated pair" in first.find_element(By.CLASS_NAME, "meaning").text  # how unusual the score is
     assert len(hits(browser)) == 20  # the page's default number of results
     thumbnail = first.find_element(By.TAG_NAME, "img")
     wait_for(

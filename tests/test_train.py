@@ -250,6 +250,7 @@ def test_cpu_speed_defaults_turn_bf16_on_only_with_amx(monkeypatch):
         assert forced["amp"] is (not amx)
 
 
+@pytest.mark.slow
 def test_compiled_encoder_gives_the_same_loss(image_folder):
     # torch.compile builds C++ kernels on the CPU (about 40 s here): slow, but the option is real.
     plain, _ = _first_steps(image_folder, amp=False, fused_optimizer=False, channels_last=False)
@@ -279,6 +280,7 @@ def test_the_monitor_leaves_the_runs_random_stream_alone(image_folder):
     assert torch.equal(trainer.generator.get_state(), state)
 
 
+@pytest.mark.slow
 def test_time_budget_plans_epochs_that_end_on_time(tmp_path):
     import time
 
@@ -289,7 +291,7 @@ def test_time_budget_plans_epochs_that_end_on_time(tmp_path):
     assert 0.6 * budget <= seconds <= 1.25 * budget
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert config["epochs"] == final["epochs"] == len(rows) >= 3
+    assert config["epochs"] == final["epochs"] == len(rows) >= 2  # planned past the first epoch
     # The schedule followed the plan: the step schedule dropped before the end. (Both drops, as a
     # rule; on a busy machine a slow last epoch can cut the plan by one, after the second drop's
     # epoch was set: seen once in CI, 0.003 for 0.0003.)
@@ -297,8 +299,10 @@ def test_time_budget_plans_epochs_that_end_on_time(tmp_path):
     assert [r["lr"] for r in rows] == sorted((r["lr"] for r in rows), reverse=True)
 
 
-def test_time_budget_with_epochs_caps_the_plan(tmp_path):
-    final = train({"time_budget": 5, "epochs": 2, "out": str(tmp_path / "run"), "workers": 0})
+def test_time_budget_with_epochs_caps_the_plan(image_folder, tmp_path):
+    final = train(
+        {"data": str(image_folder), "time_budget": 5, "epochs": 2, "out": str(tmp_path / "run"), "workers": 0}
+    )
     assert final["epochs"] == 2
 
 
