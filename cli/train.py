@@ -38,14 +38,16 @@ from instret.config import (
     "--time-budget",
     type=float,
     help="Minutes the whole run may take: the epochs (and so the schedule) are planned from the "
-    "first timed steps to end in time; --epochs then caps them.",
+    "first timed steps to end in time; --epochs then caps them. With --data, the recipe is then "
+    "short unless --recipe says otherwise.",
 )
 @click.option(
     "--recipe",
     type=click.Choice(sorted(RECIPES)),
     help="Training recipe: retrieval (the paper's augmentation plus the edits copies go through, "
     "bank from features), colour (retrieval with gentle colour jitter), short (for CPU runs of "
-    f"minutes: {recipe_text('short')}) or paper (the authors') [paper].",
+    f"minutes: {recipe_text('short')}) or paper (the authors') [paper; short for --data with "
+    "--time-budget].",
 )
 @click.option("--batch-size", type=int, help=f"Batch size [{default_text('batch_size')}].")
 @click.option("--lr", type=float, help=f"SGD learning rate [{default_text('lr')}].")

@@ -326,6 +326,10 @@ def test_recipes_set_the_augmentation_under_the_options_given():
     from instret.config import RECIPES, with_presets
 
     assert with_presets({"data": "x"}) == {"data": "x", "recipe": "paper"}
+    budget = with_presets({"data": "x", "time_budget": 15})  # minutes, not 200 epochs: short
+    assert budget == {**RECIPES["short"], "data": "x", "time_budget": 15, "recipe": "short"}
+    assert with_presets({"data": "x", "time_budget": 15, "recipe": "paper"})["recipe"] == "paper"
+    assert "recipe" not in with_presets({"time_budget": 1})  # the digits keep their preset
     folder = with_presets({"data": "x", "recipe": "retrieval"})
     assert {k: folder[k] for k in RECIPES["retrieval"]} == RECIPES["retrieval"]
     assert with_presets({"data": "x", "recipe": "colour", "hue": 0.1})["hue"] == 0.1  # an option beats the recipe
