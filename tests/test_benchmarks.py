@@ -69,9 +69,37 @@ def test_scripts_without_data_exit_with_a_clear_message(tmp_path):
         assert proc.returncode != 0 and "not found" in stderr and "Traceback" not in stderr, script
 
 
+@pytest.mark.slow
+def test_embedded_default_script_times_both_monitor_samples_with_the_same_training():
+    proc = subprocess.run(
+        [sys.executable, BENCH / "embedded_default.py", "--rounds", "1", "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = last_json_line(proc.stdout)
+    assert set(result["runs"]) == {"fixed 512", "an eighth"} and result["same_knn"] and result["speedup"] > 0
+    fixed, eighth = result["runs"]["fixed 512"][0], result["runs"]["an eighth"][0]
+    assert 0 < eighth["monitor_s"] < fixed["monitor_s"]  # 179 images against 512, the same steps
+
+
 def test_knn_monitor_script_small(tmp_path):
     proc = subprocess.run(
-        [sys.executable, BENCH / "knn_monitor.py", "--bank", "3000", "--queries", "500", "--k", "50", "--repeats", "1"],
+        [
+            sys.executable,
+            BENCH / "knn_monitor.py",
+            "--bank",
+            "3000",
+            "--queries",
+            "500",
+            "--k",
+            "50",
+            "--repeats",
+            "1",
+            "--epoch-steps",
+            "2",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -90,7 +118,7 @@ def test_retrieval_quality_script_scores_every_method_on_a_small_collection():
         [
             sys.executable,
             BENCH / "retrieval_quality.py",
-            *"--originals 20 --copies 1 --distractors 20 --minutes 0.25".split(),
+            *"--originals 20 --copies 1 --distractors 20 --minutes 0.1".split(),
         ],
         capture_output=True,
         text=True,
@@ -108,7 +136,7 @@ def test_retrieval_quality_script_scores_every_method_on_a_small_collection():
 @pytest.mark.skipif(not (SHARED / "imagenette2" / "val").is_dir(), reason="needs ../shared/datasets (Imagenette)")
 def test_dups_script_scores_instret_and_the_perceptual_hash_on_planted_copies():
     proc = subprocess.run(
-        [sys.executable, BENCH / "dups.py", "--photos", "40", "--planted", "10", "--minutes", "0.2"],
+        [sys.executable, BENCH / "dups.py", "--photos", "40", "--planted", "10", "--minutes", "0.1"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -11,6 +11,7 @@ from instret.indexer import build_index
 from tests.server_process import Server
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -49,7 +50,11 @@ def browser():
 
 
 def wait_for(driver, condition, timeout=30):
-    return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+    try:
+        return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+    except TimeoutException:  # say where the page stood (seen once in CI, under load: a drop)
+        status = driver.find_element(By.ID, "status").text
+        raise AssertionError(f"not there after {timeout} s; the page's status line: {status!r}") from None
 
 
 def hits(driver):

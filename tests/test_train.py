@@ -1,6 +1,7 @@
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -268,6 +269,23 @@ def test_every_epoch_row_carries_the_label_free_monitor(tmp_path):
     for r in rows:
         assert 0 <= r["instance_recall@1"] <= 1 and 0 <= r["alignment"] <= 4 and r["uniformity"] <= 0
         assert -1 <= r["mean_pair_cosine"] <= 1 and r["ln_n"] == pytest.approx(math.log(20), abs=1e-4)
+
+
+def test_the_monitor_views_an_eighth_of_the_set_between_128_and_512_images(monkeypatch):
+    from instret import trainer as trainer_module
+    from instret.trainer import monitor_sample
+
+    assert [monitor_sample(n) for n in (36, 1024, 1438, 4096, 50_000)] == [128, 128, 179, 512, 512]
+    # monitor() hands that sample to both of its parts: the digits' 1,438 images give 179.
+    seen = {}
+    monkeypatch.setattr(trainer_module.Trainer, "eval_model", lambda self, sample: seen.update(bn=sample))
+    monkeypatch.setattr(
+        trainer_module.Trainer, "label_free", lambda self, model, sample: seen.update(views=sample) or {}
+    )
+    trainer = Trainer.__new__(Trainer)  # only what monitor() reads
+    trainer.history, trainer.train_images, trainer.data = [{}], range(1438), SimpleNamespace(labelled=False)
+    trainer.monitor()
+    assert seen == {"bn": 179, "views": 179} and "monitor_seconds" in trainer.history[-1]
 
 
 def test_the_monitor_leaves_the_runs_random_stream_alone(image_folder):
