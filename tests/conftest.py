@@ -6,6 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from instret.env import usable_cpus
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
@@ -33,9 +35,8 @@ def suite_threads() -> int:
     """Threads for each test's torch and for the processes tests start: the cores, at most 2,
     shared among pytest-xdist's workers (`-n`), so that no torch spins against another's threads
     (measured with 2 threads in each of 2 workers on 2 cores: slower than one worker alone)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    return max(1, min(2, cpus // workers))
+    return max(1, min(2, usable_cpus() // workers))
 
 
 def pytest_configure(config):
