@@ -59,12 +59,13 @@ def open_rgb(path: str | Path | io.BytesIO, max_pixels: int | None = None, draft
             if draft is not None and img.format == "JPEG":
                 # JPEG can decode at 1/2, 1/4 or 1/8 scale: much faster when shrinking anyway.
                 img.draft("RGB", (draft, draft))
-            img = ImageOps.exif_transpose(img)
+            # In place, and no conversion of an RGB image: each would be a copy of every pixel.
+            ImageOps.exif_transpose(img, in_place=True)
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
                 img = _sixteen_to_eight_bit(img)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 img = _flatten_alpha(img)
-            return img.convert("RGB")
+            return img if img.mode == "RGB" else img.convert("RGB")
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

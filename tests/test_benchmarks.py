@@ -200,7 +200,8 @@ def test_index_pipeline_script_compares_settings_with_the_encoder_alone(trained_
     assert proc.returncode == 0, proc.stderr
     (row,) = last_json_line(proc.stdout)["results"].values()
     assert row["images"] == 30 and row["encoder_alone_images_per_s"] > 0
-    assert {(s["workers"], s["encoder_threads"], s["batch"]) for s in row["settings"]} >= {(2, 2, 256), (2, 1, 64)}
+    settings = {(s["workers"], s["encoder_threads"], s["batch"], s["decoding"]) for s in row["settings"]}
+    assert settings >= {(2, 2, 256, "index"), (2, 1, 64, "index"), (2, 0, 64, "index"), (2, 1, 64, "libjpeg only")}
     assert all(s["efficiency"] > 0 for s in row["settings"])
 
 

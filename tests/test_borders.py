@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from instret.borders import MAX_SIDE, WORK_SIDE, border_box, trim_borders
+from instret.borders import MAX_SIDE, MIN_LINES, TOLERANCE, WORK_SIDE, _an_edge_may_be_flat, border_box, trim_borders
 from instret.images import square_tensor
 
 
@@ -70,3 +70,32 @@ def test_the_encoder_input_of_a_letterboxed_copy_is_the_original_input():
     original = noise(120, 90, seed=3)
     letterboxed = ImageOps.expand(original, border=(0, 15, 0, 15), fill=(0, 0, 0))
     assert np.array_equal(square_tensor(letterboxed, 32).numpy(), square_tensor(original, 32).numpy())
+
+
+def edge_spreads(img: Image.Image) -> list[int]:
+    """The slow reference: each edge's outermost MIN_LINES lines, the largest channel range."""
+    a = np.asarray(img).astype(int)
+    strips = (a[:, :MIN_LINES], a[:MIN_LINES], a[:, -MIN_LINES:], a[-MIN_LINES:])
+    return [int((s.reshape(-1, 3).max(axis=0) - s.reshape(-1, 3).min(axis=0)).max()) for s in strips]
+
+
+def test_the_quick_edge_check_agrees_with_the_spread_of_each_edge():
+    rng = np.random.default_rng(0)
+    seen = set()
+    for case in range(300):
+        w, h = rng.integers(4, 40, size=2)
+        a = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+        side = case % 5  # 4: no flat edge
+        if side < 4:
+            # One edge flat but for noise of up to 40 levels in one channel: spreads on both sides of 2 x TOLERANCE.
+            base, amplitude = rng.integers(0, 200), rng.integers(0, 41)
+            strip = np.full((h, w, 3), base, np.int64)
+            strip[..., rng.integers(3)] += rng.integers(0, amplitude + 1, (h, w))
+            strip = strip.astype(np.uint8)
+            cut = [np.s_[:, :MIN_LINES], np.s_[:MIN_LINES], np.s_[:, -MIN_LINES:], np.s_[-MIN_LINES:]][side]
+            a[cut] = strip[cut]
+        img = Image.fromarray(a)
+        expected = min(edge_spreads(img)) <= 2 * TOLERANCE
+        assert _an_edge_may_be_flat(img) == expected, (case, edge_spreads(img))
+        seen.add(expected)
+    assert seen == {True, False}
