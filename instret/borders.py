@@ -30,12 +30,9 @@ def border_box(img: Image.Image) -> tuple[int, int, int, int]:
     if sh < 2 * MIN_LINES or sw < 2 * MIN_LINES or not _an_edge_may_be_flat(small):
         return (0, 0, w, h)
     a = np.asarray(small)
-    columns = a.transpose(1, 0, 2)
-    sides = (columns, a, columns[::-1], a[::-1])  # lines from the left, top, right, bottom edge
-    depths = tuple(_depth(lines, n) for lines, n in zip(sides, (sw, sh, sw, sh)))
-    if depths == (int(sw * MAX_SIDE), int(sh * MAX_SIDE)) * 2 and _spread(a) <= TOLERANCE:
+    (left, right), (top, bottom) = _depths_from_both_ends(a.transpose(1, 0, 2)), _depths_from_both_ends(a)
+    if (left, top) == (right, bottom) == (int(sw * MAX_SIDE), int(sh * MAX_SIDE)) and _spread(a) <= TOLERANCE:
         return (0, 0, w, h)  # all one colour: nothing is a border
-    left, top, right, bottom = depths
 
     # Back to full-size pixels, each trim rounded up: no line of border is left.
     def up(lines, full, reduced):
@@ -54,16 +51,19 @@ def _an_edge_may_be_flat(img: Image.Image) -> bool:
     return False
 
 
-def _depth(lines: np.ndarray, side: int) -> int:
-    """How many lines from the start of `lines` (L x M x 3) are flat in the first line's colour."""
-    most = int(side * MAX_SIDE)
-    if most < MIN_LINES or lines.shape[1] < 4:
-        return 0
-    head = lines[:most].astype(np.int16)
-    colour = head[0].mean(axis=0).round().astype(np.int16)
-    flat = (np.abs(head - colour).max(axis=2) <= TOLERANCE).mean(axis=1) >= FLAT_SHARE
-    run = len(flat) if flat.all() else int(np.argmin(flat))
-    return run if run >= MIN_LINES else 0
+def _depths_from_both_ends(lines: np.ndarray) -> tuple[int, int]:
+    """How many lines from the start and from the end of `lines` (L x M x 3) are flat in the
+    colour of the outermost line on that end (0 for fewer than MIN_LINES), both ends at once."""
+    most = int(len(lines) * MAX_SIDE)
+    length = lines.shape[1]
+    if most < MIN_LINES or length < 4:
+        return (0, 0)
+    ends = np.stack((lines[:most], lines[::-1][:most])).astype(np.int16)  # 2 x most x M x 3
+    colour = np.rint(ends[:, 0].sum(axis=1) / length).astype(np.int16)  # the outermost lines' mean
+    near = (np.abs(ends - colour[:, None, None, :]) <= TOLERANCE).all(axis=3)
+    flat = near.sum(axis=2) / length >= FLAT_SHARE  # 2 x most
+    runs = np.where(flat.all(axis=1), most, flat.argmin(axis=1))
+    return tuple(int(run) if run >= MIN_LINES else 0 for run in runs)
 
 
 def _spread(pixels: np.ndarray) -> int:

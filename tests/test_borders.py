@@ -4,7 +4,17 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from instret.borders import MAX_SIDE, MIN_LINES, TOLERANCE, WORK_SIDE, _an_edge_may_be_flat, border_box, trim_borders
+from instret.borders import (
+    FLAT_SHARE,
+    MAX_SIDE,
+    MIN_LINES,
+    TOLERANCE,
+    WORK_SIDE,
+    _an_edge_may_be_flat,
+    _depths_from_both_ends,
+    border_box,
+    trim_borders,
+)
 from instret.images import square_tensor
 
 
@@ -99,3 +109,41 @@ def test_the_quick_edge_check_agrees_with_the_spread_of_each_edge():
         assert _an_edge_may_be_flat(img) == expected, (case, edge_spreads(img))
         seen.add(expected)
     assert seen == {True, False}
+
+
+def depth_one_line_at_a_time(lines: np.ndarray) -> int:
+    """The slow reference: lines (L x M x 3) from one edge inwards, one at a time, while
+    FLAT_SHARE of a line's pixels are within TOLERANCE in every channel of the outermost
+    line's mean colour (rounded half to even), for at most MAX_SIDE of them."""
+    most = int(len(lines) * MAX_SIDE)
+    if most < MIN_LINES or lines.shape[1] < 4:
+        return 0
+    colour = [round(sum(int(p[c]) for p in lines[0]) / lines.shape[1]) for c in range(3)]
+    run = 0
+    for line in lines[:most]:
+        near = sum(all(abs(int(p[c]) - colour[c]) <= TOLERANCE for c in range(3)) for p in line)
+        if near / len(line) < FLAT_SHARE:
+            break
+        run += 1
+    return run if run >= MIN_LINES else 0
+
+
+def test_the_depths_from_both_ends_agree_with_a_line_by_line_count():
+    rng = np.random.default_rng(1)
+    found = set()
+    for case in range(150):
+        h, w = (int(v) for v in rng.integers(3, 30, size=2))
+        a = rng.integers(0, 256, (h, w, 3))
+        pad = rng.integers(0, 8, size=2)  # flat bands at the start and the end, with sparse noise
+        for band, colour in (
+            (np.s_[: pad[0]], rng.integers(0, 256, 3)),
+            (np.s_[h - pad[1] :], rng.integers(0, 256, 3)),
+        ):
+            a[band] = colour + rng.integers(-TOLERANCE - 4, TOLERANCE + 5, a[band].shape) * (
+                rng.random(a[band].shape) < 0.05
+            )
+        a = np.clip(a, 0, 255).astype(np.uint8)
+        got = _depths_from_both_ends(a)
+        assert got == (depth_one_line_at_a_time(a), depth_one_line_at_a_time(a[::-1])), case
+        found.update(got)
+    assert 0 in found and len(found) > 3  # the cases cover no border and borders of several depths
