@@ -246,29 +246,49 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
 
 
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-IDENTITY = (1.0, 1.0, 1.0, 0.0)
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # positions in JITTER_OPS, factors and order
 
 
 def color_jitter(
     x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, masked: bool | None = None
 ) -> torch.Tensor:
-    """ColorJitter with per-sample factors and per-sample op order (n x 4 each). masked: every
-    op on the whole batch, kept where chosen (the GPU's way; default on a GPU), rather than on
-    the rows that chose it."""
+    """ColorJitter with per-sample factors and per-sample op order (n x 4 each). masked: the
+    whole batch at every step, each sample taking its own op or none (the GPU's way, with no
+    host sync; default on a GPU), rather than each op on the rows that chose it."""
     masked = x.is_cuda if masked is None else masked
+    if masked:
+        return _jitter_whole_batch(x, factors, order)
     for stage in range(4):
         for op, fn in enumerate(JITTER_OPS):
-            chosen = order[:, stage] == op
-            if masked:
-                # No host sync on the GPU: run the op on the whole batch with identity
-                # factors for the samples that did not choose it at this stage.
-                f = torch.where(chosen, factors[:, op], torch.full_like(factors[:, op], IDENTITY[op]))
-                x = torch.where(chosen.view(-1, 1, 1, 1), fn(x, f), x)
-            else:
-                rows = chosen.nonzero().squeeze(1)
-                if len(rows):
-                    x = x.index_copy(0, rows, fn(x.index_select(0, rows), factors[rows, op]))
+            rows = (order[:, stage] == op).nonzero().squeeze(1)
+            if len(rows):
+                x = x.index_copy(0, rows, fn(x.index_select(0, rows), factors[rows, op]))
     return x
+
+
+def _jitter_whole_batch(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """color_jitter without choosing rows. Every sample shifts its hue exactly once, so the hue
+    (the costly op: a round trip through HSV) runs once on the whole batch; the up to three
+    blends before it and after it run as one blend a stage, each sample with its own op, or
+    with factor 1 (itself, exactly) where it has none at that stage."""
+    hue_at = (order == HUE).int().argmax(dim=1)  # the stage of each sample's hue shift
+    for stage in range(3):
+        x = _blend_stage(x, factors, order[:, stage], stage < hue_at)
+    x = adjust_hue(x, factors[:, HUE])
+    for after in range(1, 4):
+        stage = hue_at + after
+        x = _blend_stage(x, factors, order.gather(1, stage.clamp(max=3)[:, None]).squeeze(1), stage <= 3)
+    return x
+
+
+def _blend_stage(x: torch.Tensor, factors: torch.Tensor, op: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast or saturation (op, per sample) where active: each blends the image
+    with its own baseline (black, mean grey, the image's grey)."""
+    gray = grayscale(x)
+    baseline = torch.where((op == SATURATION).view(-1, 1, 1, 1), gray, gray.mean(dim=(1, 2, 3), keepdim=True))
+    baseline = torch.where((op == BRIGHTNESS).view(-1, 1, 1, 1), 0.0, baseline)
+    chosen = factors.gather(1, op.clamp(max=SATURATION)[:, None]).squeeze(1)
+    return _blend(x, baseline, torch.where(active, chosen, 1.0))
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
