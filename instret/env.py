@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import re
 from importlib import metadata
 
 
@@ -37,6 +38,33 @@ def _faiss() -> tuple[str | None, str | None, int]:
     return faiss.__version__, build, faiss_gpu_count()
 
 
+def cuda_major(package: str | None) -> str | None:
+    """The CUDA major version a package's wheel was built against, read from the CUDA packages
+    it requires (`nvidia-...-cu12`, `cuda-toolkit[...]==13.0.3`); None for one without CUDA."""
+    for requirement in (metadata.requires(package) or []) if package and _version(package) else []:
+        suffix = re.match(r"nvidia-[\w-]+?-cu(\d+)\b", requirement)
+        toolkit = re.match(r"(?:cuda-toolkit|nvidia-cuda-runtime)\b[^=<>~;]*[=<>~]=?\s*(\d+)", requirement)
+        if suffix or toolkit:
+            return (suffix or toolkit).group(1)
+    return None
+
+
+def side_by_side(faiss_build: str | None, faiss_cuda: str | None, torch_cuda: str | None) -> str:
+    """Whether FAISS and torch share one CUDA stack in a process, in words."""
+    if faiss_build is None:
+        return "no FAISS installed"
+    if faiss_cuda is None:
+        return f"yes: {faiss_build} uses no CUDA"
+    if torch_cuda is None:
+        return f"FAISS on CUDA {faiss_cuda}; this torch has no CUDA"
+    if faiss_cuda == torch_cuda:
+        return f"yes: one CUDA {torch_cuda} stack for both"
+    return (
+        f"two CUDA stacks in one process (FAISS on CUDA {faiss_cuda}, torch on CUDA {torch_cuda}): separate"
+        " libraries that load side by side, each with its own GPU memory pool"
+    )
+
+
 def _torch_gpus() -> tuple[bool, list[str], str | None]:
     """(torch sees CUDA, the device names, the CUDA version torch was built for)."""
     if not os.path.exists("/dev/nvidiactl") and not glob.glob("/dev/nvidia[0-9]*"):
@@ -50,6 +78,7 @@ def _torch_gpus() -> tuple[bool, list[str], str | None]:
 def environment() -> dict:
     faiss_version, faiss_build, faiss_gpus = _faiss()
     torch_cuda, gpu_names, cuda_version = _torch_gpus()
+    faiss_cuda, torch_cuda_build = cuda_major(faiss_build), cuda_major("torch")
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -62,6 +91,9 @@ def environment() -> dict:
         "torch_cuda": torch_cuda,
         "torch_cuda_version": cuda_version,
         "torch_gpus": len(gpu_names),
+        "faiss_cuda_build": faiss_cuda,
+        "torch_cuda_build": torch_cuda_build,
+        "side_by_side": side_by_side(faiss_build, faiss_cuda, torch_cuda_build),
         "gpu_names": gpu_names,
         "cpus": usable_cpus(),
     }

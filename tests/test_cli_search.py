@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 
+import instret.env as instret_env
 from instret.indexer import build_index
 from tests.test_cli import run_cli, tiny_train_args
 
@@ -86,7 +87,34 @@ def test_dups_json_and_info_and_env(indexed, capsys):
     assert info["vectors"] == 31 and info["dim"] == 128 and info["index_type"] == "Flat" and info["bytes_total"] > 0
     code, out, _ = run_cli(["env", "--json"], capsys)
     env = json.loads(out)
-    assert {"python", "torch", "torchvision", "faiss", "faiss_gpus", "torch_cuda"} <= set(env)
+    assert {"python", "torch", "torchvision", "faiss", "faiss_gpus", "torch_cuda", "side_by_side"} <= set(env)
+
+
+def test_env_reads_each_packages_cuda_stack_from_what_it_requires(monkeypatch):
+    requires = {
+        "torch": ["filelock", 'cuda-toolkit[cublas,cudart]==13.0.3; platform_system == "Linux"'],
+        "faiss-gpu": ["numpy>=1.25", "nvidia-cuda-runtime-cu12>=12.1", "nvidia-cublas-cu12"],
+        "faiss-gpu-cuvs": ["numpy", "nvidia-cuda-runtime>=13.2", "cuvs"],
+        "faiss-gpu-cu12": ["numpy", "nvidia-cublas-cu12>=12.1"],
+        "faiss-cpu": ["numpy>=1.25", "packaging"],
+    }
+    monkeypatch.setattr(instret_env.metadata, "requires", requires.get)
+    monkeypatch.setattr(instret_env, "_version", lambda package: "1" if package in requires else None)
+    majors = {package: instret_env.cuda_major(package) for package in [*requires, "absent"]}
+    assert majors == {
+        "torch": "13",
+        "faiss-gpu": "12",
+        "faiss-gpu-cuvs": "13",
+        "faiss-gpu-cu12": "12",
+        "faiss-cpu": None,
+        "absent": None,
+    }
+    assert instret_env.side_by_side("faiss-cpu", None, "13") == "yes: faiss-cpu uses no CUDA"
+    assert instret_env.side_by_side("faiss-gpu-cuvs", "13", "13") == "yes: one CUDA 13 stack for both"
+    assert instret_env.side_by_side("faiss-gpu", "12", "13").startswith(
+        "two CUDA stacks in one process (FAISS on CUDA 12"
+    )
+    assert instret_env.side_by_side(None, None, "13") == "no FAISS installed"
 
 
 def test_eval_retrieval_json(trained_run, capsys):
