@@ -56,16 +56,18 @@ def open_rgb(path: str | Path | io.BytesIO, max_pixels: int | None = None, draft
             img = Image.open(path)
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise ImageReadError(_too_many_pixels(img.width * img.height, max_pixels))
-            if draft is not None and img.format == "JPEG":
+            if draft is not None and img.format in ("JPEG", "MPO"):
                 # JPEG can decode at 1/2, 1/4 or 1/8 scale: much faster when shrinking anyway.
+                # (MPO: a camera's JPEG with extra pictures, such as a depth map, after the first.)
                 img.draft("RGB", (draft, draft))
-            # In place, and no conversion of an RGB image: each would be a copy of every pixel.
+            # In place, and no conversion of a single RGB picture: each would copy every pixel.
+            # (A file of several pictures stays open while its image lives: that one is copied.)
             ImageOps.exif_transpose(img, in_place=True)
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
                 img = _sixteen_to_eight_bit(img)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 img = _flatten_alpha(img)
-            return img if img.mode == "RGB" else img.convert("RGB")
+            return img if img.mode == "RGB" and getattr(img, "n_frames", 1) == 1 else img.convert("RGB")
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -61,3 +63,32 @@ def test_jpeg_draft_decoding_gives_the_full_decode_within_two_levels(tmp_path):
         fast = square_tensor(drafted, size, trim=False).float()
         full = square_tensor(open_rgb(path), size, trim=False).float()
         assert (fast - full).abs().mean() < 2.0 and torch.equal(read_image(path, size), square_tensor(drafted, size))
+
+
+def test_a_cameras_multi_picture_jpeg_decodes_like_its_first_picture(tmp_path):
+    # MPO: a JPEG followed by more pictures (a depth map, say). Its first picture is drafted and
+    # decoded as that JPEG alone would be; the file is not held open by the returned image.
+    rng = np.random.default_rng(1)
+    first, second = (Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)) for _ in range(2))
+    first.save(tmp_path / "alone.jpg", quality=90)
+    first.save(tmp_path / "camera.jpg", "MPO", save_all=True, append_images=[second], quality=90)
+    camera = Image.open(tmp_path / "camera.jpg")
+    assert camera.format == "MPO" and camera.n_frames == 2
+    camera.close()
+    assert torch.equal(read_image(tmp_path / "camera.jpg", 32), read_image(tmp_path / "alone.jpg", 32))
+    img = open_rgb(tmp_path / "camera.jpg", draft=32)
+    assert img.size == (50, 38)  # drafted at 1/8
+    alone = open_rgb(tmp_path / "alone.jpg", draft=32)  # one picture: returned as decoded, not copied
+    assert alone.size == (50, 38)
+    assert {str(tmp_path / "camera.jpg"), str(tmp_path / "alone.jpg")}.isdisjoint(open_files())
+
+
+def open_files() -> set[str]:
+    """The files this process holds open (Linux)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the descriptor listdir itself used, closed since
+            pass
+    return found
