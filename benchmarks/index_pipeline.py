@@ -6,9 +6,9 @@ For each folder: images/s of decoding (worker processes) plus encoding, as `inst
 runs them (instret.images.iter_decoded, then the encoder), for several (workers, encoder
 threads, batch) settings, against the encoder alone on images decoded beforehand (the
 ceiling). Two more rows bound the pipeline: decoding alone (no encoder), and the pipeline
-with decoding cut to Pillow's libjpeg call (LibjpegOnly). The settings and the ceiling are measured in turn, `--repeats` times, and the
-medians kept, so that a shared, noisy machine affects them alike. The last line on stdout is
-one JSON object.
+with decoding cut to Pillow's libjpeg call (LibjpegOnly). The settings and the ceiling are
+measured in turn, `--repeats` times, and the medians kept, so that a shared, noisy machine
+affects them alike. The last line on stdout is one JSON object.
 """
 
 from __future__ import annotations

@@ -41,7 +41,9 @@ def _faiss() -> tuple[str | None, str | None, int]:
 def cuda_major(package: str | None) -> str | None:
     """The CUDA major version a package's wheel was built against, read from the CUDA packages
     it requires (`nvidia-...-cu12`, `cuda-toolkit[...]==13.0.3`); None for one without CUDA."""
-    for requirement in (metadata.requires(package) or []) if package and _version(package) else []:
+    if package is None or _version(package) is None:
+        return None
+    for requirement in metadata.requires(package) or []:
         suffix = re.match(r"nvidia-[\w-]+?-cu(\d+)\b", requirement)
         toolkit = re.match(r"(?:cuda-toolkit|nvidia-cuda-runtime)\b[^=<>~;]*[=<>~]=?\s*(\d+)", requirement)
         if suffix or toolkit:

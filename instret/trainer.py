@@ -289,7 +289,7 @@ class Trainer:
 
     def eval_model(self, sample: int = MONITOR_SAMPLE) -> torch.nn.Module:
         """The model as evaluated and exported: BatchNorm statistics of clean training images
-        (a sample of at most 512 every epoch keeps the monitor cheap; the final export uses more)."""
+        (at most MONITOR_SAMPLE images every epoch keep the monitor cheap; the final export uses more)."""
         sample = evenly_spaced(len(self.train_images), sample)
         return calibrated_copy(self.model, self.train_images.batches(chunks(sample)), self.mean, self.std)
 
