@@ -55,7 +55,7 @@ def world_from_env() -> World:
     return World(rank(), world_size(), local_rank())
 
 
-# How long a process waits in a collective. The others wait at the closing barrier while rank 0
+# How long a process waits in a collective or at the close. The others wait at the close while rank 0
 # evaluates, exports and indexes alone, which takes far longer than NCCL's default 10 minutes at
 # ImageNet scale; a real hang still ends, after this.
 COLLECTIVE_TIMEOUT = timedelta(hours=6)
@@ -74,10 +74,20 @@ def process_group(world: World, device: torch.device):
     try:
         yield
         if world.distributed:
-            dist.barrier()
+            _wait_for_every_process(world)
     finally:
         if world.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _wait_for_every_process(world: World) -> None:
+    """Return once every process has got here, through the group's key-value store rather than
+    a collective. A barrier is itself a collective: the first process out of it could tear the
+    group down while another was still finishing it (seen in CI, once in many runs). Once a
+    process has seen every mark in the store, none is inside a collective any more."""
+    store = dist.distributed_c10d._get_default_store()  # the rendezvous store: not torn down with the group
+    store.set(f"instret/closing/{world.rank}", "1")
+    store.wait([f"instret/closing/{r}" for r in range(world.size)], COLLECTIVE_TIMEOUT)
 
 
 def gather_rows(world: World, local: torch.Tensor, n: int) -> torch.Tensor:

@@ -59,6 +59,23 @@ def _bn_rank(rank, size, tmp):
         )
 
 
+def _close_rank(rank, size, tmp):
+    world = _join(rank, size, tmp)
+    with process_group(world, torch.device("cpu")):
+        torch.distributed.all_reduce(torch.ones(3))  # a last collective, then rank 0 works alone
+        if world.main:
+            time.sleep(1.5)
+        (tmp / f"closing{rank}").write_text(str(time.time()))
+    (tmp / f"closed{rank}").write_text(str(time.time()))
+
+
+def test_no_process_leaves_the_group_before_every_process_has_reached_its_end(tmp_path):
+    mp.start_processes(_close_rank, args=(2, tmp_path), nprocs=2, start_method="spawn")  # raises if one aborted
+    rank0_done = float((tmp_path / "closing0").read_text())
+    assert float((tmp_path / "closing1").read_text()) < rank0_done  # rank 1 got there first
+    assert float((tmp_path / "closed1").read_text()) >= rank0_done  # and waited for rank 0
+
+
 def test_global_batch_norm_forward_and_backward_equal_batch_norm_of_the_whole_batch(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, 3, 4, 4, generator=g) * 2 + 0.5  # 7 rows: split 4 / 3
@@ -200,7 +217,7 @@ def test_a_user_error_under_two_processes_is_still_one_line(tmp_path):
 
 
 def test_process_groups_wait_longer_than_nccls_default_in_collectives(monkeypatch):
-    # Rank 0 alone evaluates and indexes while the others wait at the closing barrier: NCCL's
+    # Rank 0 alone evaluates and indexes while the others wait at the close: NCCL's
     # default 10 minutes would abort the job. The group is made with a longer timeout.
     import torch.distributed as dist
 
@@ -211,7 +228,7 @@ def test_process_groups_wait_longer_than_nccls_default_in_collectives(monkeypatc
     monkeypatch.setattr(
         dist, "init_process_group", lambda backend, timeout: made.update(backend=backend, timeout=timeout)
     )
-    monkeypatch.setattr(dist, "barrier", lambda: None)
+    monkeypatch.setattr(distributed, "_wait_for_every_process", lambda world: None)
     monkeypatch.setattr(dist, "destroy_process_group", lambda: made.clear())
     with distributed.process_group(distributed.World(0, 2, 0), torch.device("cpu")):
         assert made["backend"] == "gloo" and made["timeout"].total_seconds() >= 3600
