@@ -28,6 +28,15 @@ def host_rows(table) -> np.ndarray:
     return np.ascontiguousarray(table.detach().float().cpu().numpy())
 
 
+def flat_index(rows: np.ndarray):
+    """An exact inner-product FAISS index over contiguous float32 rows (host_rows), as they are."""
+    import faiss
+
+    index = faiss.IndexFlatIP(rows.shape[1])
+    index.add(rows)
+    return index
+
+
 def faiss_gpu_count() -> int:
     """GPUs faiss can use; 0 for faiss-cpu (which has no get_num_gpus, or raises on cloning)."""
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from instret.faiss_boundary import GPU_MAX_K, faiss_gpu_count, host_rows, knn_on_gpu
+from instret.faiss_boundary import GPU_MAX_K, faiss_gpu_count, flat_index, host_rows, knn_on_gpu
 
 
 def knn_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, sigma: float) -> torch.Tensor:
@@ -56,12 +56,7 @@ class FeatureIndex:
         if table.is_cuda if in_place is None else in_place:
             self._table, self._index, self._faiss_gpu = table, None, faiss_gpu_count() > 0
             return
-        import faiss
-
-        keys = host_rows(table)
-        index = faiss.IndexFlatIP(keys.shape[1])
-        index.add(keys)
-        self._table, self._index = None, index
+        self._table, self._index = None, flat_index(host_rows(table))
 
     @property
     def ntotal(self) -> int:
