@@ -14,6 +14,7 @@ from instret.config import (
     BANK_INITS,
     DATASETS,
     LOSSES,
+    NEIGHBOURHOODS,
     RECIPES,
     SCHEDULES,
     default_text,
@@ -69,6 +70,19 @@ from instret.config import (
     "--bank-init",
     type=click.Choice(BANK_INITS),
     help=f"Memory bank start: random (paper) or features [{default_text('bank_init')}].",
+)
+@click.option(
+    "--neighbourhoods",
+    type=click.Choice(NEIGHBOURHOODS),
+    help="Rounds that mine the memory bank for each image's neighbours and train them as positives: "
+    "mutual (mutual nearest neighbours as close as two views of one image), anchors (AND's "
+    f"lowest-entropy curriculum) or off [{default_text('neighbourhoods')}].",
+)
+@click.option(
+    "--neighbour-k", type=int, help=f"Nearest bank rows a neighbourhood is taken from [{default_text('neighbour_k')}]."
+)
+@click.option(
+    "--neighbour-rounds", type=int, help=f"Neighbourhood rounds in a run [{default_text('neighbour_rounds')}]."
 )
 @click.option("--knn-k", type=int, help=f"Neighbours in the weighted kNN [{default_text('knn_k')}].")
 @click.option(

@@ -13,6 +13,7 @@ FORMAT_VERSION = 1
 
 ARCHS = ("auto", "small", "resnet18", "resnet50")
 LOSSES = ("softmax", "nce")
+NEIGHBOURHOODS = ("off", "anchors", "mutual")
 BANK_INITS = ("random", "features")
 SCHEDULES = ("step", "cosine")
 DATASETS = ("digits", "cifar10")
@@ -91,6 +92,12 @@ class TrainConfig:
     bank_momentum: float = 0.5
     prox_lambda: float = 0.0
     bank_init: str = "random"  # random: the paper's; features: the untrained network's features
+    # neighbourhood discovery (instret.neighbours): rounds of mining the bank for positives
+    neighbourhoods: str = "off"  # off, anchors (AND's curriculum) or mutual (mutual neighbours at a calibrated cosine)
+    neighbour_k: int = 5  # nearest bank rows a neighbourhood is taken from
+    neighbour_rounds: int = 4
+    neighbour_start: float = 0.3  # fraction of the epochs trained before the first round
+    neighbour_quantile: float = 0.5  # mutual: the cosine two views of one image reach this share of the time
     # augmentation (the paper's)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     jitter: float = 0.4  # brightness, contrast and saturation factors in [1 - jitter, 1 + jitter]
@@ -162,6 +169,20 @@ class TrainConfig:
         need(self.nce_k >= 1, "--nce-k must be at least 1")
         need(0.0 <= self.bank_momentum < 1.0, "--bank-momentum must be in [0, 1)")
         need(self.prox_lambda >= 0, "--prox-lambda must be non-negative")
+        need(
+            self.neighbourhoods in NEIGHBOURHOODS,
+            f"--neighbourhoods must be one of {', '.join(NEIGHBOURHOODS)}, not {self.neighbourhoods!r}",
+        )
+        need(
+            self.neighbourhoods == "off" or self.loss == "softmax",
+            "--neighbourhoods takes the exact softmax's mass over each neighbourhood: use --loss softmax",
+        )
+        need(
+            self.neighbour_k >= 1 and self.neighbour_rounds >= 1,
+            "--neighbour-k and --neighbour-rounds must be at least 1",
+        )
+        need(0 <= self.neighbour_start < 0.8, "neighbour_start must be in [0, 0.8)")
+        need(0 <= self.neighbour_quantile <= 1, "neighbour_quantile must be in [0, 1]")
         need(self.knn_k >= 1, "--knn-k must be at least 1")
         need(self.monitor_size >= 0, "--monitor-size must be non-negative")
         need(self.low_dim >= 1, "--low-dim must be at least 1")

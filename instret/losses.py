@@ -52,3 +52,14 @@ def nce_loss(
 def proximal_term(f: torch.Tensor, previous: torch.Tensor, lam: float) -> torch.Tensor:
     """lambda * ||v_i(t) - v_i(t-1)||^2, previous = the bank rows from the last visit (B x D)."""
     return lam * (f - previous.detach()).pow(2).sum(dim=1).mean()
+
+
+def neighbourhood_loss(
+    f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, neighbours: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """-log sum_{j in {i} + N(i)} P(j | f_i): the softmax's mass on the sample's own row and its
+    neighbourhood (Huang et al. 2019); neighbours B x K bank ids, -1 where unused."""
+    logits = (f / tau) @ bank.T  # B x D @ D x n -> B x n
+    ids = torch.cat([idx.view(-1, 1), neighbours], dim=1)  # B x (K + 1)
+    mine = logits.gather(1, ids.clamp_min(0)).masked_fill(ids < 0, -math.inf)
+    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(mine, dim=1)).mean()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from instret import losses
+from instret import losses, neighbours
 from instret.augment import Augment, channel_stats
 from instret.bank import MemoryBank
 from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, PAPER_EPOCHS, TrainConfig, with_presets
@@ -159,6 +159,14 @@ class Trainer:
         )
         self.epoch = 0  # epochs finished
         self.nce_z: float | None = None
+        # Neighbourhood discovery: each row's positives (n x K, -1 unused; None before the first
+        # round), the rounds run, whether growth stopped, and each row's cosine between its last
+        # augmented view and its bank row, which calibrates the mutual rule.
+        self.neighbourhoods: torch.Tensor | None = None
+        self.rounds = 0
+        self.rounds_stopped = False
+        self.view_cosine = torch.zeros(n, device=device)
+        self.round_row: dict = {}
         self.history: list[dict] = []
         if checkpoint is not None:
             self.load_state(checkpoint)
@@ -192,7 +200,9 @@ class Trainer:
     def loss(self, f: torch.Tensor, idx: torch.Tensor, rows: slice, batch: int) -> torch.Tensor:
         """The loss of this process's rows of a global batch of `batch` (all of it in one process)."""
         cfg, bank = self.cfg, self.bank.features
-        if cfg.loss == "softmax":
+        if self.neighbourhoods is not None:
+            loss = losses.neighbourhood_loss(f, bank, idx, self.neighbourhoods[idx], cfg.tau)
+        elif cfg.loss == "softmax":
             loss = losses.softmax_loss(f, bank, idx, cfg.tau)
         else:
             noise = losses.nce_noise(len(bank), batch, cfg.nce_k, self.generator)[rows]
@@ -228,12 +238,16 @@ class Trainer:
         # gradient of the global batch's mean loss (share = 1 in one process).
         (loss * (share * self.world.size)).backward()
         self.optimizer.step()
-        self.bank.update(idx, gather_rows(self.world, f.detach(), batch), self.cfg.bank_momentum)
+        everyone = gather_rows(self.world, f.detach(), batch)
+        if self.cfg.neighbourhoods != "off":
+            self.view_cosine[idx] = (everyone * self.bank.features[idx]).sum(dim=1)
+        self.bank.update(idx, everyone, self.cfg.bank_momentum)
         return loss.detach() * share
 
     def train_epoch(self, max_steps: int | None = None) -> dict:
         """Train one epoch (its first max_steps batches only, for a smoke test); it is then
         counted (self.epoch) and its row is in self.history."""
+        self.discover_neighbourhoods()
         cfg = self.cfg
         lr = lr_at(self.epoch, cfg)
         for group in self.optimizer.param_groups:
@@ -270,9 +284,57 @@ class Trainer:
                 "lr": lr,
                 "seconds": round(seconds, 3),
                 "images_per_s": round(seen / seconds, 1),
+                **self.round_row,
             }
         )
+        self.round_row = {}
         return self.history[-1]
+
+    def discover_neighbourhoods(self) -> None:
+        """Run the neighbourhood round due before this epoch (neighbours.round_epochs): mine the
+        bank's FAISS mirror, choose each row's positives by the rule, and refuse a round whose
+        links would join over half the set (growth then stops, and the run says so)."""
+        cfg = self.cfg
+        if cfg.neighbourhoods == "off" or self.rounds_stopped:
+            return
+        due = sum(
+            self.epoch >= e for e in neighbours.round_epochs(cfg.epochs, cfg.neighbour_rounds, cfg.neighbour_start)
+        )
+        if self.rounds < due:  # one round an epoch at most: rounds due together follow one another
+            t = time.perf_counter()
+            self.rounds += 1
+            share = neighbours.curriculum_share(self.rounds, cfg.neighbour_rounds)
+            sims, ids = neighbours.nearest_rows(self.bank.features, max(cfg.neighbour_k, 10))
+            if cfg.neighbourhoods == "anchors":
+                found = neighbours.anchor_neighbourhoods(sims, ids, share, cfg.neighbour_k, cfg.tau)
+                threshold = None
+            else:
+                threshold = float(self.view_cosine.quantile(1 - cfg.neighbour_quantile))
+                found = neighbours.mutual_neighbourhoods(sims, ids, cfg.neighbour_k, threshold, share)
+            figures = neighbours.round_figures(found, self.neighbourhoods)
+            refused = figures["neighbourhood_largest"] > neighbours.MAX_COMPONENT
+            if refused:
+                self.rounds_stopped = True
+                log(
+                    f"note: neighbourhood round {self.rounds} would link {figures['neighbourhood_largest']:.0%} of "
+                    f"the images into one group; keeping the last round's neighbourhoods and growing no more"
+                )
+            else:
+                self.neighbourhoods = found
+            self.round_row = {
+                "neighbourhood_round": self.rounds,
+                "neighbourhood_share": share,
+                **({"neighbourhood_threshold": threshold} if threshold is not None else {}),
+                **figures,
+                "neighbourhood_refused": refused,
+                "neighbourhood_seconds": round(time.perf_counter() - t, 3),
+            }
+            log(
+                f"neighbourhood round {self.rounds}/{cfg.neighbour_rounds}: {figures['neighbourhood_rows']} of "
+                f"{len(found)} images have neighbours, mean size {figures['neighbourhood_size']:.2f}, largest "
+                f"group {figures['neighbourhood_largest']:.1%}, agreement {figures['neighbourhood_agreement']:.2f}"
+                + (f", cosine >= {threshold:.3f}" if threshold is not None else "")
+            )
 
     def plan(self, epoch_start: float, per_epoch: float, in_progress: bool) -> None:
         """Set cfg.epochs to what fits before the deadline: the epochs finished, plus as many of
@@ -353,6 +415,10 @@ class Trainer:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "nce_z": self.nce_z,
+            "neighbourhoods": self.neighbourhoods,
+            "rounds": self.rounds,
+            "rounds_stopped": self.rounds_stopped,
+            "view_cosine": self.view_cosine,
             "history": self.history,
             "mean": list(self.mean),
             "std": list(self.std),
@@ -375,6 +441,11 @@ class Trainer:
             )
         torch.set_rng_state(ckpt["torch_rng"])
         self.epoch, self.nce_z, self.history = ckpt["epoch"], ckpt["nce_z"], list(ckpt["history"])
+        if "rounds" in ckpt:  # checkpoints before neighbourhood discovery have none
+            nb = ckpt["neighbourhoods"]
+            self.neighbourhoods = None if nb is None else nb.to(self.device)
+            self.rounds, self.rounds_stopped = ckpt["rounds"], ckpt["rounds_stopped"]
+            self.view_cosine.copy_(ckpt["view_cosine"])
         self.mean, self.std = tuple(ckpt["mean"]), tuple(ckpt["std"])
         self.augment.mean, self.augment.std = self.mean, self.std
 

@@ -133,6 +133,61 @@ def test_interrupt_and_resume_equals_uninterrupted(image_folder, tmp_path, monke
     _assert_same_run(tmp_path / "a", tmp_path / "b")
 
 
+@pytest.mark.parametrize("rule", ["mutual", "anchors"])
+def test_a_run_with_neighbourhoods_killed_and_resumed_ends_as_an_uninterrupted_one(tmp_path, monkeypatch, rule):
+    folder = make_image_folder(tmp_path / "images", per_class=16)
+    opts = {"data": str(folder), "epochs": 6, "neighbourhoods": rule, "neighbour_k": 2, "neighbour_start": 0.0, **TINY}
+    train({**opts, "out": str(tmp_path / "a")})
+    real_save = Trainer.save
+
+    def save_then_die(self):
+        real_save(self)
+        if self.epoch == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train({**opts, "out": str(tmp_path / "b")})
+    monkeypatch.setattr(Trainer, "save", real_save)
+    train({"out": str(tmp_path / "b")}, resume=True)
+    _assert_same_run(tmp_path / "a", tmp_path / "b")
+    a, b = (load_checkpoint(tmp_path / run / "checkpoint.pt") for run in "ab")
+    assert a["rounds"] == b["rounds"] and torch.equal(a["neighbourhoods"], b["neighbourhoods"])
+    assert a["rounds_stopped"] == b["rounds_stopped"] and torch.equal(a["view_cosine"], b["view_cosine"])
+    rounds = [[r.get("neighbourhood_round") for r in ckpt["history"]] for ckpt in (a, b)]
+    # Due before epochs 1, 1, 2 and 4 (round_epochs(6, 4, 0.0)), one an epoch at most; the tiny
+    # set may refuse the last ones (the refused round is still reported).
+    assert rounds[0] == rounds[1] and rounds[0][:4] == [None, 1, 2, 3]
+    figures = [
+        [
+            {k: v for k, v in r.items() if k.startswith("neighbourhood") and k != "neighbourhood_seconds"}
+            for r in c["history"]
+        ]
+        for c in (a, b)
+    ]
+    assert figures[0] == figures[1]
+    assert all(r["neighbourhood_rows"] > 0 for r in a["history"] if "neighbourhood_round" in r)
+
+
+def test_a_round_that_would_merge_the_set_is_refused_and_growth_stops(image_folder, capsys):
+    from instret.data import load_folder
+
+    cfg = TrainConfig.from_dict(
+        {"data": str(image_folder), "epochs": 8, "neighbourhoods": "anchors", "neighbour_k": 5, "arch": "small", **TINY}
+    )
+    trainer = Trainer(cfg, load_folder(image_folder, 16), torch.device("cpu"))
+    trainer.bank.features[:] = torch.nn.functional.normalize(torch.ones(len(trainer.bank), cfg.low_dim), dim=1)
+    trainer.bank.features[:, 0] += torch.linspace(0, 1e-3, len(trainer.bank))  # one tight chain
+    trainer.epoch, trainer.rounds = 8, 3  # the last round: every row an anchor with its 5 nearest
+    trainer.discover_neighbourhoods()
+    assert trainer.rounds == 4 and trainer.rounds_stopped and trainer.neighbourhoods is None
+    assert trainer.round_row["neighbourhood_refused"] and trainer.round_row["neighbourhood_largest"] > 0.5
+    assert "growing no more" in capsys.readouterr().err
+    trainer.epoch = 9
+    trainer.discover_neighbourhoods()
+    assert trainer.rounds == 4
+
+
 def test_existing_run_is_not_overwritten_without_resume(image_folder, tmp_path):
     out = tmp_path / "run"
     train({"data": str(image_folder), "epochs": 1, "out": str(out), **TINY})
