@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from instret import losses, neighbours
 from instret.augment import Augment, channel_stats
 from instret.bank import MemoryBank
-from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, PAPER_EPOCHS, TrainConfig, with_presets
+from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, MULTI_VIEW, PAPER_EPOCHS, TrainConfig, with_presets
 from instret.data import ImageSet, TrainData, auto_image_size, load_train_data
 from instret.device import fast_cpu_bf16, resolve_device
 from instret.distributed import (
@@ -167,7 +167,10 @@ class Trainer:
         self.rounds_stopped = False
         self.view_cosine = torch.zeros(n, device=device)
         self.round_row: dict = {}
+        self.multi_view = False  # training for several views of each thing (config.MULTI_VIEW)
         self.history: list[dict] = []
+        if cfg.multi_view == "on":
+            self.train_for_multi_view()
         if checkpoint is not None:
             self.load_state(checkpoint)
         elif cfg.bank_init == "features":
@@ -189,6 +192,17 @@ class Trainer:
                 self.encode(self.augment(images, self.generator), self.model), dim=1
             )
 
+    @property
+    def tau(self) -> float:
+        """The loss's temperature: MULTI_VIEW's once training turned to several views of a thing."""
+        return MULTI_VIEW["tau"] if self.multi_view else self.cfg.tau
+
+    def train_for_multi_view(self) -> None:
+        """From now on, train to tell objects apart across their views (config.MULTI_VIEW)."""
+        self.multi_view = True
+        self.augment.hue, self.augment.grayscale_p = MULTI_VIEW["hue"], MULTI_VIEW["grayscale_p"]
+        self.augment.scale = MULTI_VIEW["crop_scale"]
+
     def image_source(self, images: ImageSet) -> ResidentImages | StreamedImages:
         if images.images is not None:
             return ResidentImages(images.images, self.device)
@@ -201,9 +215,9 @@ class Trainer:
         """The loss of this process's rows of a global batch of `batch` (all of it in one process)."""
         cfg, bank = self.cfg, self.bank.features
         if self.neighbourhoods is not None:
-            loss = losses.neighbourhood_loss(f, bank, idx, self.neighbourhoods[idx], cfg.tau)
+            loss = losses.neighbourhood_loss(f, bank, idx, self.neighbourhoods[idx], self.tau)
         elif cfg.loss == "softmax":
-            loss = losses.softmax_loss(f, bank, idx, cfg.tau)
+            loss = losses.softmax_loss(f, bank, idx, self.tau)
         else:
             noise = losses.nce_noise(len(bank), batch, cfg.nce_k, self.generator)[rows]
             if self.nce_z is None:  # estimated once, from the first batch, then frozen
@@ -305,12 +319,14 @@ class Trainer:
             self.rounds += 1
             share = neighbours.curriculum_share(self.rounds, cfg.neighbour_rounds)
             sims, ids = neighbours.nearest_rows(self.bank.features, max(cfg.neighbour_k, 10))
+            threshold = float(self.view_cosine.quantile(1 - cfg.neighbour_quantile))
+            confident = neighbours.mutual_neighbourhoods(sims, ids, cfg.neighbour_k, threshold)
             if cfg.neighbourhoods == "anchors":
-                found = neighbours.anchor_neighbourhoods(sims, ids, share, cfg.neighbour_k, cfg.tau)
-                threshold = None
+                found = neighbours.anchor_neighbourhoods(sims, ids, share, cfg.neighbour_k, self.tau)
             else:
-                threshold = float(self.view_cosine.quantile(1 - cfg.neighbour_quantile))
                 found = neighbours.mutual_neighbourhoods(sims, ids, cfg.neighbour_k, threshold, share)
+            grouped = float((confident >= 0).any(dim=1).float().mean())
+            turn = cfg.multi_view == "auto" and not self.multi_view and grouped >= neighbours.GROUPED
             figures = neighbours.round_figures(found, self.neighbourhoods)
             refused = figures["neighbourhood_largest"] > neighbours.MAX_COMPONENT
             if refused:
@@ -324,7 +340,8 @@ class Trainer:
             self.round_row = {
                 "neighbourhood_round": self.rounds,
                 "neighbourhood_share": share,
-                **({"neighbourhood_threshold": threshold} if threshold is not None else {}),
+                "neighbourhood_threshold": threshold,
+                "neighbourhood_confident": grouped,
                 **figures,
                 "neighbourhood_refused": refused,
                 "neighbourhood_seconds": round(time.perf_counter() - t, 3),
@@ -333,8 +350,16 @@ class Trainer:
                 f"neighbourhood round {self.rounds}/{cfg.neighbour_rounds}: {figures['neighbourhood_rows']} of "
                 f"{len(found)} images have neighbours, mean size {figures['neighbourhood_size']:.2f}, largest "
                 f"group {figures['neighbourhood_largest']:.1%}, agreement {figures['neighbourhood_agreement']:.2f}"
-                + (f", cosine >= {threshold:.3f}" if threshold is not None else "")
+                + f"; {grouped:.0%} have a confident neighbour (cosine >= {threshold:.3f})"
             )
+            if turn:
+                self.train_for_multi_view()
+                self.round_row["multi_view"] = True
+                log(
+                    f"most images have another view of the same thing nearby: training now tells objects apart "
+                    f"across their views (colour kept, tau {MULTI_VIEW['tau']}, crops from "
+                    f"{MULTI_VIEW['crop_scale'][0]:.0%}; --multi-view off keeps the recipe as it was)"
+                )
 
     def plan(self, epoch_start: float, per_epoch: float, in_progress: bool) -> None:
         """Set cfg.epochs to what fits before the deadline: the epochs finished, plus as many of
@@ -419,6 +444,7 @@ class Trainer:
             "rounds": self.rounds,
             "rounds_stopped": self.rounds_stopped,
             "view_cosine": self.view_cosine,
+            "multi_view": self.multi_view,
             "history": self.history,
             "mean": list(self.mean),
             "std": list(self.std),
@@ -446,6 +472,8 @@ class Trainer:
             self.neighbourhoods = None if nb is None else nb.to(self.device)
             self.rounds, self.rounds_stopped = ckpt["rounds"], ckpt["rounds_stopped"]
             self.view_cosine.copy_(ckpt["view_cosine"])
+            if ckpt["multi_view"] and not self.multi_view:
+                self.train_for_multi_view()
         self.mean, self.std = tuple(ckpt["mean"]), tuple(ckpt["std"])
         self.augment.mean, self.augment.std = self.mean, self.std
 

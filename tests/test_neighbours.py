@@ -147,5 +147,7 @@ def test_round_figures_count_rows_sizes_groups_and_agreement():
 
 
 def test_rounds_run_from_the_start_fraction_to_four_fifths_of_the_run():
+    assert neighbours.FIRST_ROUND_EPOCH == 20
     assert neighbours.round_epochs(100, 4, 0.3) == [30, 42, 55, 68]
-    assert neighbours.round_epochs(2, 4, 0.0) == [1, 1, 1, 1]  # never before the first epoch
+    assert neighbours.round_epochs(30, 4, 0.3) == [20, 20, 20, 20]  # never before epoch 20
+    assert neighbours.round_epochs(20, 4, 0.3) == []  # a short run has none

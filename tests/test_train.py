@@ -135,6 +135,9 @@ def test_interrupt_and_resume_equals_uninterrupted(image_folder, tmp_path, monke
 
 @pytest.mark.parametrize("rule", ["mutual", "anchors"])
 def test_a_run_with_neighbourhoods_killed_and_resumed_ends_as_an_uninterrupted_one(tmp_path, monkeypatch, rule):
+    from instret import neighbours
+
+    monkeypatch.setattr(neighbours, "FIRST_ROUND_EPOCH", 1)
     folder = make_image_folder(tmp_path / "images", per_class=16)
     opts = {"data": str(folder), "epochs": 6, "neighbourhoods": rule, "neighbour_k": 2, "neighbour_start": 0.0, **TINY}
     train({**opts, "out": str(tmp_path / "a")})
@@ -173,19 +176,59 @@ def test_a_round_that_would_merge_the_set_is_refused_and_growth_stops(image_fold
     from instret.data import load_folder
 
     cfg = TrainConfig.from_dict(
-        {"data": str(image_folder), "epochs": 8, "neighbourhoods": "anchors", "neighbour_k": 5, "arch": "small", **TINY}
+        {
+            "data": str(image_folder),
+            "epochs": 30,
+            "neighbourhoods": "anchors",
+            "neighbour_k": 5,
+            "arch": "small",
+            **TINY,
+        }
     )
     trainer = Trainer(cfg, load_folder(image_folder, 16), torch.device("cpu"))
     trainer.bank.features[:] = torch.nn.functional.normalize(torch.ones(len(trainer.bank), cfg.low_dim), dim=1)
     trainer.bank.features[:, 0] += torch.linspace(0, 1e-3, len(trainer.bank))  # one tight chain
-    trainer.epoch, trainer.rounds = 8, 3  # the last round: every row an anchor with its 5 nearest
+    trainer.epoch, trainer.rounds = 25, 3  # the last round: every row an anchor with its 5 nearest
     trainer.discover_neighbourhoods()
     assert trainer.rounds == 4 and trainer.rounds_stopped and trainer.neighbourhoods is None
     assert trainer.round_row["neighbourhood_refused"] and trainer.round_row["neighbourhood_largest"] > 0.5
     assert "growing no more" in capsys.readouterr().err
-    trainer.epoch = 9
+    trainer.epoch = 26
     trainer.discover_neighbourhoods()
     assert trainer.rounds == 4
+
+
+@pytest.mark.parametrize("confident, turns", [(0.2, False), (0.3, True)])
+def test_multi_view_auto_turns_when_a_round_finds_views_of_the_same_things(image_folder, monkeypatch, confident, turns):
+    """Rows with a confident neighbour at or above GROUPED (a quarter) turn training to
+    config.MULTI_VIEW: colour kept, the temperature and crops of several views of a thing."""
+    from instret import neighbours
+    from instret.config import MULTI_VIEW
+    from instret.data import load_folder
+
+    cfg = TrainConfig.from_dict(
+        {"data": str(image_folder), "epochs": 30, "neighbourhoods": "mutual", "arch": "small", **TINY}
+    )
+    trainer = Trainer(cfg, load_folder(image_folder, 16), torch.device("cpu"))
+    n = len(trainer.bank)
+    real = neighbours.mutual_neighbourhoods
+
+    def confident_rows(sims, ids, k, threshold, share=1.0):
+        found = real(sims, ids, k, -2.0, share)  # every mutual pair
+        found[round(confident * n) :] = -1  # only the first rows keep theirs
+        return found
+
+    monkeypatch.setattr(neighbours, "mutual_neighbourhoods", confident_rows)
+    before = (trainer.augment.hue, trainer.augment.grayscale_p, trainer.augment.scale, trainer.tau)
+    trainer.epoch = 20
+    trainer.discover_neighbourhoods()
+    assert trainer.round_row["neighbourhood_confident"] == pytest.approx(round(confident * n) / n)
+    after = (trainer.augment.hue, trainer.augment.grayscale_p, trainer.augment.scale, trainer.tau)
+    want = tuple(MULTI_VIEW[k] for k in ("hue", "grayscale_p", "crop_scale", "tau"))
+    assert trainer.multi_view is turns and after == (want if turns else before)
+    assert trainer.state()["multi_view"] is turns
+    resumed = Trainer(cfg, trainer.data, torch.device("cpu"), checkpoint=trainer.state())
+    assert resumed.multi_view is turns and resumed.tau == trainer.tau and resumed.augment.scale == trainer.augment.scale
 
 
 def test_existing_run_is_not_overwritten_without_resume(image_folder, tmp_path):
