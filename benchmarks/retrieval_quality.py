@@ -1,7 +1,8 @@
 """Search quality: instret's encoder against the cheap baselines, every method on the same queries.
 
-    python benchmarks/retrieval_quality.py [--originals 500] [--copies 2] [--distractors 1000]
-                                           [--minutes 15] [--set JSON] [--seed 0] [--keep DIR]
+    python benchmarks/retrieval_quality.py [--parts copy,multiview] [--originals 500] [--copies 2]
+                                           [--distractors 1000] [--views 0] [--minutes 15] [--set JSON]
+                                           [--seed 0] [--keep DIR]
 
 The collection a user would index: `--originals` Imagenette val photos (evenly over its 10
 classes) plus `--distractors` CIFAR-10 test images, in one folder. Copy detection: each
@@ -19,8 +20,16 @@ network, and instret's encoder trained by `instret.train` on the collection fold
 options). Every method reads an image the way instret does, flat borders (a frame,
 letterbox bars) trimmed first (instret.borders), so that the comparison is of the features
 alone. Each "+pp" row adds whitening fitted on the collection (`instret index --whiten`);
-the plain "instret" row is what `instret index` + `instret query` give by default. The last
-stdout line is one JSON object.
+the plain "instret" row is what `instret index` + `instret query` give by default.
+
+Multi-view (part `multiview`, ETH-80 from the datasets folder): the same object seen from
+another side. Every image of the 80 objects (41 views each; `--views N` keeps N per object) is
+in one flat folder, trained on and indexed; two views of each object are queries, every other
+view of that object is relevant, the query itself dropped: mAP, recall@1, precision@10, and
+category mAP (relevant = the same kind of object: 8 kinds) as a secondary signal. Methods:
+pixels, the colour histogram, the untrained network, and instret trained on the folder: as it
+was before (`--multi-view off --neighbourhoods off`), without neighbourhoods, and at the defaults.
+The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -192,8 +201,90 @@ def evaluate(name: str, db: np.ndarray, queries: np.ndarray, labels, targets, ki
     return white
 
 
+# --- multi-view: the same object from another side -----------------------------------------
+
+
+def build_multiview(shared: Path, work: Path, views: int, seed: int):
+    """ETH-80 in one flat folder (work/multiview); returns (paths, object labels, category
+    labels, query rows: two views of each object)."""
+    rng = random.Random(seed)
+    objects = sorted(p for p in (shared / "eth80").iterdir() if p.is_dir())
+    (work / "multiview").mkdir(parents=True)
+    paths, objs = [], []
+    for label, folder in enumerate(objects):
+        files = sorted(folder.glob("*.jpg"))
+        for src in sorted(rng.sample(files, views)) if 0 < views < len(files) else files:
+            shutil.copyfile(src, work / "multiview" / src.name)
+            paths.append(work / "multiview" / src.name)
+            objs.append(label)
+    objs = np.array(objs)
+    kinds = sorted({f.name.rstrip("0123456789") for f in objects})
+    cats = np.array([kinds.index(objects[o].name.rstrip("0123456789")) for o in objs])
+    queries = np.array([q for o in range(len(objects)) for q in rng.sample(list(np.flatnonzero(objs == o)), 2)])
+    return paths, objs, cats, queries
+
+
+def ranked_metrics(x: np.ndarray, labels: np.ndarray, queries: np.ndarray) -> dict:
+    """Each query row against every other row: mAP, recall@1, precision@10 (relevant: same label)."""
+    sims = x[queries] @ x.T
+    sims[np.arange(len(queries)), queries] = -np.inf  # the query itself is dropped
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :-1]
+    rel = labels[order] == labels[queries][:, None]  # Q x (n - 1), relevance in rank order
+    precision = np.cumsum(rel, axis=1) / np.arange(1, rel.shape[1] + 1)
+    return {
+        "mAP": float(((precision * rel).sum(axis=1) / rel.sum(axis=1)).mean()),
+        "recall@1": float(rel[:, 0].mean()),
+        "precision@10": float(rel[:, :10].mean()),
+    }
+
+
+def multiview(shared: Path, work: Path, args, results: dict) -> None:
+    paths, objs, cats, queries = build_multiview(shared, work, args.views, args.seed)
+    say(f"multi-view: {len(paths)} views of {objs.max() + 1} objects, {len(queries)} queries")
+    part = results.setdefault("multiview", {})
+
+    def score(name: str, vectors: np.ndarray) -> None:
+        x = normalise(vectors)
+        part[name] = {**ranked_metrics(x, objs, queries), "category_mAP": ranked_metrics(x, cats, queries)["mAP"]}
+        r = part[name]
+        say(
+            f"{name:44s} mAP {r['mAP']:.3f} R@1 {r['recall@1']:.3f} P@10 {r['precision@10']:.3f}   "
+            f"category mAP {r['category_mAP']:.3f}"
+        )
+
+    score("pixels", pixels(paths))
+    score("colour_hist", colour_histogram(paths))
+    overrides = json.loads(args.set)
+    size = 32
+    variants = {
+        "instret, multi-view off, neighbourhoods off": {"multi_view": "off", "neighbourhoods": "off"},
+        "instret, neighbourhoods off": {"neighbourhoods": "off"},
+        "instret (defaults)": {},
+    }
+    for name, change in variants.items() if args.minutes > 0 else ():
+        run = work / f"multiview-{len(part)}"
+        trained, seconds, cfg = train_encoder(work / "multiview", run, args.minutes, {**overrides, **change}, args.seed)
+        size = cfg["image_size"]
+        score(name, trained(paths))
+        rows = [json.loads(line) for line in (run / "run" / "metrics.jsonl").open()]
+        part[name].update(
+            seconds=round(seconds, 1),
+            epochs=cfg["epochs"],
+            multi_view=cfg["multi_view"],
+            neighbourhoods=cfg["neighbourhoods"],
+            rounds=[
+                {k: v for k, v in r.items() if k.startswith("neighbourhood")}
+                for r in rows
+                if "neighbourhood_round" in r
+            ],
+        )
+    score("untrained", untrained(paths, size, args.seed)(paths))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="copy,multiview", help="copy, multiview or both (comma-separated)")
+    ap.add_argument("--views", type=int, default=0, help="multi-view: views kept per object (0: all 41)")
     ap.add_argument("--originals", type=int, default=500)
     ap.add_argument("--copies", type=int, default=2)
     ap.add_argument("--distractors", type=int, default=1000)
@@ -203,18 +294,35 @@ def main() -> None:
     ap.add_argument("--keep", help="build the collection here and keep it (default: a temporary folder)")
     ap.add_argument("--shared", default=str(SHARED), help="the datasets folder (imagenette2/val, cifar10/test)")
     args = ap.parse_args()
-    shared = Path(args.shared)
-    if not (shared / "imagenette2" / "val").is_dir() or not (shared / "cifar10" / "test").is_dir():
-        sys.exit(f"retrieval_quality: {shared}/imagenette2/val or cifar10/test not found (pass --shared)")
+    shared, parts = Path(args.shared), set(args.parts.split(","))
+    needs = {"copy": ("imagenette2/val", "cifar10/test"), "multiview": ("eth80",)}
+    missing = [f"{shared}/{d}" for part in sorted(parts & set(needs)) for d in needs[part] if not (shared / d).is_dir()]
+    if missing or not parts <= set(needs):
+        sys.exit(
+            f"retrieval_quality: {', '.join(missing)} not found (pass --shared)"
+            if missing
+            else "--parts: copy, multiview"
+        )
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="instret-quality-"))
     start = time.perf_counter()
+    results: dict = {}
+    if "copy" in parts:
+        copy_part(shared, work, args, results)
+    if "multiview" in parts:
+        multiview(shared, work, args, results)
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results))
+
+
+def copy_part(shared: Path, work: Path, args, results: dict) -> None:
     db_paths, labels, q_paths, targets, kinds = build_collection(
         shared, work, args.originals, args.copies, args.distractors, args.seed
     )
     say(
         f"collection: {sum(labels >= 0)} photos + {sum(labels < 0)} distractors; {len(q_paths)} edited copies as queries"
     )
-    results: dict = {}
     common = (labels, targets, kinds, args.seed, results)
     for name, fn in (("pixels", pixels), ("colour_hist", colour_histogram), ("phash", phash)):
         evaluate(name, fn(db_paths), fn(q_paths), *common)
@@ -227,6 +335,7 @@ def main() -> None:
             "image_size": cfg["image_size"],
             "arch": cfg["arch"],
             "budget_minutes": args.minutes,
+            "neighbourhoods": cfg["neighbourhoods"],
         }
         say(f"trained {cfg['arch']} at {cfg['image_size']} px for {cfg['epochs']} epochs in {seconds:.0f} s")
     size = results.get("training", {}).get("image_size", 64)
@@ -246,16 +355,12 @@ def main() -> None:
                 f"{name:18s} copy mAP {copy['mAP']:.3f} R@1 {copy['recall@1']:.3f}   "
                 f"category mAP {results[name]['category']['mAP']:.3f}"
             )
-    results["seconds"] = round(time.perf_counter() - start, 1)
     results["setup"] = {
         "originals": int(sum(labels >= 0)),
         "distractors": int(sum(labels < 0)),
         "queries": len(q_paths),
         "seed": args.seed,
     }
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ RECIPES = {
         "jitter": 0.2,
         "hue": 0.1,
         "lr_schedule": "cosine",
+        "neighbourhoods": "mutual",
     },
     "retrieval": {"bank_init": "features", "rotate": 10.0, "erase_p": 0.25, "blur_p": 0.2},
     "colour": {
@@ -108,8 +109,9 @@ class TrainConfig:
     neighbour_rounds: int = 4
     neighbour_start: float = 0.3  # fraction of the epochs trained before the first round
     neighbour_quantile: float = 0.5  # mutual: the cosine two views of one image reach this share of the time
-    # auto: train for several views of each thing (MULTI_VIEW) once a neighbourhood round finds
-    # most images with a confident neighbour; on: from the start; off: never
+    # on: train for several views of each thing (MULTI_VIEW); auto: start again with it on when
+    # the multi-view check (instret.neighbours.views_check_epoch) finds a quarter of the images
+    # or more with a confident neighbour; off: never
     multi_view: str = "auto"
     # augmentation (the paper's)
     crop_scale: tuple[float, float] = (0.2, 1.0)
@@ -243,6 +245,14 @@ def default_text(name: str) -> str:
     value = PAPER_EPOCHS if name == "epochs" else getattr(TrainConfig, name)
     digits = {**DATASET_PRESETS["digits"], "epochs": DEFAULT_EPOCHS["digits"]}.get(name, value)
     return f"{value}" if digits == value else f"{value}; {digits} for digits"
+
+
+def multi_view_text() -> str:
+    """MULTI_VIEW as help text shows it (so it cannot drift)."""
+    return (
+        f"colour kept (hue {MULTI_VIEW['hue']:g}, greyscale {MULTI_VIEW['grayscale_p']:g}), tau {MULTI_VIEW['tau']:g}, "
+        f"crops from {MULTI_VIEW['crop_scale'][0]:.0%}"
+    )
 
 
 def recipe_text(name: str) -> str:

@@ -24,7 +24,15 @@ import torch.nn.functional as F
 from instret import losses, neighbours
 from instret.augment import Augment, channel_stats
 from instret.bank import MemoryBank
-from instret.config import DEFAULT_EPOCHS, FORMAT_VERSION, MULTI_VIEW, PAPER_EPOCHS, TrainConfig, with_presets
+from instret.config import (
+    DEFAULT_EPOCHS,
+    FORMAT_VERSION,
+    MULTI_VIEW,
+    PAPER_EPOCHS,
+    TrainConfig,
+    multi_view_text,
+    with_presets,
+)
 from instret.data import ImageSet, TrainData, auto_image_size, load_train_data
 from instret.device import fast_cpu_bf16, resolve_device
 from instret.distributed import (
@@ -167,10 +175,11 @@ class Trainer:
         self.rounds_stopped = False
         self.view_cosine = torch.zeros(n, device=device)
         self.round_row: dict = {}
-        self.multi_view = False  # training for several views of each thing (config.MULTI_VIEW)
         self.history: list[dict] = []
-        if cfg.multi_view == "on":
-            self.train_for_multi_view()
+        self.multi_view = cfg.multi_view == "on"  # training for several views of each thing
+        if self.multi_view:
+            self.augment.hue, self.augment.grayscale_p = MULTI_VIEW["hue"], MULTI_VIEW["grayscale_p"]
+            self.augment.scale = MULTI_VIEW["crop_scale"]
         if checkpoint is not None:
             self.load_state(checkpoint)
         elif cfg.bank_init == "features":
@@ -197,11 +206,21 @@ class Trainer:
         """The loss's temperature: MULTI_VIEW's once training turned to several views of a thing."""
         return MULTI_VIEW["tau"] if self.multi_view else self.cfg.tau
 
-    def train_for_multi_view(self) -> None:
-        """From now on, train to tell objects apart across their views (config.MULTI_VIEW)."""
-        self.multi_view = True
-        self.augment.hue, self.augment.grayscale_p = MULTI_VIEW["hue"], MULTI_VIEW["grayscale_p"]
-        self.augment.scale = MULTI_VIEW["crop_scale"]
+    def confident_share(self, sims: torch.Tensor | None = None, ids: torch.Tensor | None = None):
+        """(share of rows with a confident neighbour, the cosine that makes one): mutual among
+        their neighbour_k nearest rows and as close as two views of one image reach half the time."""
+        cfg = self.cfg
+        if sims is None:
+            sims, ids = neighbours.nearest_rows(self.bank.features, max(cfg.neighbour_k, 10))
+        threshold = float(self.view_cosine.quantile(1 - cfg.neighbour_quantile))
+        confident = neighbours.mutual_neighbourhoods(sims, ids, cfg.neighbour_k, threshold)
+        return float((confident >= 0).any(dim=1).float().mean()), threshold
+
+    def views_check_due(self) -> bool:
+        """multi_view auto: at neighbours.views_check_epoch, if it falls early enough in the run
+        that training again from the start is worth it."""
+        at = neighbours.views_check_epoch(len(self.train_images))
+        return self.cfg.multi_view == "auto" and self.epoch == at <= neighbours.VIEWS_CHECK_SHARE * self.cfg.epochs
 
     def image_source(self, images: ImageSet) -> ResidentImages | StreamedImages:
         if images.images is not None:
@@ -253,7 +272,7 @@ class Trainer:
         (loss * (share * self.world.size)).backward()
         self.optimizer.step()
         everyone = gather_rows(self.world, f.detach(), batch)
-        if self.cfg.neighbourhoods != "off":
+        if self.cfg.neighbourhoods != "off" or self.cfg.multi_view == "auto":
             self.view_cosine[idx] = (everyone * self.bank.features[idx]).sum(dim=1)
         self.bank.update(idx, everyone, self.cfg.bank_momentum)
         return loss.detach() * share
@@ -319,14 +338,11 @@ class Trainer:
             self.rounds += 1
             share = neighbours.curriculum_share(self.rounds, cfg.neighbour_rounds)
             sims, ids = neighbours.nearest_rows(self.bank.features, max(cfg.neighbour_k, 10))
-            threshold = float(self.view_cosine.quantile(1 - cfg.neighbour_quantile))
-            confident = neighbours.mutual_neighbourhoods(sims, ids, cfg.neighbour_k, threshold)
+            grouped, threshold = self.confident_share(sims, ids)
             if cfg.neighbourhoods == "anchors":
                 found = neighbours.anchor_neighbourhoods(sims, ids, share, cfg.neighbour_k, self.tau)
             else:
                 found = neighbours.mutual_neighbourhoods(sims, ids, cfg.neighbour_k, threshold, share)
-            grouped = float((confident >= 0).any(dim=1).float().mean())
-            turn = cfg.multi_view == "auto" and not self.multi_view and grouped >= neighbours.GROUPED
             figures = neighbours.round_figures(found, self.neighbourhoods)
             refused = figures["neighbourhood_largest"] > neighbours.MAX_COMPONENT
             if refused:
@@ -352,14 +368,6 @@ class Trainer:
                 f"group {figures['neighbourhood_largest']:.1%}, agreement {figures['neighbourhood_agreement']:.2f}"
                 + f"; {grouped:.0%} have a confident neighbour (cosine >= {threshold:.3f})"
             )
-            if turn:
-                self.train_for_multi_view()
-                self.round_row["multi_view"] = True
-                log(
-                    f"most images have another view of the same thing nearby: training now tells objects apart "
-                    f"across their views (colour kept, tau {MULTI_VIEW['tau']}, crops from "
-                    f"{MULTI_VIEW['crop_scale'][0]:.0%}; --multi-view off keeps the recipe as it was)"
-                )
 
     def plan(self, epoch_start: float, per_epoch: float, in_progress: bool) -> None:
         """Set cfg.epochs to what fits before the deadline: the epochs finished, plus as many of
@@ -444,7 +452,6 @@ class Trainer:
             "rounds": self.rounds,
             "rounds_stopped": self.rounds_stopped,
             "view_cosine": self.view_cosine,
-            "multi_view": self.multi_view,
             "history": self.history,
             "mean": list(self.mean),
             "std": list(self.std),
@@ -472,8 +479,6 @@ class Trainer:
             self.neighbourhoods = None if nb is None else nb.to(self.device)
             self.rounds, self.rounds_stopped = ckpt["rounds"], ckpt["rounds_stopped"]
             self.view_cosine.copy_(ckpt["view_cosine"])
-            if ckpt["multi_view"] and not self.multi_view:
-                self.train_for_multi_view()
         self.mean, self.std = tuple(ckpt["mean"]), tuple(ckpt["std"])
         self.augment.mean, self.augment.std = self.mean, self.std
 
@@ -524,6 +529,15 @@ class Trainer:
         evaluates and writes; the others return None (their bank and weights are the same)."""
         start, first = time.perf_counter(), self.epoch
         while self.epoch < self.cfg.epochs:
+            if self.views_check_due():
+                share, threshold = self.confident_share()
+                if share >= neighbours.GROUPED:
+                    raise SeveralViews(share, threshold, self.epoch)
+                log(
+                    f"multi-view check after epoch {self.epoch}: {share:.0%} of the images have a confident "
+                    f"neighbour (cosine >= {threshold:.3f}), under {neighbours.GROUPED:.0%}: training goes on as it is"
+                )
+                self.round_row["views_confident"] = share
             row = self.train_epoch()
             model = self.monitor() if self.world.main and self.monitor_due() else None
             # The mean over every epoch so far, monitors and saves included: the time left, and a
@@ -545,6 +559,15 @@ class Trainer:
         final.update(rounded(self.final_eval(model)))
         atomic_write_text(self.out / "final.json", json.dumps(final, indent=2) + "\n")
         return final
+
+
+class SeveralViews(Exception):
+    """The multi-view check found several views of each thing: the run starts again with
+    multi_view on (raised by Trainer.fit, handled by train)."""
+
+    def __init__(self, share: float, threshold: float, epoch: int):
+        super().__init__(share, threshold, epoch)
+        self.share, self.threshold, self.epoch = share, threshold, epoch
 
 
 def rounded(figures: dict) -> dict:
@@ -654,7 +677,23 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World, s
         f"training {cfg.arch} at {cfg.image_size} px on {data.name}: {len(data.train)} images, {length}, "
         f"{cfg.loss} loss, device {device}{processes}, run folder {out}"
     )
-    final = trainer.fit()
+    try:
+        final = trainer.fit()
+    except SeveralViews as found:
+        log(
+            f"multi-view check after epoch {found.epoch}: {found.share:.0%} of the images have a confident "
+            f"neighbour (cosine >= {found.threshold:.3f}): several views of each thing. Training starts again "
+            f"to tell things apart across their views (--multi-view on: {multi_view_text()}; "
+            f"--multi-view off keeps the recipe)"
+        )
+        cfg = dataclasses.replace(cfg, multi_view="on", epochs=1 if budgeted else cfg.epochs)
+        if world.main:  # the first start's checkpoint goes first: a resume then starts again too
+            (out / CHECKPOINT).unlink(missing_ok=True)
+            atomic_write_text(out / "config.json", json.dumps({**cfg.to_dict(), "epochs": most}, indent=2) + "\n")
+        trainer = Trainer(cfg, data, device, world=world)
+        if budgeted:
+            trainer.deadline, trainer.max_epochs = started + 60 * cfg.time_budget, most
+        final = trainer.fit()
     if world.main and cfg.data is not None:  # train then query, with no extra step
         from instret.indexer import build_index
 

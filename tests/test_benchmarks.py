@@ -109,7 +109,7 @@ def test_retrieval_quality_script_scores_every_method_on_a_small_collection():
         [
             sys.executable,
             BENCH / "retrieval_quality.py",
-            *"--originals 20 --copies 1 --distractors 20 --minutes 0.1".split(),
+            *"--parts copy --originals 20 --copies 1 --distractors 20 --minutes 0.1".split(),
         ],
         capture_output=True,
         text=True,
@@ -121,6 +121,25 @@ def test_retrieval_quality_script_scores_every_method_on_a_small_collection():
         for variant in (method, method + "+pp"):
             assert 0 < result[variant]["copy"]["mAP"] <= 1 and 0 <= result[variant]["category"]["mAP"] <= 1
     assert result["setup"] == {"originals": 20, "distractors": 20, "queries": 20, "seed": 0}
+
+
+@pytest.mark.skipif(not (SHARED / "eth80").is_dir(), reason="needs ../shared/datasets/eth80")
+@pytest.mark.slow
+def test_retrieval_quality_scores_every_method_on_views_of_the_same_objects():
+    proc = subprocess.run(
+        [sys.executable, BENCH / "retrieval_quality.py", *"--parts multiview --views 3 --minutes 0.05".split()],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = last_json_line(proc.stdout)["multiview"]
+    trained = ["instret, multi-view off, neighbourhoods off", "instret, neighbourhoods off", "instret (defaults)"]
+    assert set(rows) == {"pixels", "colour_hist", "untrained", *trained}
+    for row in rows.values():
+        assert 0 < row["mAP"] <= 1 and 0 <= row["precision@10"] <= 1 and 0 < row["category_mAP"] <= 1
+    assert [rows[t]["neighbourhoods"] for t in trained] == ["off", "off", "mutual"]
+    assert rows[trained[0]]["multi_view"] == "off"
 
 
 @pytest.mark.slow

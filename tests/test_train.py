@@ -198,37 +198,51 @@ def test_a_round_that_would_merge_the_set_is_refused_and_growth_stops(image_fold
     assert trainer.rounds == 4
 
 
-@pytest.mark.parametrize("confident, turns", [(0.2, False), (0.3, True)])
-def test_multi_view_auto_turns_when_a_round_finds_views_of_the_same_things(image_folder, monkeypatch, confident, turns):
-    """Rows with a confident neighbour at or above GROUPED (a quarter) turn training to
-    config.MULTI_VIEW: colour kept, the temperature and crops of several views of a thing."""
+@pytest.mark.parametrize("confident", [0.2, 0.3])
+def test_multi_view_auto_starts_again_when_the_check_finds_several_views_of_things(
+    image_folder, tmp_path, monkeypatch, capsys, confident
+):
+    """A quarter of the rows or more with a confident neighbour at the check: the run starts
+    again with config.MULTI_VIEW (colour kept, its temperature and crops); under it, it goes on."""
     from instret import neighbours
     from instret.config import MULTI_VIEW
-    from instret.data import load_folder
 
-    cfg = TrainConfig.from_dict(
-        {"data": str(image_folder), "epochs": 30, "neighbourhoods": "mutual", "arch": "small", **TINY}
-    )
-    trainer = Trainer(cfg, load_folder(image_folder, 16), torch.device("cpu"))
-    n = len(trainer.bank)
-    real = neighbours.mutual_neighbourhoods
+    monkeypatch.setattr(neighbours, "views_check_epoch", lambda rows: 1)
+    checks = []
 
-    def confident_rows(sims, ids, k, threshold, share=1.0):
-        found = real(sims, ids, k, -2.0, share)  # every mutual pair
-        found[round(confident * n) :] = -1  # only the first rows keep theirs
-        return found
+    def confident_share(self, sims=None, ids=None):
+        checks.append(self.epoch)
+        return confident, 0.5
 
-    monkeypatch.setattr(neighbours, "mutual_neighbourhoods", confident_rows)
-    before = (trainer.augment.hue, trainer.augment.grayscale_p, trainer.augment.scale, trainer.tau)
-    trainer.epoch = 20
-    trainer.discover_neighbourhoods()
-    assert trainer.round_row["neighbourhood_confident"] == pytest.approx(round(confident * n) / n)
-    after = (trainer.augment.hue, trainer.augment.grayscale_p, trainer.augment.scale, trainer.tau)
-    want = tuple(MULTI_VIEW[k] for k in ("hue", "grayscale_p", "crop_scale", "tau"))
-    assert trainer.multi_view is turns and after == (want if turns else before)
-    assert trainer.state()["multi_view"] is turns
-    resumed = Trainer(cfg, trainer.data, torch.device("cpu"), checkpoint=trainer.state())
-    assert resumed.multi_view is turns and resumed.tau == trainer.tau and resumed.augment.scale == trainer.augment.scale
+    monkeypatch.setattr(Trainer, "confident_share", confident_share)
+    seen = []
+    real_init = Trainer.__init__
+
+    def spy_init(self, cfg, *args, **kwargs):
+        real_init(self, cfg, *args, **kwargs)
+        seen.append((cfg.multi_view, self.tau, self.augment.hue, self.augment.grayscale_p, self.augment.scale))
+
+    monkeypatch.setattr(Trainer, "__init__", spy_init)
+    out = tmp_path / "run"
+    train({"data": str(image_folder), "epochs": 4, "out": str(out), "arch": "small", **TINY})
+    err = capsys.readouterr().err
+    saved = json.loads((out / "config.json").read_text())
+    history = load_checkpoint(out / "checkpoint.pt")["history"]
+    paper = ("auto", 0.1, None, 0.2, (0.2, 1.0))
+    several = ("on", MULTI_VIEW["tau"], MULTI_VIEW["hue"], MULTI_VIEW["grayscale_p"], MULTI_VIEW["crop_scale"])
+    if confident >= neighbours.GROUPED:
+        assert seen == [paper, several] and checks == [1] and saved["multi_view"] == "on"
+        assert "Training starts again" in err and [r["epoch"] for r in history] == [1, 2, 3, 4]
+    else:
+        assert seen == [paper] and checks == [1] and saved["multi_view"] == "auto"
+        assert "training goes on as it is" in err and history[1]["views_confident"] == confident
+
+
+def test_the_multi_view_check_waits_for_20_epochs_and_60000_images():
+    from instret.neighbours import views_check_epoch
+
+    assert views_check_epoch(50_000) == 20 and views_check_epoch(3_000) == 20
+    assert views_check_epoch(1_500) == 40 and views_check_epoch(7) == 8572
 
 
 def test_existing_run_is_not_overwritten_without_resume(image_folder, tmp_path):
