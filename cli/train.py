@@ -14,10 +14,12 @@ from instret.config import (
     BANK_INITS,
     DATASETS,
     LOSSES,
+    MULTI_VIEW_MODES,
     NEIGHBOURHOODS,
     RECIPES,
     SCHEDULES,
     default_text,
+    multi_view_text,
     read_config_file,
     recipe_text,
 )
@@ -76,13 +78,21 @@ from instret.config import (
     type=click.Choice(NEIGHBOURHOODS),
     help="Rounds that mine the memory bank for each image's neighbours and train them as positives: "
     "mutual (mutual nearest neighbours as close as two views of one image), anchors (AND's "
-    f"lowest-entropy curriculum) or off [{default_text('neighbourhoods')}].",
+    f"lowest-entropy curriculum) or off [{default_text('neighbourhoods')}; mutual under --recipe short].",
 )
 @click.option(
     "--neighbour-k", type=int, help=f"Nearest bank rows a neighbourhood is taken from [{default_text('neighbour_k')}]."
 )
 @click.option(
     "--neighbour-rounds", type=int, help=f"Neighbourhood rounds in a run [{default_text('neighbour_rounds')}]."
+)
+@click.option(
+    "--multi-view",
+    type=click.Choice(MULTI_VIEW_MODES),
+    help="Train to find one thing across its views: on ("
+    + multi_view_text()
+    + "), off, or auto (start again with it on when, early in the run, a quarter of the images "
+    f"or more have a confident neighbour) [{default_text('multi_view')}].",
 )
 @click.option("--knn-k", type=int, help=f"Neighbours in the weighted kNN [{default_text('knn_k')}].")
 @click.option(

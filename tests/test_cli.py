@@ -56,6 +56,22 @@ def test_config_file_sets_defaults_and_flags_override(image_folder, tmp_path, ca
     assert saved["epochs"] == 1 and saved["lr"] == 0.5 and saved["image_size"] == 16
 
 
+def test_neighbourhood_and_multi_view_flags_reach_the_saved_configuration(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = "--neighbourhoods anchors --neighbour-k 3 --neighbour-rounds 2 --multi-view on".split()
+    code, _, err = run_cli(tiny_train_args(image_folder, out, 1, *flags), capsys)
+    assert code == 0, err
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["neighbourhoods"], saved["neighbour_k"], saved["neighbour_rounds"], saved["multi_view"]) == (
+        "anchors",
+        3,
+        2,
+        "on",
+    )
+    code, _, err = run_cli(tiny_train_args(image_folder, tmp_path / "r2", 1, "--multi-view", "sometimes"), capsys)
+    assert code == 2 and "--multi-view" in err
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
