@@ -176,8 +176,7 @@ class Trainer:
         self.view_cosine = torch.zeros(n, device=device)
         self.round_row: dict = {}
         self.history: list[dict] = []
-        self.multi_view = cfg.multi_view == "on"  # training for several views of each thing
-        if self.multi_view:
+        if cfg.multi_view == "on":  # training for several views of each thing
             self.augment.hue, self.augment.grayscale_p = MULTI_VIEW["hue"], MULTI_VIEW["grayscale_p"]
             self.augment.scale = MULTI_VIEW["crop_scale"]
         if checkpoint is not None:
@@ -204,7 +203,7 @@ class Trainer:
     @property
     def tau(self) -> float:
         """The loss's temperature: MULTI_VIEW's once training turned to several views of a thing."""
-        return MULTI_VIEW["tau"] if self.multi_view else self.cfg.tau
+        return MULTI_VIEW["tau"] if self.cfg.multi_view == "on" else self.cfg.tau
 
     def confident_share(self, sims: torch.Tensor | None = None, ids: torch.Tensor | None = None):
         """(share of rows with a confident neighbour, the cosine that makes one): mutual among
@@ -666,9 +665,14 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World, s
     most = cfg.epochs  # with a time budget, --epochs is the most it may plan
     if budgeted:  # until the first steps are timed, one epoch (the schedule starts at lr either way)
         cfg = dataclasses.replace(cfg, epochs=1)
-    trainer = Trainer(cfg, data, device, checkpoint=ckpt, world=world)
-    if budgeted:
-        trainer.deadline, trainer.max_epochs = started + 60 * cfg.time_budget, most
+
+    def start(cfg: TrainConfig, ckpt: dict | None) -> Trainer:
+        trainer = Trainer(cfg, data, device, checkpoint=ckpt, world=world)
+        if budgeted:
+            trainer.deadline, trainer.max_epochs = started + 60 * cfg.time_budget, most
+        return trainer
+
+    trainer = start(cfg, ckpt)
     if ckpt is not None:
         log(f"resuming {out} after epoch {trainer.epoch}/{cfg.epochs}")  # log(): rank 0 speaks for all
     processes = f", {world.size} processes" if world.distributed else ""
@@ -690,10 +694,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World, s
         if world.main:  # the first start's checkpoint goes first: a resume then starts again too
             (out / CHECKPOINT).unlink(missing_ok=True)
             atomic_write_text(out / "config.json", json.dumps({**cfg.to_dict(), "epochs": most}, indent=2) + "\n")
-        trainer = Trainer(cfg, data, device, world=world)
-        if budgeted:
-            trainer.deadline, trainer.max_epochs = started + 60 * cfg.time_budget, most
-        final = trainer.fit()
+        final = start(cfg, None).fit()
     if world.main and cfg.data is not None:  # train then query, with no extra step
         from instret.indexer import build_index
 
