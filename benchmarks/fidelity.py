@@ -3,7 +3,7 @@
     python benchmarks/fidelity.py [--data ../shared/datasets/cifar10] [--epochs 2] [--minutes 15]
 
 (a) The reference loop (benchmarks/reference_instdisc.py: plain PyTorch straight from
-    METHOD.md, per-sample PIL transforms, the same CNN written out again) and instret's
+    docs/method.md, per-sample PIL transforms, the same CNN written out again) and instret's
     trainer, with the same backbone, seed and the authors' hyper-parameters, for the same
     number of epochs: test kNN top-1 of each after re-embedding, and seconds per epoch.
 (b) `instret train --data DIR --time-budget MINUTES` with the CPU configuration (README: "CPU

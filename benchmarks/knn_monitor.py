@@ -3,7 +3,7 @@
     python benchmarks/knn_monitor.py [--bank 50000] [--queries 10000] [--k 200]
 
 Same vectors for both: a 50,000 x 128 bank and 10,000 queries in 10 clusters. The authors'
-procedure (METHOD.md; lemniscate.pytorch's test.py, step for step) is a dense product of each
+procedure (docs/method.md; lemniscate.pytorch's test.py, step for step) is a dense product of each
 batch of 100 queries with the whole bank, topk and a one-hot weighted vote
 (benchmarks/reference_instdisc.py). Predictions must agree (ties aside). Also
 reports the search's cost as a share of one CIFAR-10 training epoch, timed here with the

@@ -1,4 +1,4 @@
-"""A reference Instance Discrimination loop written straight from METHOD.md, in plain PyTorch.
+"""A reference Instance Discrimination loop written straight from docs/method.md, in plain PyTorch.
 
 No instret code: torchvision's per-sample transforms in a DataLoader (the authors' style),
 the exact non-parametric softmax over a memory bank, the momentum update after each step,

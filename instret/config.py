@@ -29,7 +29,7 @@ SCHEDULES = ("step", "cosine")
 DATASETS = ("digits", "cifar10")
 
 # Training recipes: augmentation and the bank's start, under the options given.
-# "paper": the authors' (METHOD.md); the default, except for a --data run given a --time-budget.
+# "paper": the authors' (docs/method.md); the default, except for a --data run given a --time-budget.
 # "retrieval": the paper's augmentation plus the edits copies go through (rotations within 10
 #   degrees, a flat box over 2-15 % of the image a quarter of the time, a slight blur a fifth of
 #   the time), and the bank started from the network's features. On the copy-detection
@@ -86,7 +86,7 @@ class TrainConfig:
     # model
     arch: str = "auto"  # auto: resnet18 on a GPU, small on the CPU
     low_dim: int = 128
-    # optimisation (the authors' CIFAR recipe, METHOD.md)
+    # optimisation (the authors' CIFAR recipe, docs/method.md)
     epochs: int | None = None  # None: 200, or the dataset's preset; with time_budget, the most to plan
     time_budget: float | None = None  # minutes: plan the epochs (and so the schedule) to end in this time
     batch_size: int = 128

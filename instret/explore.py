@@ -46,7 +46,7 @@ def neighbours(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: 
 def knn_predict(
     sims: torch.Tensor, ids: torch.Tensor, key_labels: torch.Tensor, num_classes: int, sigma: float = 0.1
 ) -> torch.Tensor:
-    """The weighted kNN vote of METHOD.md over found neighbours: the predicted class per query."""
+    """The weighted kNN vote of docs/method.md over found neighbours: the predicted class per query."""
     return knn_vote(sims, key_labels[ids], num_classes, sigma).argmax(dim=1)
 
 

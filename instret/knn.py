@@ -1,4 +1,4 @@
-"""Weighted kNN (METHOD.md, "Evaluation") over a FAISS view of a feature table.
+"""Weighted kNN (docs/method.md, "Judging the features") over a FAISS view of a feature table.
 
 The vote is one pure function of neighbour similarities and labels; the search that finds
 the neighbours is separate (FeatureIndex): FAISS on the CPU, and for a bank on the GPU a

@@ -1,4 +1,4 @@
-"""Instance discrimination losses as pure functions of tensors (METHOD.md, "Objective").
+"""Instance discrimination losses as pure functions of tensors (docs/method.md, "The loss").
 
 Shapes: B the batch, D the feature dimension, n the bank size, m the NCE noise samples.
 Each returns the mean over the batch.
