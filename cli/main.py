@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     except InstretError as e:
         _fail(str(e), 1)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        _fail("interrupted; finished work is saved (train: rerun with --resume; index: rerun the same command)", 130)
+        _fail(_interrupted(sys.argv[1:] if argv is None else argv), 130)
     except BrokenPipeError:
         sys.exit(0)
     except OSError as e:  # a full disk, a read-only folder, a vanished file: what and where, no traceback
@@ -57,6 +57,24 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("INSTRET_DEBUG"):
             raise
         _fail(f"unexpected {type(e).__name__}: {e} (INSTRET_DEBUG=1 shows the traceback)", 1, every_rank=True)
+
+
+# What an interrupt leaves, by command: what was saved and how to go on.
+INTERRUPTED = {
+    "train": "the last finished epoch is saved in the run folder: rerun the same command with --resume "
+    "(and --out RUN_DIR, the run folder named when it started) to continue from it",
+    "index": "every batch encoded so far is staged: rerun the same command to continue from it",
+    "merge-index": "the index is as it was: rerun the same command",
+    "dups": "no file was moved (a --move-to under way says what it did; links --link-to made stay)",
+    "export": "nothing was written (the file appears whole or not at all)",
+}
+
+
+def _interrupted(args: list[str]) -> str:
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command not in cli.commands:
+        return "interrupted"
+    return f"{command} interrupted; {INTERRUPTED.get(command, 'nothing was written')}"
 
 
 def _fail(message: str, code: int, every_rank: bool = False) -> None:

@@ -4,6 +4,23 @@ from __future__ import annotations
 
 import click
 
+from instret import locations
+
+
+def checked(check):
+    """A click callback that passes each given value through one of instret.locations' checks
+    (which import neither torch nor FAISS), so that a wrong path is refused before seconds of
+    imports; the value goes on as typed."""
+
+    def callback(ctx, param, value):
+        for v in value if isinstance(value, tuple) else [value]:
+            if v is not None:
+                check(v)
+        return value
+
+    return callback
+
+
 max_pixels_option = click.option(
     "--max-image-pixels",
     type=click.IntRange(0),
@@ -11,5 +28,9 @@ max_pixels_option = click.option(
 )
 
 index_option = click.option(
-    "--index", "index_dir", required=True, help="Index folder, or a run folder of `train --data`."
+    "--index",
+    "index_dir",
+    required=True,
+    callback=checked(locations.index_folder),
+    help="Index folder, or a run folder of `train --data`.",
 )

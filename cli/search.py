@@ -8,8 +8,10 @@ from pathlib import Path
 
 import click
 
-from instret.cli.options import index_option, max_pixels_option
+from instret import locations, report
+from instret.cli.options import checked, index_option, max_pixels_option
 from instret.errors import InstretError
+from instret.invocation import command_line
 from instret.storage import atomic_write_text
 
 
@@ -19,9 +21,19 @@ def _write_html(path: str, page: str) -> None:
 
 
 @click.command("index")
-@click.argument("images_dir")
-@click.option("--model", required=True, help="encoder.pt, or a run folder holding one.")
-@click.option("--out", required=True, help="Index folder (created, or updated incrementally).")
+@click.argument("images_dir", callback=checked(locations.image_folder))
+@click.option(
+    "--model",
+    required=True,
+    callback=checked(locations.encoder_file),
+    help="encoder.pt, a run folder holding one, or an index folder (the encoder it was built with).",
+)
+@click.option(
+    "--out",
+    required=True,
+    callback=checked(locations.index_output),
+    help="Index folder (created, or updated incrementally); a run folder means its own, RUN_DIR/index.",
+)
 @click.option(
     "--index-type", default=None, help="FAISS factory string, e.g. Flat, IVF256,Flat, HNSW32, IVF256,PQ16 [Flat]."
 )
@@ -67,8 +79,10 @@ def index_cmd(
 
 
 @click.command("merge-index")
-@click.argument("shard_dirs", nargs=-1, required=True)
-@click.option("--out", required=True, help="Index folder to create or update.")
+@click.argument("shard_dirs", nargs=-1, required=True, callback=checked(locations.index_folder))
+@click.option(
+    "--out", required=True, callback=checked(locations.index_output), help="Index folder to create or update."
+)
 @click.option("--index-type", default=None, help="FAISS factory string [the shards'].")
 def merge_index_cmd(shard_dirs, out, index_type):
     """Join the shard indexes of one folder (built with index --shard I/N) into one index."""
@@ -78,7 +92,7 @@ def merge_index_cmd(shard_dirs, out, index_type):
 
 
 @click.command("query")
-@click.argument("images", nargs=-1, required=True)
+@click.argument("images", nargs=-1, required=True, callback=checked(locations.existing))
 @index_option
 @click.option(
     "-k",
@@ -97,6 +111,11 @@ def merge_index_cmd(shard_dirs, out, index_type):
 @max_pixels_option
 @click.option("--nprobe", type=click.IntRange(1), help="IVF layouts: lists visited per query [16].")
 @click.option("--ef-search", type=click.IntRange(1), help="HNSW layouts: candidate list length [64].")
+@click.option(
+    "--existing-only",
+    is_flag=True,
+    help="Leave out results whose file is gone since it was indexed (otherwise marked missing).",
+)
 def query_cmd(
     images,
     index_dir,
@@ -111,13 +130,16 @@ def query_cmd(
     max_image_pixels,
     nprobe,
     ef_search,
+    existing_only,
 ):
     """Find the indexed images most similar to each IMAGE (a file, or a folder: each image in it), best first."""
-    from instret import report
     from instret.searcher import query
 
-    results = query(index_dir, images, k, min_score, exclude_self, model, device, max_image_pixels, nprobe, ef_search)
+    results = query(
+        index_dir, images, k, min_score, exclude_self, model, device, max_image_pixels, nprobe, ef_search, existing_only
+    )
     click.echo(report.json_lines(results) if as_json else report.query_text(results, len(results) > 1))
+    _say_missing([h["path"] for r in results for h in r["results"] if h["missing"]], index_dir)
     if html_file:
         _write_html(html_file, report.query_html(results))
     if grid_file:
@@ -135,7 +157,7 @@ KEEP_CHOICES = [
 
 
 @click.command("dups")
-@click.argument("index_dir", required=False)
+@click.argument("index_dir", required=False, callback=checked(locations.index_folder))
 @click.option(
     "--precision",
     default=0.99,
@@ -177,12 +199,17 @@ KEEP_CHOICES = [
     metavar="JOURNAL",
     help="Put back every file a --move-to journal moved (no INDEX_DIR needed).",
 )
-def dups_cmd(index_dir, precision, threshold, keep, as_json, html_file, move_to, link_to, undo_journal):
+@click.option(
+    "--existing-only",
+    is_flag=True,
+    help="Leave out members whose file is gone since it was indexed (otherwise marked missing; never kept or moved).",
+)
+def dups_cmd(index_dir, precision, threshold, keep, as_json, html_file, move_to, link_to, undo_journal, existing_only):
     """Groups of duplicate images in an index: byte copies (exact), then edited copies (near).
 
     In a group every two members are within the threshold of each other, so groups never chain
     unrelated images through a third. The default lists only; nothing is ever deleted."""
-    from instret import moves, report
+    from instret import moves
 
     if undo_journal:
         if index_dir or move_to or link_to:
@@ -196,11 +223,12 @@ def dups_cmd(index_dir, precision, threshold, keep, as_json, html_file, move_to,
         raise click.UsageError("give --move-to or --link-to, not both")
     from instret.duplicates import find_duplicates
 
-    found = find_duplicates(index_dir, threshold, precision, keep)
+    found = find_duplicates(index_dir, threshold, precision, keep, existing_only)
     groups = found["groups"]
     text = json.dumps(found) if as_json else report.dups_text(groups)
     if text:
         click.echo(text)
+    _say_missing([m["path"] for g in groups for m in g["members"] if m["missing"]], index_dir)
     exact = sum(g["tier"] == "exact" for g in groups)
     click.echo(
         f"{len(groups)} group(s): {exact} exact, {len(groups) - exact} near, at similarity >= "
@@ -214,6 +242,21 @@ def dups_cmd(index_dir, precision, threshold, keep, as_json, html_file, move_to,
         click.echo(f"made {made} link(s) in {link_to}", err=True)
     if move_to:
         _move(found, index_dir, Path(os.path.abspath(move_to)))  # the journal must hold absolute paths
+
+
+def _say_missing(paths: list[str], index_dir: str) -> None:
+    """A line on stderr when results are files gone since indexing, with the update command."""
+    if not paths:
+        return
+    from instret.index import SearchIndex
+
+    index = SearchIndex(index_dir)
+    root = index.manifest["root"]
+    index.close()
+    # --model INDEX: the encoder the index was built with, so the update re-encodes nothing.
+    click.echo(
+        report.missing_note(paths, command_line("index", root, "--model", index_dir, "--out", index_dir)), err=True
+    )
 
 
 def _move(found: dict, index_dir: str, dest: Path) -> None:
@@ -238,7 +281,9 @@ def _move(found: dict, index_dir: str, dest: Path) -> None:
         return
     journal = moves.write_journal(dest, plan, root)
     counts = _complete(journal)
-    click.echo(f"moved {counts['moved']} file(s) to {dest}; undo with: instret dups --undo {journal}", err=True)
+    click.echo(
+        f"moved {counts['moved']} file(s) to {dest}; undo with: {command_line('dups', '--undo', journal)}", err=True
+    )
 
 
 def _complete(journal: Path) -> dict:
@@ -249,14 +294,18 @@ def _complete(journal: Path) -> dict:
     except KeyboardInterrupt:
         raise InstretError(
             f"interrupted; {journal} records every move: rerun the same command to finish them, "
-            f"or undo them with `instret dups --undo {journal}`"
+            f"or undo them with: {command_line('dups', '--undo', journal)}"
         ) from None
 
 
 @click.command("eval-retrieval")
-@click.argument("images_dir")
-@click.option("--model", help="Encoder to index the folder with (a temporary index).")
-@click.option("--index", "index_dir", help="An existing index of this folder.")
+@click.argument("images_dir", callback=checked(locations.image_folder))
+@click.option(
+    "--model", callback=checked(locations.encoder_file), help="Encoder to index the folder with (a temporary index)."
+)
+@click.option(
+    "--index", "index_dir", callback=checked(locations.index_folder), help="An existing index of this folder."
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
 @click.option("--device", default="auto", show_default=True)
@@ -273,7 +322,7 @@ def eval_retrieval_cmd(images_dir, model, index_dir, as_json, workers, device, m
 
 
 @click.command("info")
-@click.argument("index_dir")
+@click.argument("index_dir", callback=checked(locations.index_folder))
 @click.option("--json", "as_json", is_flag=True)
 def info_cmd(index_dir, as_json):
     """What an index holds: vectors, dimension, type, encoder, sizes on disk, skipped files."""

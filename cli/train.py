@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from instret.cli.options import max_pixels_option
+from instret import locations
+from instret.cli.options import checked, max_pixels_option
 from instret.config import (
     ARCHS,
     BANK_INITS,
@@ -26,7 +27,12 @@ from instret.config import (
 
 
 @click.command()
-@click.option("--data", type=str, help="Folder of images (class sub-folders give labels; train/ + test/ a split).")
+@click.option(
+    "--data",
+    type=str,
+    callback=checked(lambda path: locations.image_folder(path, "--data")),
+    help="Folder of images (class sub-folders give labels; train/ + test/ a split).",
+)
 @click.option(
     "--dataset",
     type=click.Choice(DATASETS),
@@ -155,7 +161,7 @@ def plot_cmd(run_dir, out_file):
 
 
 @click.command("export")
-@click.argument("run_dir")
+@click.argument("run_dir", callback=checked(locations.encoder_file))
 @click.option(
     "--format",
     "fmt",

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from instret.distributed import SINGLE, World, broadcast_object, gather_lists
 from instret.errors import InstretError
 from instret.images import is_image_file, iter_decoded, list_image_files
+from instret.locations import image_folder
 from instret.progress import log
 
 
@@ -75,7 +76,10 @@ def load_digits(size: int = 32) -> TrainData:
 
 
 def load_cifar10(root: str, download: bool, size: int = 32) -> TrainData:
-    from torchvision.datasets import CIFAR10
+    try:
+        from torchvision.datasets import CIFAR10
+    except ModuleNotFoundError:
+        raise InstretError("--dataset cifar10 needs torchvision (pip install torchvision)") from None
 
     sets = []
     for train in (True, False):
@@ -121,11 +125,7 @@ def load_folder(
     split = functools.partial(
         read_folder, size=size, workers=workers, max_pixels=max_pixels, stream=stream, world=world
     )
-    root = Path(root)
-    if not root.exists():
-        raise InstretError(f"--data {root}: no such folder")
-    if not root.is_dir():
-        raise InstretError(f"--data {root}: not a folder")
+    root = image_folder(root, "--data")
     train_dir = root / "train"
     eval_dir = next((root / n for n in EVAL_SPLIT_NAMES if (root / n).is_dir()), None)
     if train_dir.is_dir() and eval_dir is not None:

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from instret.data import TrainData
+from instret.invocation import command_line
 from instret.progress import log
 from instret.report import one_line
 
@@ -50,15 +51,25 @@ def first_search(data: TrainData, out: Path, workers: int, device: str) -> None:
     )
     for h in hits:
         log(f"  {h['rank']}  {h['score']:.3f}  {one_line(h['path'])}")
-    log(
-        f"next: instret query {one_line(str(sample))} --index {one_line(str(out))} --html page.html; "
-        f"instret serve --index {one_line(str(out))} (a search page); instret plot {one_line(str(out))}"
-    )
+    log(next_commands(out, sample, plot=True))
+
+
+def next_commands(out: Path, sample: Path, plot: bool = False) -> str:
+    """The `next:` lines that end a run: each a command that runs as printed, from where the run
+    was started (the program named as it was started; a comment after `#` says what it shows)."""
+    commands = [
+        (command_line("query", sample, "--index", out, "--html", "page.html"), "the nearest images, as page.html"),
+        (command_line("serve", "--index", out), "a search page in the browser (Ctrl-C stops)"),
+    ]
+    if plot:
+        commands.append((command_line("plot", out), f"the training curves as {one_line(str(out / 'curves.png'))}"))
+    return "next:\n" + "\n".join(f"  {line}   # {what}" for line, what in commands)
 
 
 def _index_is_current(out: Path) -> bool:
     from instret.encoder import load_encoder
-    from instret.index import SearchIndex, read_current
+    from instret.index import SearchIndex
+    from instret.locations import read_current
 
     if not (out / "index").is_dir() or read_current(out / "index") is None:
         return False

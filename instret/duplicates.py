@@ -28,6 +28,7 @@ image, never an n x n matrix.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -55,6 +56,7 @@ class Member:
     sha256: str
     width: int = 0  # 0 x 0: the file cannot be read now
     height: int = 0
+    missing: bool = False  # gone since it was indexed
 
     @property
     def pixels(self) -> int:
@@ -198,11 +200,14 @@ def find_duplicates(
     threshold: float | None = None,
     precision: float = DEFAULT_PRECISION,
     keep: str = "largest",
+    existing_only: bool = False,
 ) -> dict:
     """{"threshold", "reason", "keep_rule", "groups": [{"tier", "keep", "min_score", "members"}]}
     of an index (a folder, or one opened already: a server's generation): exact groups first,
     then near ones, largest first. `threshold` (a cosine similarity) overrides the one
-    calibrated for `precision`."""
+    calibrated for `precision`. A member whose file is gone since it was indexed is marked
+    "missing" (never kept while another is there); existing_only leaves such files out, and a
+    group left with one member with them."""
     if keep not in KEEP_RULES:
         raise InstretError(f"--keep must be one of {', '.join(KEEP_RULES)}, not {keep!r}")
     if threshold is None and not 0 < precision < 1:
@@ -222,7 +227,8 @@ def find_duplicates(
     by_content = np.argsort(rep_row, kind="stable")
     edges = np.searchsorted(rep_row[by_content], np.arange(len(ids) + 1))
     files_of = lambda reps: np.sort(np.concatenate([by_content[edges[r] : edges[r + 1]] for r in reps]))
-    groups = [_describe_group(index, vectors, ids, files_of(reps), keep) for reps in exact + near]
+    groups = [_describe_group(index, vectors, ids, files_of(reps), keep, existing_only) for reps in exact + near]
+    groups = [g for g in groups if g is not None]
     groups.sort(key=lambda g: (g["tier"] != "exact", -len(g["members"]), g["keep"]))
     if index is not index_dir:
         index.close()
@@ -262,10 +268,17 @@ def _content_reps(meta: sqlite3.Connection, ids: np.ndarray) -> np.ndarray:
     return pairs[:, 1]
 
 
-def _describe_group(index: SearchIndex, vectors, ids, rows: np.ndarray, keep: str) -> dict:
+def _describe_group(index: SearchIndex, vectors, ids, rows: np.ndarray, keep: str, existing_only: bool) -> dict | None:
     """The JSON of one group of files (rows, ascending: every byte copy of every content in it):
-    the kept one, and each member's score with the kept one."""
+    the kept one, and each member's score with the kept one. None when existing_only leaves
+    fewer than two."""
     members = _members(index, [int(ids[r]) for r in rows])
+    if existing_only:
+        members = [m for m in members if not m.missing]
+        there = {m.id for m in members}
+        rows = np.array([r for r in rows if int(ids[r]) in there], dtype=np.int64)
+        if len(members) < 2:
+            return None
     kept = min(members, key=KEEP_RULES[keep])
     searched = index.transform(np.asarray(vectors[rows]))
     position = {int(ids[r]): i for i, r in enumerate(rows)}  # id -> its row of `searched`
@@ -280,6 +293,7 @@ def _describe_group(index: SearchIndex, vectors, ids, rows: np.ndarray, keep: st
                 "path": m.path,
                 "score": round(score, 6),
                 "identical": identical,
+                "missing": m.missing,
                 "width": m.width,
                 "height": m.height,
                 "bytes": m.bytes,
@@ -306,6 +320,7 @@ def _members(index: SearchIndex, member_ids: list[int]) -> list[Member]:
     root = Path(index.manifest["root"])
     members = [Member(i, str(root / from_db(p)), size, mtime, sha) for i, p, size, mtime, sha in rows]
     for m in members:
+        m.missing = not os.path.exists(m.path)
         m.width, m.height = _image_size(m.path)
     return members
 

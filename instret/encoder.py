@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from instret.errors import InstretError
+from instret.locations import encoder_file
 from instret.storage import atomic_torch_save, load_torch_file
 
 ENCODER_FORMAT_VERSION = 1
@@ -49,7 +50,12 @@ def small_backbone(width: int = 32) -> tuple[nn.Module, int]:
 
 
 def resnet_backbone(arch: str, small_images: bool) -> tuple[nn.Module, int]:
-    import torchvision
+    try:
+        import torchvision
+    except ModuleNotFoundError:  # a CPU-only torch install may leave it out; the small CNN needs none
+        raise InstretError(
+            f"--arch {arch} needs torchvision (pip install torchvision); --arch small does not"
+        ) from None
 
     net = getattr(torchvision.models, arch)(weights=None)
     if small_images:
@@ -148,12 +154,8 @@ class LoadedEncoder:
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> LoadedEncoder:
-    """Load `encoder.pt`, or the one inside a run folder."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "encoder.pt"
-    if not path.is_file():
-        raise InstretError(f"{path}: no such encoder file")
+    """Load `encoder.pt`, a run folder's, or the one an index was built with (instret.locations)."""
+    path = encoder_file(path)
     blob = load_torch_file(path, "encoder", ("state_dict", "arch", "low_dim", "image_size"), ENCODER_FORMAT_VERSION)
     try:
         model = Encoder(blob["arch"], blob["low_dim"], blob["image_size"])

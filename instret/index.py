@@ -37,6 +37,7 @@ import numpy as np
 
 from instret.errors import InstretError
 from instret.faiss_boundary import GPU_MAX_K, as_float32, faiss_gpu_count, to_gpus
+from instret.locations import index_folder, read_current
 from instret.postprocess import Whitening, normalise
 from instret.storage import atomic_write_text, remove_stale_temps
 
@@ -118,17 +119,6 @@ class Hit:
     id: int
     path: str
     score: float
-
-
-def index_folder(path: str | Path) -> Path:
-    """The index at `path`: an index folder, or a run folder of `instret train --data`, whose
-    index is RUN_DIR/index."""
-    path = Path(path)
-    if not path.is_dir():
-        raise InstretError(f"{path}: no such index folder")
-    if not (path / "CURRENT").exists() and (path / "index" / "CURRENT").exists():
-        return path / "index"
-    return path
 
 
 class SearchIndex:
@@ -306,18 +296,6 @@ class SearchIndex:
 
     def close(self) -> None:
         self.meta.close()
-
-
-def read_current(index_dir: Path) -> str | None:
-    try:
-        name = (index_dir / "CURRENT").read_text().strip()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise InstretError(f"{index_dir}/CURRENT: unreadable ({e.strerror})") from None
-    if not name.startswith("gen-") or not (index_dir / name).is_dir():
-        raise InstretError(f"{index_dir}: CURRENT names {name!r}, which is not a generation here; the index is damaged")
-    return name
 
 
 def make_manifest(

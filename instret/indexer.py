@@ -31,11 +31,11 @@ from instret.index import (
     SearchIndex,
     check_factory,
     make_manifest,
-    read_current,
     to_db,
     write_generation,
     writer_lock,
 )
+from instret.locations import encoder_file, image_folder, index_output, read_current
 from instret.postprocess import WHITEN_BY_DEFAULT, fit_for_index
 from instret.progress import Progress, log
 
@@ -173,10 +173,7 @@ def build_index(
 
     shard (i, n): index only every n-th file of the sorted listing, from the i-th (one part of a
     large collection, built on its own machine; `merge_shards` joins the parts)."""
-    root, out = Path(images_dir), Path(out)
-    if not root.is_dir():
-        raise InstretError(f"{root}: no such folder")
-    check_out(out)
+    root, out = image_folder(images_dir), index_output(out)
     torch_device = resolve_device(device)
     encoder = load_encoder(model, torch_device)
     start = time.perf_counter()
@@ -263,7 +260,7 @@ def build_index(
                 shard,
                 extra,
             )
-            src = Path(model) / "encoder.pt" if Path(model).is_dir() else Path(model)
+            src = encoder_file(model)
             name = write_generation(
                 out, next_generation(out), manifest, vectors, ids, rows, skipped, src, whitening, searched
             )
@@ -304,14 +301,6 @@ def unchanged(previous, root: Path, factory: str, whiten: bool, kept: int, had: 
         and whiten == previous.postprocess.get("whiten", WHITEN_BY_DEFAULT)
         and m["root"] == str(root.resolve())
     )
-
-
-def check_out(out: Path) -> None:
-    """--out must be an index folder, an empty folder or a new path: never someone's other files."""
-    if out.exists() and not out.is_dir():
-        raise InstretError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not any((out / n).exists() for n in ("CURRENT", ".lock")):
-        raise InstretError(f"--out {out}: a folder that is neither empty nor an instret index; choose another --out")
 
 
 def _same_content(path: Path, sha: str) -> bool:

@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from instret.errors import InstretError
+from instret.invocation import PROGRAM_VARIABLE, program
 from instret.rank import world_size
 
 
@@ -29,6 +30,8 @@ def launch_local(options: dict, resume: bool, nproc: int) -> int:
         options["out"] = str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     # One thread per process unless the user chose otherwise: N processes share the cores.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # Started as `python -m instret`, they name commands as the user typed this one.
+    os.environ[PROGRAM_VARIABLE] = program()
     # The processes speak for themselves (rank 0 reports errors); the agent's own log is noise.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(

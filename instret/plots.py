@@ -1,5 +1,5 @@
 """Pictures of a run and of its features, drawn with matplotlib (imported only here, and only
-when a picture is asked for: `pip install 'instret[plot]'`).
+when a picture is asked for; part of the base install).
 
     training_curves(run_dir)        loss, the label-free monitor and kNN top-1 per epoch, from metrics.jsonl
     neighbour_grid(rows)            each query, then its neighbours with their scores
@@ -26,7 +26,9 @@ def pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise InstretError("plots need matplotlib: pip install 'instret[plot]'") from None
+        raise InstretError(
+            "plots need matplotlib (part of instret's install; missing here): pip install matplotlib"
+        ) from None
     if "matplotlib.pyplot" not in sys.modules:
         matplotlib.use("Agg")  # a notebook has set its own backend already; leave that one
     import matplotlib.pyplot as plt
@@ -104,7 +106,8 @@ def neighbour_grid(rows: list[dict], title: str | None = None):
     """One row per query: the query image, then its neighbours best first.
 
     rows: [{"query": image, "label": str (optional), "neighbours": [{"image", "score",
-    "label" (optional), "match" (optional bool: drawn green when True, red when False)}, ...]}, ...]
+    "label" (optional), "match" (optional bool: drawn green when True, red when False),
+    "missing" (optional bool: the file is gone; its tile is struck through)}, ...]}, ...]
     """
     plt = pyplot()
     cols = 1 + max((len(r["neighbours"]) for r in rows), default=0)
@@ -119,20 +122,31 @@ def neighbour_grid(rows: list[dict], title: str | None = None):
         for ax, n in zip(row[1:], r["neighbours"]):
             ax.imshow(_as_picture(n["image"]))
             colour = {True: "tab:green", False: "tab:red"}.get(n.get("match"), "black")
-            title = f"{n['score']:.3f}" + (f"\n{n['label']}" if n.get("label") else "")
-            ax.set_title(title, fontsize=6 if n.get("label") else 7, color=colour)
+            if n.get("missing"):
+                _strike(ax)
+                colour = "tab:red"
+            caption = f"{n['score']:.3f}" + (" missing" if n.get("missing") else "")
+            caption += f"\n{n['label']}" if n.get("label") else ""
+            ax.set_title(caption, fontsize=6 if n.get("label") else 7, color=colour)
     if title:
         fig.suptitle(title, fontsize=9)
     return fig
 
 
+def _strike(ax) -> None:
+    """A red cross over the tile: the file it stands for is gone."""
+    for ends in (((0, 1), (0, 1)), ((0, 1), (1, 0))):
+        ax.plot(*ends, transform=ax.transAxes, color="tab:red", linewidth=1.5)
+
+
 def query_grid(results: list[dict], size: int = 96):
-    """neighbour_grid of `instret query` results (image files read again, as thumbnails)."""
+    """neighbour_grid of `instret query` results (image files read again, as thumbnails; a file
+    gone since it was indexed is a grey tile, struck through)."""
     from instret.images import thumbnail
 
     def picture(path):
         img = thumbnail(path, size)
-        if img is None:  # gone since it was indexed: a grey square keeps the layout
+        if img is None:  # a grey square keeps the layout
             return np.full((size, size, 3), 128, dtype=np.uint8)
         return np.asarray(img)
 
@@ -141,7 +155,13 @@ def query_grid(results: list[dict], size: int = 96):
             "query": picture(r["query"]),
             "label": _short(r["query"]),
             "neighbours": [
-                {"image": picture(h["path"]), "score": h["score"], "label": _short(h["path"], 16)} for h in r["results"]
+                {
+                    "image": picture(h["path"]),
+                    "score": h["score"],
+                    "label": _short(h["path"]),
+                    "missing": h.get("missing", False),
+                }
+                for h in r["results"]
             ],
         }
         for r in results
@@ -149,8 +169,9 @@ def query_grid(results: list[dict], size: int = 96):
     return neighbour_grid(rows)
 
 
-def _short(path: str, width: int = 22) -> str:
-    """folder/name (the folder often says what the image is), cut to width."""
+def _short(path: str, width: int = 16) -> str:
+    """folder/name (the folder often says what the image is), cut to width: what fits a tile's
+    column in the grid's title fonts."""
     name = "/".join(Path(path).parts[-2:])
     return name if len(name) <= width else "..." + name[3 - width :]
 

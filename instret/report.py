@@ -30,17 +30,34 @@ def json_lines(objects) -> str:
 
 
 def dups_text(groups: list[dict]) -> str:
-    """A block per group: a header, then `keep|dup<TAB>score<TAB>WxH<TAB>path` per member."""
+    """A block per group: a header, then `keep|dup|missing<TAB>score<TAB>WxH<TAB>path` per member
+    (missing: the file is gone since it was indexed)."""
     blocks = []
     for n, g in enumerate(groups, 1):
         lines = [f"# group {n}: {g['tier']}, {len(g['members'])} files, min score {g['min_score']:.4f}"]
         lines += [
-            f"{'keep' if m['path'] == g['keep'] else 'dup'}\t{m['score']:.4f}\t{m['width']}x{m['height']}\t"
-            f"{one_line(m['path'])}"
-            for m in g["members"]
+            f"{_role(m, g)}\t{m['score']:.4f}\t{m['width']}x{m['height']}\t{one_line(m['path'])}" for m in g["members"]
         ]
         blocks.append("\n".join(lines))
     return "\n".join(blocks)
+
+
+def _role(member: dict, group: dict) -> str:
+    if member.get("missing"):
+        return "missing"
+    return "keep" if member["path"] == group["keep"] else "dup"
+
+
+def missing_note(paths: list[str], update: str) -> str | None:
+    """The stderr line when results name files gone since they were indexed, with the command
+    that brings the index up to date; None when every file is there."""
+    if not paths:
+        return None
+    example = one_line(paths[0]) + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+    return (
+        f"note: {len(paths)} of the files shown are gone since they were indexed ({example}); "
+        f"--existing-only leaves them out; update the index: {update}"
+    )
 
 
 def thumbnail_uri(path: str, size: int = 128) -> str | None:
@@ -55,13 +72,18 @@ def thumbnail_uri(path: str, size: int = 128) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _figure(path: str, caption: str) -> str:
-    uri = thumbnail_uri(path)
-    img = f'<img src="{uri}" alt="">' if uri else '<div class="missing">unreadable</div>'
+def _figure(path: str, caption: str, missing: bool = False) -> str:
+    """A thumbnail and its caption; a file gone since it was indexed is a struck-out tile."""
+    uri = None if missing else thumbnail_uri(path)
+    if missing:
+        img, caption, kind = '<div class="blank gone">file missing</div>', "missing: " + caption, ' class="gone"'
+    else:
+        img, kind = (f'<img src="{uri}" alt="">' if uri else '<div class="blank">unreadable</div>'), ""
     if uri:  # a click opens the image itself
         img = f'<a href="{html.escape(Path(path).resolve().as_uri(), quote=True)}">{img}</a>'
     return (
-        f'<figure title="{html.escape(path, quote=True)}">{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
+        f'<figure{kind} title="{html.escape(path, quote=True)}">{img}'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
     )
 
 
@@ -73,7 +95,9 @@ body {{ font-family: sans-serif; margin: 1em; }}
 figure {{ margin: 0; width: 132px; }} img {{ max-width: 128px; max-height: 128px; }}
 figcaption {{ font-size: 11px; word-break: break-all; }}
 .query {{ border-right: 3px solid #c33; padding-right: 6px; }}
-.missing {{ width: 128px; height: 64px; background: #eee; }}
+.blank {{ width: 128px; height: 64px; background: #eee; }}
+.gone .blank {{ background: linear-gradient(to top right, #eee 48%, #c33 49%, #c33 51%, #eee 52%); color: #c33; }}
+.gone figcaption {{ text-decoration: line-through; color: #c33; }}
 </style></head><body><h1>{title}</h1>
 {body}
 </body></html>
@@ -94,7 +118,10 @@ def query_html(results: list[dict]) -> str:
     rows = []
     for r in results:
         cells = [f'<div class="query">{_figure(r["query"], "query: " + r["query"])}</div>']
-        cells += [_figure(h["path"], f"#{h['rank']} {h['score']:.4f}{_meaning(h)} {h['path']}") for h in r["results"]]
+        cells += [
+            _figure(h["path"], f"#{h['rank']} {h['score']:.4f}{_meaning(h)} {h['path']}", h.get("missing", False))
+            for h in r["results"]
+        ]
         rows.append(f'<div class="row">{"".join(cells)}</div>')
     return PAGE.format(title="instret query results", body="\n".join(rows))
 
@@ -113,6 +140,6 @@ def dups_html(groups: list[dict]) -> str:
             caption = (
                 f"{role} · {m['width']}x{m['height']} · {m['bytes'] / 1024:.0f} KB · {m['modified'][:10]} · {m['path']}"
             )
-            cells.append(_figure(m["path"], caption))
+            cells.append(_figure(m["path"], caption, m.get("missing", False)))
         sections.append(head + '<div class="row">' + "".join(cells) + "</div>")
     return PAGE.format(title="instret duplicates", body="\n".join(sections))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from instret.errors import InstretError
 from instret.faiss_boundary import as_float32
 from instret.images import ImageReadError, decode_image, file_sha256
 from instret.index import SearchIndex
+from instret.locations import image_folder
 
 
 class Searcher:
@@ -48,17 +50,25 @@ class Searcher:
         if self.encoder.dim != self.index.dim:
             raise InstretError(f"encoder dimension {self.encoder.dim} != index dimension {self.index.dim}")
 
-    def query(self, items, k: int = 10, min_score: float | None = None, exclude_self: bool = False) -> list[dict]:
-        """One {"query", "results": [{"rank", "id", "path", "score", ...}]} per query image (a
-        file, a PIL image or an image tensor; "query" is the file's path or "<image i>"), best
-        first; with the index's score distributions, each result also says how unusual its
-        score is (instret.calibration.describe: "unrelated_above", "copies_below")."""
+    def query(
+        self,
+        items,
+        k: int = 10,
+        min_score: float | None = None,
+        exclude_self: bool = False,
+        existing_only: bool = False,
+    ) -> list[dict]:
+        """One {"query", "results": [{"rank", "id", "path", "score", "missing", ...}]} per query
+        image (a file, a PIL image or an image tensor; "query" is the file's path or "<image
+        i>"), best first. "missing": the file is gone since it was indexed (existing_only leaves
+        such files out). With the index's score distributions, each result also says how
+        unusual its score is (instret.calibration.describe: "unrelated_above", "copies_below")."""
         if k < 1:
             raise InstretError(f"-k must be at least 1, not {k}")
         names, vectors = self.encoder.embed_named(items, self.max_pixels)
         extra = 1 if exclude_self else 0
         out = []
-        for name, hits in zip(names, self.index.search(vectors, k + extra)):
+        for name, hits in zip(names, self._search(vectors, k + extra, existing_only)):
             if exclude_self and not name.startswith("<image "):
                 hits = _without_self(name, hits)
             out.append(self._ranked(name, hits, k, min_score))
@@ -79,12 +89,21 @@ class Searcher:
             raise InstretError("no image in the request")
         return names, torch.stack(pictures)
 
-    def query_decoded(self, names, pictures: torch.Tensor, k: int = 10, min_score: float | None = None) -> list[dict]:
+    def query_decoded(
+        self, names, pictures: torch.Tensor, k: int = 10, min_score: float | None = None, existing_only: bool = False
+    ) -> list[dict]:
         """As query(), for decode_uploads()' output."""
-        hits = self.index.search(self.encoder.embed_inputs(pictures), k)
+        hits = self._search(self.encoder.embed_inputs(pictures), k, existing_only)
         return [self._ranked(name, found, k, min_score) for name, found in zip(names, hits)]
 
-    def query_ids(self, ids, k: int = 10, min_score: float | None = None, exclude_self: bool = False) -> list[dict]:
+    def query_ids(
+        self,
+        ids,
+        k: int = 10,
+        min_score: float | None = None,
+        exclude_self: bool = False,
+        existing_only: bool = False,
+    ) -> list[dict]:
         """As query(), for images already in the index, by id: their stored vectors are searched
         (nothing is read or encoded). Raises InstretError for an id the index does not hold."""
         vectors, stored = self.index.vectors()
@@ -94,11 +113,25 @@ class Searcher:
                 raise InstretError(f"no image with id {i} in this index")
         paths = self.index.paths_of(int(i) for i in ids)
         extra = 1 if exclude_self else 0
-        found = self.index.search(np.asarray(vectors[rows]), k + extra)
+        found = self._search(np.asarray(vectors[rows]), k + extra, existing_only)
         return [
             self._ranked(paths[int(i)], [h for h in hits if not (exclude_self and h.id == i)], k, min_score)
             for i, hits in zip(ids, found)
         ]
+
+    def _search(self, vectors, k: int, existing_only: bool) -> list[list]:
+        """The index's k best hits of each vector; existing_only: of files still there, the
+        search widened (k doubled) while a query has fewer and the index holds more."""
+        found = self.index.search(vectors, k)
+        if not existing_only:
+            return found
+        wanted = k
+        while True:
+            kept = [[h for h in hits if os.path.exists(h.path)] for hits in found]
+            if wanted >= self.index.ntotal or all(len(h) >= k for h in kept):
+                return [h[:k] for h in kept]
+            wanted = min(2 * wanted, self.index.ntotal)
+            found = self.index.search(vectors, wanted)
 
     def _ranked(self, name: str, hits, k: int, min_score: float | None) -> dict:
         scores = self.index.manifest.get("scores")
@@ -106,7 +139,14 @@ class Searcher:
         return {
             "query": name,
             "results": [
-                {"rank": r, "id": h.id, "path": h.path, "score": round(h.score, 6), **describe(h.score, scores)}
+                {
+                    "rank": r,
+                    "id": h.id,
+                    "path": h.path,
+                    "score": round(h.score, 6),
+                    "missing": not os.path.exists(h.path),  # a stat: deleted or moved since it was indexed
+                    **describe(h.score, scores),
+                }
                 for r, h in enumerate(hits, 1)
             ],
         }
@@ -142,8 +182,10 @@ def query(
     max_pixels=None,
     nprobe=None,
     ef_search=None,
+    existing_only=False,
 ) -> list[dict]:
-    return Searcher(index_dir, model, device, max_pixels, nprobe, ef_search).query(images, k, min_score, exclude_self)
+    searcher = Searcher(index_dir, model, device, max_pixels, nprobe, ef_search)
+    return searcher.query(images, k, min_score, exclude_self, existing_only)
 
 
 # --- retrieval metrics ------------------------------------------------------------------
@@ -189,9 +231,7 @@ def eval_retrieval(
     """Retrieval metrics on a folder of group sub-folders, from an encoder or an existing index."""
     from instret.data import find_classes
 
-    root = Path(images_dir)
-    if not root.is_dir():
-        raise InstretError(f"{root}: no such folder")
+    root = image_folder(images_dir)
     classes = find_classes(root)
     if classes is None:
         raise InstretError(f"{root}: needs one sub-folder per group (object, scene or class), at least two")

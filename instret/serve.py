@@ -29,7 +29,9 @@ def serve(
     try:
         import uvicorn
     except ImportError:
-        raise InstretError("instret serve needs the web server packages: pip install 'instret[serve]'") from None
+        raise InstretError(
+            "instret serve needs Starlette and uvicorn (part of instret's install; missing here): pip install starlette uvicorn"
+        ) from None
     from instret.server import create_app
 
     settings = dict(
@@ -52,11 +54,15 @@ def serve(
         f"http://{shown}:{port}/  (Ctrl-C stops)"
     )
     options = dict(host=host, port=port, log_level="warning", access_log=False)
-    if workers == 1:
-        uvicorn.run(create_app(live, settings["max_upload_bytes"]), **options)
-        return
-    os.environ[SETTINGS_VARIABLE] = json.dumps(settings)
-    uvicorn.run("instret.serve:app_from_settings", factory=True, workers=workers, **options)
+    try:
+        if workers == 1:
+            uvicorn.run(create_app(live, settings["max_upload_bytes"]), **options)
+        else:
+            os.environ[SETTINGS_VARIABLE] = json.dumps(settings)
+            uvicorn.run("instret.serve:app_from_settings", factory=True, workers=workers, **options)
+    except KeyboardInterrupt:  # uvicorn stops gracefully, then raises the signal again: Ctrl-C is how serve ends
+        pass
+    _say("stopped")
 
 
 def app_from_settings():

@@ -3,17 +3,18 @@
     GET  /api/v1/health                      {"status", "generation", "vectors"}
     GET  /api/v1/info                        what `instret info --json` prints
     GET  /api/v1/images?offset=0&limit=100   {"generation", "total", "offset", "images": [{"id", "path", "bytes"}]}
-    POST /api/v1/search?k=&min_score=&nprobe=
+    POST /api/v1/search?k=&min_score=&nprobe=&existing_only=
          body: an image file's bytes, or multipart/form-data with one or more files
                                              {"generation", "queries": [what `query --json` prints, per image]}
     GET  /api/v1/search?id=ID&path=PATH...   the same, for images in the index (several allowed)
-    GET  /api/v1/duplicates?precision=&threshold=&keep=
+    GET  /api/v1/duplicates?precision=&threshold=&keep=&existing_only=
                                              {"generation", ...what `dups --json` prints}
     GET  /api/v1/image/ID                    the indexed file itself
     GET  /api/v1/thumbnail/ID?size=          a JPEG of it within size x size
     GET  /                                   the page (instret/web)
 
-Every error is a 4xx or 5xx with {"error": one line}, and the server goes on serving. Only
+Results mark a file gone since it was indexed ("missing": true); existing_only=1 leaves such
+files out. Every error is a 4xx or 5xx with {"error": one line}, and the server goes on serving. Only
 files the index holds are ever read, by id; nothing a request sends is written anywhere
 (uploads are parsed in memory, within --max-upload-mb, checked before the body is read).
 """
@@ -92,13 +93,14 @@ def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
 
     def search_upload(request: Request, searcher: Searcher, uploads):
         k, min_score, nprobe = _search_options(request)
+        existing_only = _flag(request, "existing_only")
         names, pictures = searcher.decode_uploads(uploads)  # outside the lock: decoding runs alongside
-        queries = live.run(searcher, lambda s: s.query_decoded(names, pictures, k, min_score), nprobe)
+        queries = live.run(searcher, lambda s: s.query_decoded(names, pictures, k, min_score, existing_only), nprobe)
         return {"generation": searcher.index.generation, "queries": queries}
 
     def search_indexed(request: Request, searcher: Searcher):
         k, min_score, nprobe = _search_options(request)
-        exclude_self = request.query_params.get("exclude_self", "0").lower() in ("1", "true", "yes")
+        exclude_self, existing_only = _flag(request, "exclude_self"), _flag(request, "existing_only")
 
         def work(s: Searcher):
             ids = [_int(v, "id") for v in request.query_params.getlist("id")]
@@ -112,7 +114,7 @@ def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
             if len(ids) > MAX_IMAGES:
                 raise RequestError(400, f"at most {MAX_IMAGES} images per request, not {len(ids)}")
             try:
-                return s.query_ids(ids, k, min_score, exclude_self)
+                return s.query_ids(ids, k, min_score, exclude_self, existing_only)
             except InstretError as e:
                 raise RequestError(404, str(e)) from None
 
@@ -122,8 +124,16 @@ def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
         q = request.query_params
         threshold = _float(q["threshold"], "threshold") if "threshold" in q else None
         precision = _float(q["precision"], "precision") if "precision" in q else DEFAULT_PRECISION
-        found = duplicates.get(live.dir, searcher.index.generation, threshold, precision, q.get("keep", "largest"))
-        return {"generation": searcher.index.generation, **found}
+        existing_only = _flag(request, "existing_only")
+        found = duplicates.get(
+            live.dir, searcher.index.generation, threshold, precision, q.get("keep", "largest"), existing_only
+        )
+        # Computed once per generation; whether each file is still there is asked anew (a stat).
+        groups = [
+            {**g, "members": [{**m, "missing": not os.path.exists(m["path"])} for m in g["members"]]}
+            for g in found["groups"]
+        ]
+        return {"generation": searcher.index.generation, **found, "groups": groups}
 
     def image(request: Request, searcher: Searcher):
         path = _indexed_file(live, searcher, request.path_params["id"])
@@ -220,6 +230,10 @@ def _search_options(request: Request) -> tuple[int, float | None, int | None]:
     return k, min_score, nprobe
 
 
+def _flag(request: Request, name: str) -> bool:
+    return request.query_params.get(name, "0").lower() in ("1", "true", "yes")
+
+
 def _int(value: str, name: str) -> int:
     try:
         return int(value)
@@ -283,13 +297,13 @@ class _DuplicatesCache:
         self._lock = threading.Lock()
         self._found: dict[tuple, dict] = {}
 
-    def get(self, index_dir: Path, generation: str, threshold, precision, keep) -> dict:
-        key = (generation, threshold, precision, keep)
+    def get(self, index_dir: Path, generation: str, threshold, precision, keep, existing_only: bool) -> dict:
+        key = (generation, threshold, precision, keep, existing_only)
         with self._lock:
             if key not in self._found:
                 index = SearchIndex(index_dir, generation=generation)
                 try:
-                    found = find_duplicates(index, threshold, precision, keep)
+                    found = find_duplicates(index, threshold, precision, keep, existing_only)
                 finally:
                     index.close()
                 self._found = {k: v for k, v in self._found.items() if k[0] == generation}

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from instret.encoder import load_encoder
 from instret.errors import InstretError
-from instret.index import SearchIndex, make_manifest, read_current, write_generation, writer_lock
-from instret.indexer import check_out, next_generation, searched_space, with_stable_ids
+from instret.index import SearchIndex, make_manifest, write_generation, writer_lock
+from instret.indexer import next_generation, searched_space, with_stable_ids
+from instret.locations import index_output, read_current
 from instret.postprocess import WHITEN_BY_DEFAULT
 from instret.progress import log
 
@@ -51,8 +52,7 @@ def merge_shards(shard_dirs: list[str | Path], out: str | Path, factory: str | N
         raise InstretError(f"shards {got} of {n}: give each of the {n} shards exactly once")
     entries = sorted((e[1:] for s in shards for e in s.entries()), key=lambda e: e[0])  # the one-machine listing order
     skipped = sorted(p for s in shards for p in s.skipped())
-    out = Path(out)
-    check_out(out)
+    out = index_output(out)
     with writer_lock(out):
         old_ids = {}
         if read_current(out):

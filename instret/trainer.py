@@ -426,7 +426,7 @@ class Trainer:
 
     def final_eval(self, model: torch.nn.Module | None = None) -> dict:
         """kNN of the final model (eval_model with a 4,096-image sample, unless given) as the
-        paper measures it: the training images re-embedded with the test transform (METHOD.md);
+        paper measures it: the training images re-embedded with the test transform (docs/method.md);
         {} without labels."""
         if not self.data.labelled:
             return {}
@@ -709,10 +709,13 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World, s
             rebuild=None,
             max_pixels=cfg.max_image_pixels,
         )
-        log(
-            f"next: instret query IMAGE --index {out}   (or a folder of images; --html page.html shows them); "
-            f"instret serve --index {out}   (a search page)"
-        )
+        from instret.demo import next_commands
+        from instret.index import SearchIndex
+
+        index = SearchIndex(out / "index")
+        first = Path(index.manifest["root"]) / index.files(limit=1)[0][1]  # an image the index holds: a sample query
+        index.close()
+        log(next_commands(out, first))
     elif world.main and cfg.dataset == "digits":
         from instret.demo import first_search
 

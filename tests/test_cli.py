@@ -124,3 +124,28 @@ def test_train_help_states_the_defaults_that_actually_run(capsys):
     assert f"Epochs [{folder.epochs}; {digits.epochs} for digits]" in text
     assert f"Batch size [{folder.batch_size}; {digits.batch_size} for digits]" in text
     assert f"SGD learning rate [{folder.lr}]" in text and f"[{digits.lr}]" in text
+
+
+@pytest.mark.parametrize(
+    "command, target, says",
+    [
+        ("train", "instret.trainer.train", "train interrupted; the last finished epoch is saved"),
+        ("index", "instret.indexer.build_index", "index interrupted; every batch encoded so far is staged"),
+    ],
+)
+def test_an_interrupt_names_the_command_it_stopped(image_folder, tmp_path, monkeypatch, capsys, command, target, says):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, interrupted)
+    args = {
+        "train": tiny_train_args(image_folder, tmp_path / "run"),
+        "index": ["index", str(image_folder), "--model", str(tmp_path), "--out", str(tmp_path / "ix")],
+    }[command]
+    if command == "index":  # a model file that passes the path check; the interrupt comes before it is read
+        (tmp_path / "encoder.pt").write_bytes(b"")
+    code, _, err = run_cli(args, capsys)
+    err = err.strip()  # click ends the ^C line first
+    assert code == 130 and "\n" not in err and err.startswith(f"instret: error: {says}")
+    other = {"train": "index", "index": "train"}[command]
+    assert f"{other}:" not in err and f"{other} interrupted" not in err

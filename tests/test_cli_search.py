@@ -37,7 +37,8 @@ def test_query_json_schema_one_object_per_query(indexed, capsys):
         assert set(o) == {"query", "results"}
         assert [r["rank"] for r in o["results"]] == [1, 2, 3]
         for r in o["results"]:
-            assert set(r) == {"rank", "id", "path", "score", "unrelated_above", "copies_below"}
+            assert set(r) == {"rank", "id", "path", "score", "missing", "unrelated_above", "copies_below"}
+            assert r["missing"] is False
             assert isinstance(r["score"], float) and 0 <= r["unrelated_above"] <= 1 and 0 <= r["copies_below"] <= 1
     assert "indexing" not in out  # logs stay on stderr
 
@@ -169,7 +170,9 @@ def test_train_with_data_leaves_a_queryable_index(image_folder, tmp_path, capsys
     out = tmp_path / "run"
     code, _, err = run_cli(tiny_train_args(image_folder, out), capsys)
     assert code == 0, err
-    assert f"next: instret query IMAGE --index {out}" in err and f"instret serve --index {out}" in err
+    first = sorted(image_folder.rglob("*.png"))[0]  # an image the index holds: a query that runs as printed
+    assert f"\n  instret query {first} --index {out} --html page.html   #" in err
+    assert f"\n  instret serve --index {out}   #" in err
     code, stdout, err = run_cli(
         ["query", str(image_folder / "red" / "000.png"), "--index", str(out / "index"), "-k", "1"], capsys
     )
@@ -227,7 +230,8 @@ def test_the_embedded_default_ends_with_a_search(tmp_path, capsys):
     assert code == 0, err
     assert len(list((out / "images").rglob("*.png"))) == 1797  # every digit, held-out ones too
     sample = err.split("sample query ")[1].split(" ")[0]
-    assert f"next: instret query {sample} --index {out}" in err and f"instret serve --index {out}" in err
+    assert f"next:\n  instret query {sample} --index {out} --html page.html   #" in err
+    assert f"\n  instret serve --index {out}   #" in err and f"\n  instret plot {out}   #" in err
     code, stdout, _ = run_cli(["query", sample, "--index", str(out), "-k", "1", "--exclude-self"], capsys)
     assert code == 0 and len(stdout.strip().splitlines()) == 1
 
@@ -238,3 +242,41 @@ def test_index_batch_default_is_the_libraries():
 
     assert {p.name: p.default for p in index_cmd.params}["batch_size"] == INDEX_BATCH
     assert build_index.__defaults__[1] == INDEX_BATCH
+
+
+def test_index_out_a_run_folder_writes_its_own_index(trained_run, tmp_path, capsys):
+    # What the README says: a run folder stands for its index wherever one is expected.
+    run = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("index"))
+    photos = trained_run.parent / "photos"
+    code, out, err = run_cli(["index", str(photos), "--model", str(run), "--out", str(run)], capsys)
+    assert code == 0, err
+    assert json.loads(out)["index"] == str(run / "index") and (run / "index" / "CURRENT").is_file()
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["index"]  # nothing else written beside it
+    code, out, err = run_cli(["query", str(photos / "a" / "000.jpg"), "--index", str(run), "-k", "1"], capsys)
+    assert code == 0 and out.split("\t")[2].strip() == str(photos / "a" / "000.jpg")
+    # An index folder names the encoder it was built with: the update re-encodes nothing.
+    code, out, err = run_cli(["index", str(photos), "--model", str(run / "index"), "--out", str(run)], capsys)
+    assert code == 0 and "no new generation" in err, err
+
+
+@pytest.mark.parametrize(
+    "given, what, instead",
+    [
+        ("encoder.pt", "an encoder file", "--index {run}"),
+        ("checkpoint.pt", "a training checkpoint", "--index {run}"),
+        ("index/{gen}/encoder.pt", "an encoder file", "--index {run}/index"),
+    ],
+)
+def test_an_index_option_given_a_file_says_what_it_is_and_what_to_pass(trained_run, capsys, given, what, instead):
+    from instret.locations import read_current
+
+    gen = read_current(trained_run / "index")
+    path = trained_run / given.format(gen=gen)
+    code, _, err = run_cli(
+        ["query", str(trained_run.parent / "photos" / "a" / "000.jpg"), "--index", str(path)], capsys
+    )
+    assert code == 1 and err.count("\n") == 1
+    assert (
+        err.strip()
+        == f"instret: error: {path}: {what}, not an index; pass its folder: {instead.format(run=trained_run)}"
+    )

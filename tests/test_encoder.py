@@ -1,6 +1,9 @@
+import sys
+
 import pytest
 import torch
 
+from instret.data import load_cifar10
 from instret.encoder import Encoder, embed_images, export_encoder, fingerprint, load_encoder, resolve_arch
 from instret.errors import InstretError
 
@@ -56,3 +59,14 @@ def test_auto_arch():
     assert resolve_arch("auto", torch.device("cpu")) == "small"
     assert resolve_arch("auto", torch.device("cuda")) == "resnet18"
     assert resolve_arch("resnet50", torch.device("cpu")) == "resnet50"
+
+
+def test_without_torchvision_a_resnet_is_refused_in_one_line_and_the_small_cnn_still_builds(monkeypatch):
+    # A CPU-only torch install may come without torchvision: only the ResNets and CIFAR-10 need it.
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+    with pytest.raises(InstretError, match="--arch resnet18 needs torchvision"):
+        Encoder("resnet18")
+    with pytest.raises(InstretError, match="--dataset cifar10 needs torchvision"):
+        load_cifar10("data", download=False)
+    assert Encoder("small")(torch.rand(2, 3, 32, 32)).shape == (2, 128)

@@ -49,4 +49,4 @@ def test_onnx_export_runs_in_onnxruntime_with_instrets_vectors(trained_run, tmp_
 
 def test_export_refuses_a_folder_without_an_encoder(tmp_path, capsys):
     code, _, err = run_cli(["export", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "x.onnx")], capsys)
-    assert code == 1 and "no such encoder file" in err and not (tmp_path / "x.onnx").exists()
+    assert code == 1 and "no encoder.pt here" in err and not (tmp_path / "x.onnx").exists()

@@ -87,7 +87,7 @@ def test_an_index_built_before_post_processing_still_loads_and_searches_plain_co
     assert [h[0].id for h in hits] == [int(i) for i in ids[:3]]
     assert [round(h.score, 4) for h in hits[0]] == [round(float(s), 4) for s in np.sort(db @ db[0])[::-1][:3]]
     result = query(ix, [str(sorted(photos.rglob("*.jpg"))[0])], k=2)[0]["results"][0]
-    assert set(result) == {"rank", "id", "path", "score"}  # no score distributions to describe it with
+    assert set(result) == {"rank", "id", "path", "score", "missing"}  # no score distributions to describe it with
 
 
 @pytest.mark.parametrize("asked", [True, False])

@@ -124,7 +124,7 @@ def test_train_fault_then_resume_equals_uninterrupted(train_reference, tmp_path,
                 assert code == -signal.SIGKILL
             else:
                 assert code == 130
-                one_line_error(proc, "interrupted")
+                one_line_error(proc, "train interrupted; the last finished epoch is saved")
         else:
             assert wait_until(proc, lambda: epochs_done(out) >= 2), "the run ended before the disk filled"
             full_disk(proc)
@@ -212,7 +212,7 @@ def test_index_fault_then_rerun_finishes_without_re_encoding(index_setup, traine
                 assert code == -signal.SIGKILL
             else:
                 assert code == 130
-                one_line_error(proc, "interrupted")
+                one_line_error(proc, "index interrupted; every batch encoded so far is staged")
     # What a reader finds now: the old index or the new one, whole.
     committed = 0
     if (out / "CURRENT").exists():

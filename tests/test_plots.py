@@ -68,7 +68,7 @@ def test_query_grid_png_has_a_row_per_query_and_k_plus_one_columns(trained_run, 
 
 def test_without_matplotlib_a_plot_is_one_clear_error(monkeypatch, trained_run):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    with pytest.raises(InstretError, match=r"pip install 'instret\[plot\]'"):
+    with pytest.raises(InstretError, match=r"plots need matplotlib .*: pip install matplotlib$"):
         plots.training_curves(trained_run)
 
 
@@ -105,3 +105,39 @@ def test_neighbours_and_knn_predict_equal_brute_force():
 def test_pixels_are_centred_unit_rows():
     f = explore.pixels(_images())
     assert torch.allclose(f.norm(dim=1), torch.ones(12), atol=1e-5) and f.shape == (12, 3 * 16 * 16)
+
+
+def test_grid_texts_are_the_query_name_and_each_neighbours_score_and_name(trained_run, tmp_path):
+    photos = trained_run.parent / "photos"
+    results = [
+        {
+            "query": str(photos / "a" / "001.jpg"),
+            "results": [
+                {"rank": 1, "score": 0.9876, "path": str(photos / "b" / "002.jpg")},
+                {"rank": 2, "score": 0.5, "path": str(photos / "c" / "003.jpg")},
+            ],
+        }
+    ]
+    fig = plots.query_grid(results)
+    fig.canvas.draw()
+    assert fig._suptitle is None  # no heading: it once repeated the last neighbour's caption
+    assert [ax.get_title() for ax in fig.axes] == ["a/001.jpg", "0.988\nb/002.jpg", "0.500\nc/003.jpg"]
+    # Every text lies inside the figure: the query's long name is cut to fit, not at the edge.
+    long = tmp_path / "a-folder-with-a-long-name" / "a-photo-with-a-long-name.jpg"
+    fig = plots.query_grid([{"query": str(long), "results": results[0]["results"]}])
+    fig.canvas.draw()
+    box = fig.bbox
+    for ax in fig.axes:
+        extent = ax.title.get_window_extent()
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1, (ax.get_title(), extent, box)
+    assert fig.axes[0].get_title() == "...long-name.jpg"
+    plots.pyplot().close(fig)
+
+
+def test_a_title_given_heads_the_grid_once(trained_run):
+    blank = np.zeros((8, 8, 3), np.uint8)
+    rows = [{"query": blank, "neighbours": [{"image": blank, "score": 0.25}]}]
+    fig = plots.neighbour_grid(rows, "what the encoder finds")
+    assert fig._suptitle.get_text() == "what the encoder finds"
+    assert [ax.get_title() for ax in fig.axes] == ["query", "0.250"]
+    plots.pyplot().close(fig)

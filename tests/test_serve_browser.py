@@ -178,3 +178,35 @@ def test_a_dropped_or_pasted_image_is_searched(served, browser, kind):
     browser.execute_script(GIVE_FILE, kind, f"{kind}.jpg", base64.b64encode(image.read_bytes()).decode())
     wait_for(browser, lambda d: hits(d) and f"results for {kind}.jpg" in d.find_element(By.ID, "status").text)
     assert hits(browser)[0].get_attribute("data-path") == str(image)
+
+
+@pytest.fixture(scope="module")
+def served_with_a_file_gone(trained_run, tmp_path_factory):
+    base = tmp_path_factory.mktemp("gone")
+    photos = shutil.copytree(trained_run.parent / "photos", base / "photos")
+    build_index(photos, trained_run, base / "ix", workers=0, device="cpu")
+    gone = photos / "b" / "002.jpg"
+    kept = shutil.copy(gone, base / "query.jpg")  # the same picture, still at hand to search with
+    gone.unlink()
+    server = Server(base / "ix")
+    yield gone, kept, server
+    server.stop()
+
+
+def test_a_file_gone_since_indexing_is_struck_out_and_can_be_left_out(served_with_a_file_gone, browser):
+    gone, query, server = served_with_a_file_gone
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    browser.find_element(By.ID, "file").send_keys(str(query))
+    wait_for(browser, lambda d: hits(d) and "results for query.jpg" in d.find_element(By.ID, "status").text)
+    first = hits(browser)[0]
+    assert first.get_attribute("data-path") == str(gone)
+    assert "missing" in first.get_attribute("class").split()
+    tile = first.find_element(By.CSS_SELECTOR, "button.gone")
+    assert tile.text == "file missing" and not tile.find_elements(By.TAG_NAME, "img")  # no thumbnail asked for
+    assert "1 of them are files gone since they were indexed" in browser.find_element(By.ID, "status").text
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#hits li.missing")) == 1  # only the deleted one
+
+    browser.find_element(By.ID, "existing-only").click()  # the same search runs again, without the gone file
+    wait_for(browser, lambda d: len(hits(d)) == 20 and hits(d)[0].get_attribute("data-path") != str(gone))
+    assert str(gone) not in [h.get_attribute("data-path") for h in hits(browser)]
+    assert not browser.find_elements(By.CSS_SELECTOR, "#hits li.missing")

@@ -53,7 +53,8 @@ def test_missing_web_packages_say_what_to_install(trained_run, monkeypatch, caps
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
     code, out, err = run_cli(["serve", "--index", str(trained_run)], capsys)
     assert code == 1 and err.strip() == (
-        "instret: error: instret serve needs the web server packages: pip install 'instret[serve]'"
+        "instret: error: instret serve needs Starlette and uvicorn (part of instret's install; missing here): "
+        "pip install starlette uvicorn"
     )
 
 
@@ -77,4 +78,20 @@ def test_help_info_env_and_usage_errors_start_without_torch(trained_run):
     assert imports_torch(["query"]) == (2, False)  # a usage error
     assert imports_torch(["serve", "--index", index, "--port", "x"]) == (2, False)
     assert imports_torch(["info", "/nonexistent"]) == (1, False)
-    assert imports_torch(["query", "x.jpg", "--index", index]) == (1, True)  # a search needs the encoder
+    # A path that is not there is refused before torch is imported, whichever command names it.
+    run = str(trained_run)
+    for args in (
+        ["query", "x.jpg", "--index", index],
+        ["query", run + "/photos-gone/a.jpg", "--index", run],
+        ["index", "/nonexistent", "--model", run, "--out", "/tmp/unused-instret-index"],
+        ["index", str(trained_run.parent / "photos"), "--model", "/nonexistent", "--out", "/tmp/unused-instret-index"],
+        ["dups", "/nonexistent"],
+        ["serve", "--index", "/nonexistent"],
+        ["export", "/nonexistent", "--format", "onnx", "--out", "/tmp/unused.onnx"],
+        ["train", "--data", "/nonexistent"],
+        ["eval-retrieval", "/nonexistent", "--model", run],
+        ["merge-index", "/nonexistent", "--out", "/tmp/unused-instret-index"],
+    ):
+        assert imports_torch(args) == (1, False), args
+    query = str(trained_run.parent / "photos" / "a" / "000.jpg")
+    assert imports_torch(["query", query, "--index", index]) == (0, True)  # a search needs the encoder

@@ -42,18 +42,33 @@ function meaning(hit) {
   return `1 in ${Math.round(1 / share).toLocaleString("en")} unrelated pairs score this high`;
 }
 
-function picture(id, path, onSearch) {
+function picture(id, path, onSearch, missing = false) {
   const button = element("button");
   button.type = "button";
   button.title = `Search from ${path}`;
   button.setAttribute("aria-label", `Search from ${baseName(path)}`);
-  const img = element("img");
-  img.src = `${API}/thumbnail/${id}?size=160`;
-  img.alt = "";
-  img.loading = "lazy";
-  button.append(img);
+  if (missing) {
+    // Gone since it was indexed: a struck-out tile, not a request for a thumbnail that cannot come.
+    button.classList.add("gone");
+    button.append(element("span", "", "file missing"));
+  } else {
+    const img = element("img");
+    img.src = `${API}/thumbnail/${id}?size=160`;
+    img.alt = "";
+    img.loading = "lazy";
+    button.append(img);
+  }
   button.addEventListener("click", onSearch);
   return button;
+}
+
+// The search options every request carries.
+function options() {
+  return `k=${$("k").value}${$("existing-only").checked ? "&existing_only=1" : ""}`;
+}
+
+function missingText(count) {
+  return count ? `; ${count} of them are files gone since they were indexed (struck out)` : "";
 }
 
 function fileLink(id, path) {
@@ -76,18 +91,19 @@ function render(query) {
   const list = $("hits");
   list.replaceChildren();
   for (const hit of query.results) {
-    const item = element("li", "hit");
+    const item = element("li", hit.missing ? "hit missing" : "hit");
     item.dataset.id = hit.id;
     item.dataset.path = hit.path;
     item.append(
-      picture(hit.id, hit.path, () => searchIndexed(hit.id, hit.path)),
+      picture(hit.id, hit.path, () => searchIndexed(hit.id, hit.path), hit.missing),
       element("span", "score", `#${hit.rank} · ${hit.score.toFixed(4)}`),
       element("span", "meaning", meaning(hit)),
       fileLink(hit.id, hit.path),
     );
     list.append(item);
   }
-  say(`${query.results.length} results for ${query.query}`);
+  const missing = query.results.filter((hit) => hit.missing).length;
+  say(`${query.results.length} results for ${query.query}${missingText(missing)}`);
 }
 
 async function run(search) {
@@ -100,11 +116,15 @@ async function run(search) {
   }
 }
 
+// The last search, so that changing k or "existing files only" runs it again.
+let repeat = null;
+
 function searchFile(file) {
   if (!file) return;
+  repeat = () => searchFile(file);
   const name = file.name || "pasted image";
   showQuery(URL.createObjectURL(file), name);
-  const url = `${API}/search?k=${$("k").value}&name=${encodeURIComponent(name)}`;
+  const url = `${API}/search?${options()}&name=${encodeURIComponent(name)}`;
   return run(() =>
     getJSON(url, {
       method: "POST",
@@ -115,9 +135,10 @@ function searchFile(file) {
 }
 
 function searchIndexed(id, path) {
+  repeat = () => searchIndexed(id, path);
   showQuery(`${API}/thumbnail/${id}?size=256`, path);
   window.scrollTo({ top: 0 });
-  return run(() => getJSON(`${API}/search?id=${id}&k=${$("k").value}`));
+  return run(() => getJSON(`${API}/search?id=${id}&${options()}`));
 }
 
 async function showInfo() {
@@ -135,17 +156,23 @@ async function showDuplicates() {
   box.replaceChildren();
   say("Finding duplicate groups…");
   try {
-    const found = await getJSON(`${API}/duplicates`);
+    const found = await getJSON(`${API}/duplicates${$("existing-only").checked ? "?existing_only=1" : ""}`);
     const summary = `${found.groups.length} group(s) at similarity ≥ ${found.threshold.toFixed(4)} (${found.reason})`;
     box.append(element("p", "", summary));
     found.groups.forEach((group, n) => {
       box.append(element("h3", "", `Group ${n + 1}: ${group.tier}, ${group.members.length} files`));
       const list = element("ol", "grid");
       for (const member of group.members) {
-        const item = element("li");
-        const role = member.path === group.keep ? "keep" : member.identical ? "identical bytes" : "copy";
+        const item = element("li", member.missing ? "missing" : "");
+        const role = member.missing
+          ? "missing"
+          : member.path === group.keep
+            ? "keep"
+            : member.identical
+              ? "identical bytes"
+              : "copy";
         item.append(
-          picture(member.id, member.path, () => searchIndexed(member.id, member.path)),
+          picture(member.id, member.path, () => searchIndexed(member.id, member.path), member.missing),
           element("span", member.path === group.keep ? "keep" : "score", `${role} · ${member.score.toFixed(4)}`),
           element("span", "meaning", `${member.width}×${member.height} · ${(member.bytes / 1024).toFixed(0)} KB`),
           fileLink(member.id, member.path),
@@ -211,6 +238,9 @@ function wire() {
     const file = firstFile(event.clipboardData && event.clipboardData.items);
     if (file) searchFile(file);
   });
+  for (const option of ["k", "existing-only"]) {
+    $(option).addEventListener("change", () => repeat && repeat());
+  }
   $("show-dups").addEventListener("click", showDuplicates);
   $("show-images").addEventListener("click", () => showImages(0));
   $("previous").addEventListener("click", () => showImages(Math.max(0, browsed - PAGE)));
