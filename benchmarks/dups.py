@@ -213,7 +213,7 @@ def main() -> None:
     results: dict = {}
     model = args.model
     if model is None:
-        from instret.trainer import train
+        from instret.run import train
 
         start = time.perf_counter()
         train({"data": str(folder), "out": str(work / "run"), "time_budget": args.minutes, "seed": args.seed})

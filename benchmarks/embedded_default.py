@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import instret.trainer as trainer_module
-from instret.trainer import train
+from instret import evaluation
+from instret.run import train
 
-SAMPLES = {"fixed 512": lambda images: 512, "an eighth": trainer_module.monitor_sample}
+SAMPLES = {"fixed 512": lambda images: 512, "an eighth": evaluation.monitor_sample}
 
 
 def timed_run(epochs: int) -> dict:
@@ -45,7 +45,7 @@ def main() -> None:
     runs = {name: [] for name in SAMPLES}
     for _ in range(args.rounds):
         for name, sample in SAMPLES.items():
-            trainer_module.monitor_sample = sample  # what Trainer.monitor() calls
+            evaluation.monitor_sample = sample  # what evaluation.monitor() calls
             runs[name].append(timed_run(args.epochs))
             print(name, runs[name][-1], flush=True)
     walls = {name: sum(r["wall_s"] for r in rows) for name, rows in runs.items()}

@@ -38,7 +38,8 @@ from instret.augment import channel_stats
 from instret.config import TrainConfig
 from instret.data import load_folder
 from instret.knn import FeatureIndex, knn_evaluate
-from instret.trainer import Trainer, train
+from instret.run import train
+from instret.trainer import Trainer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

@@ -148,7 +148,7 @@ def untrained(db_paths, size: int, seed: int):
 
 
 def train_encoder(collection: Path, work: Path, minutes: float, overrides: dict, seed: int):
-    from instret.trainer import train
+    from instret.run import train
 
     options = {"data": str(collection), "out": str(work / "run"), "time_budget": minutes, "seed": seed, **overrides}
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""`instret train` (options -> a dict of the ones given -> instret.trainer.train), and the
+"""`instret train` (options -> a dict of the ones given -> instret.run.train), and the
 commands that read a run folder: `plot`, `export`."""
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def train(config_file, resume, nproc_per_node, **options) -> None:
         from instret.launch import launch_local
 
         raise SystemExit(launch_local(merged, resume, nproc_per_node))
-    from instret.trainer import train as run_train
+    from instret.run import train as run_train
 
     final = run_train(merged, resume=resume)
     if final is not None:  # None: a process other than rank 0 under torchrun

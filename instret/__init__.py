@@ -28,8 +28,8 @@ _EXPORTS = {
 
 
 def train(options, resume: bool = False) -> dict:
-    """Train or resume a run from a dict of TrainConfig options (see instret.trainer.train)."""
-    from instret.trainer import train as run
+    """Train or resume a run from a dict of TrainConfig options (see instret.run.train)."""
+    from instret.run import train as run
 
     return run(options, resume=resume)
 

@@ -55,7 +55,7 @@ def missing_note(paths: list[str], update: str) -> str | None:
         return None
     example = one_line(paths[0]) + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
     return (
-        f"note: {len(paths)} of the files shown are gone since they were indexed ({example}); "
+        f"note: gone since indexing: {len(paths)} of the files shown ({example}); "
         f"--existing-only leaves them out; update the index: {update}"
     )
 

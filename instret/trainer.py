@@ -6,6 +6,9 @@
 A run folder holds config.json, checkpoint.pt (everything needed to continue bit-for-bit),
 metrics.jsonl (rewritten from the checkpoint's history, so the two never disagree),
 encoder.pt (the slim export) and, after the last epoch, final.json.
+
+Around the loop: instret.run resolves the configuration, checks a resume and indexes the run;
+instret.evaluation measures each epoch; instret.discovery carries the neighbourhood rounds.
 """
 
 from __future__ import annotations
@@ -15,26 +18,22 @@ import json
 import math
 import time
 import warnings
-from datetime import datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from instret import losses, neighbours
+from instret import evaluation, losses, neighbours
 from instret.augment import Augment, channel_stats
 from instret.bank import MemoryBank
 from instret.config import (
-    DEFAULT_EPOCHS,
     FORMAT_VERSION,
     MULTI_VIEW,
-    PAPER_EPOCHS,
     TrainConfig,
-    multi_view_text,
-    with_presets,
 )
-from instret.data import ImageSet, TrainData, auto_image_size, load_train_data
-from instret.device import fast_cpu_bf16, resolve_device
+from instret.data import ImageSet, TrainData
+from instret.device import fast_cpu_bf16
+from instret.discovery import NeighbourhoodDiscovery
 from instret.distributed import (
     SINGLE,
     World,
@@ -42,20 +41,15 @@ from instret.distributed import (
     broadcast_object,
     gather_rows,
     global_batch_norm,
-    process_group,
-    world_from_env,
 )
-from instret.encoder import Encoder, calibrated_copy, embed_batches, export_encoder, resolve_arch
+from instret.encoder import Encoder, export_encoder
 from instret.errors import InstretError
 from instret.imagesource import ResidentImages, StreamedImages, chunks, evenly_spaced
-from instret.knn import FeatureIndex, knn_evaluate
-from instret.monitor import label_free_metrics
-from instret.progress import Progress, clock, log, plural
-from instret.storage import atomic_torch_save, atomic_write_text, load_torch_file, remove_stale_temps
+from instret.progress import Progress, clock, log
+from instret.storage import atomic_torch_save, atomic_write_text, load_torch_file
 
 CHECKPOINT = "checkpoint.pt"
 STATS_SAMPLE = 10000  # images the normalisation statistics are measured on
-MONITOR_SAMPLE = 512  # images the label-free monitor views each epoch, at most
 PROBE_STEPS = 10  # steps timed in the first epoch before a time budget plans the epochs
 
 
@@ -78,14 +72,6 @@ def speed_options(cfg: TrainConfig, device: torch.device) -> dict:
         "fused_optimizer": cuda if cfg.fused_optimizer is None else cfg.fused_optimizer,
         "channels_last": cfg.channels_last,
     }
-
-
-def monitor_sample(images: int) -> int:
-    """Training images the per-epoch monitor views (BatchNorm re-estimation, the label-free
-    figures): an eighth of the set, 128 to MONITOR_SAMPLE. Three forward passes each, against
-    about four an image for an epoch: a tenth of an epoch's work. A fixed 512 made the monitor
-    two thirds of an epoch on the 1,438 digits."""
-    return min(MONITOR_SAMPLE, max(128, images // 8))
 
 
 def batches(perm: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -167,14 +153,8 @@ class Trainer:
         )
         self.epoch = 0  # epochs finished
         self.nce_z: float | None = None
-        # Neighbourhood discovery: each row's positives (n x K, -1 unused; None before the first
-        # round), the rounds run, whether growth stopped, and each row's cosine between its last
-        # augmented view and its bank row, which calibrates the mutual rule.
-        self.neighbourhoods: torch.Tensor | None = None
-        self.rounds = 0
-        self.rounds_stopped = False
-        self.view_cosine = torch.zeros(n, device=device)
-        self.round_row: dict = {}
+        self.discovery = NeighbourhoodDiscovery(n, device)
+        self.round_row: dict = {}  # what the epoch's round and checks add to its metrics row
         self.history: list[dict] = []
         if cfg.multi_view == "on":  # training for several views of each thing
             self.augment.hue, self.augment.grayscale_p = MULTI_VIEW["hue"], MULTI_VIEW["grayscale_p"]
@@ -206,14 +186,8 @@ class Trainer:
         return MULTI_VIEW["tau"] if self.cfg.multi_view == "on" else self.cfg.tau
 
     def confident_share(self, sims: torch.Tensor | None = None, ids: torch.Tensor | None = None):
-        """(share of rows with a confident neighbour, the cosine that makes one): mutual among
-        their neighbour_k nearest rows and as close as two views of one image reach half the time."""
-        cfg = self.cfg
-        if sims is None:
-            sims, ids = neighbours.nearest_rows(self.bank.features, max(cfg.neighbour_k, 10))
-        threshold = float(self.view_cosine.quantile(1 - cfg.neighbour_quantile))
-        confident = neighbours.mutual_neighbourhoods(sims, ids, cfg.neighbour_k, threshold)
-        return float((confident >= 0).any(dim=1).float().mean()), threshold
+        """(share of rows with a confident neighbour, the cosine that makes one): the multi-view check."""
+        return self.discovery.confident_share(self.cfg, self.bank.features, sims, ids)
 
     def views_check_due(self) -> bool:
         """multi_view auto: at neighbours.views_check_epoch, if it falls early enough in the run
@@ -232,8 +206,9 @@ class Trainer:
     def loss(self, f: torch.Tensor, idx: torch.Tensor, rows: slice, batch: int) -> torch.Tensor:
         """The loss of this process's rows of a global batch of `batch` (all of it in one process)."""
         cfg, bank = self.cfg, self.bank.features
-        if self.neighbourhoods is not None:
-            loss = losses.neighbourhood_loss(f, bank, idx, self.neighbourhoods[idx], self.tau)
+        found = self.discovery.neighbourhoods
+        if found is not None:
+            loss = losses.neighbourhood_loss(f, bank, idx, found[idx], self.tau)
         elif cfg.loss == "softmax":
             loss = losses.softmax_loss(f, bank, idx, self.tau)
         else:
@@ -272,7 +247,7 @@ class Trainer:
         self.optimizer.step()
         everyone = gather_rows(self.world, f.detach(), batch)
         if self.cfg.neighbourhoods != "off" or self.cfg.multi_view == "auto":
-            self.view_cosine[idx] = (everyone * self.bank.features[idx]).sum(dim=1)
+            self.discovery.view_cosine[idx] = (everyone * self.bank.features[idx]).sum(dim=1)
         self.bank.update(idx, everyone, self.cfg.bank_momentum)
         return loss.detach() * share
 
@@ -323,50 +298,8 @@ class Trainer:
         return self.history[-1]
 
     def discover_neighbourhoods(self) -> None:
-        """Run the neighbourhood round due before this epoch (neighbours.round_epochs): mine the
-        bank's FAISS mirror, choose each row's positives by the rule, and refuse a round whose
-        links would join over half the set (growth then stops, and the run says so)."""
-        cfg = self.cfg
-        if cfg.neighbourhoods == "off" or self.rounds_stopped:
-            return
-        due = sum(
-            self.epoch >= e for e in neighbours.round_epochs(cfg.epochs, cfg.neighbour_rounds, cfg.neighbour_start)
-        )
-        if self.rounds < due:  # one round an epoch at most: rounds due together follow one another
-            t = time.perf_counter()
-            self.rounds += 1
-            share = neighbours.curriculum_share(self.rounds, cfg.neighbour_rounds)
-            sims, ids = neighbours.nearest_rows(self.bank.features, max(cfg.neighbour_k, 10))
-            grouped, threshold = self.confident_share(sims, ids)
-            if cfg.neighbourhoods == "anchors":
-                found = neighbours.anchor_neighbourhoods(sims, ids, share, cfg.neighbour_k, self.tau)
-            else:
-                found = neighbours.mutual_neighbourhoods(sims, ids, cfg.neighbour_k, threshold, share)
-            figures = neighbours.round_figures(found, self.neighbourhoods)
-            refused = figures["neighbourhood_largest"] > neighbours.MAX_COMPONENT
-            if refused:
-                self.rounds_stopped = True
-                log(
-                    f"note: neighbourhood round {self.rounds} would link {figures['neighbourhood_largest']:.0%} of "
-                    f"the images into one group; keeping the last round's neighbourhoods and growing no more"
-                )
-            else:
-                self.neighbourhoods = found
-            self.round_row = {
-                "neighbourhood_round": self.rounds,
-                "neighbourhood_share": share,
-                "neighbourhood_threshold": threshold,
-                "neighbourhood_confident": grouped,
-                **figures,
-                "neighbourhood_refused": refused,
-                "neighbourhood_seconds": round(time.perf_counter() - t, 3),
-            }
-            log(
-                f"neighbourhood round {self.rounds}/{cfg.neighbour_rounds}: {figures['neighbourhood_rows']} of "
-                f"{len(found)} images have neighbours, mean size {figures['neighbourhood_size']:.2f}, largest "
-                f"group {figures['neighbourhood_largest']:.1%}, agreement {figures['neighbourhood_agreement']:.2f}"
-                + f"; {grouped:.0%} have a confident neighbour (cosine >= {threshold:.3f})"
-            )
+        """The neighbourhood round due before this epoch, its figures into the epoch's row."""
+        self.round_row.update(self.discovery.round_due(self.cfg, self.epoch, self.bank.features, self.tau))
 
     def plan(self, epoch_start: float, per_epoch: float, in_progress: bool) -> None:
         """Set cfg.epochs to what fits before the deadline: the epochs finished, plus as many of
@@ -378,61 +311,6 @@ class Trainer:
         epochs = self.epoch + max(1 if in_progress else 0, fit)
         epochs = broadcast_object(self.world, max(1, min(epochs, self.max_epochs or epochs)))  # rank 0's plan
         self.cfg = dataclasses.replace(self.cfg, epochs=epochs)
-
-    # --- evaluation -------------------------------------------------------------------
-
-    def eval_model(self, sample: int = MONITOR_SAMPLE) -> torch.nn.Module:
-        """The model as evaluated and exported: BatchNorm statistics of clean training images
-        (at most MONITOR_SAMPLE images every epoch keep the monitor cheap; the final export uses more)."""
-        sample = evenly_spaced(len(self.train_images), sample)
-        return calibrated_copy(self.model, self.train_images.batches(chunks(sample)), self.mean, self.std)
-
-    @torch.no_grad()
-    def label_free(self, model: torch.nn.Module, sample: int = MONITOR_SAMPLE) -> dict:
-        """The label-free monitor (instret.monitor) on an evenly spaced sample of the training
-        images, with views from a generator of its own: the run's random stream is untouched."""
-        ids = evenly_spaced(len(self.train_images), sample)
-        images = next(self.train_images.batches([ids]))
-        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 100_003 + self.epoch)
-        model.eval()
-        views = model(self.augment(images, generator).contiguous(memory_format=torch.channels_last))
-        clean = embed_batches(model, images.split(256), self.mean, self.std)
-        metrics = label_free_metrics(views.float(), clean.float(), ids.to(self.device), self.bank.features)
-        return {**metrics, "ln_n": math.log(len(self.train_images))}
-
-    def knn(self, keys: torch.Tensor, model: torch.nn.Module, limit: int = 0) -> dict:
-        """Weighted kNN top-1/top-5 against `keys` (the bank, or re-embedded training images),
-        for the held-out images, or without a held-out split for the keys themselves (leave one
-        out); evenly spaced `limit` of them when limit > 0. "knn_engine" names the search."""
-        train = self.data.train
-        index = FeatureIndex()
-        index.sync(keys)
-        num_classes = len(train.classes)
-        common = dict(num_classes=num_classes, k=self.cfg.knn_k, sigma=self.cfg.tau)
-        if self.eval_images is None:
-            # At 1.28 M images the whole bank against itself is ~420 TFLOP: a sample of it, too.
-            pick = evenly_spaced(len(keys), limit) if 0 < limit < len(keys) else torch.arange(len(keys))
-            queries, labels = keys[pick.to(keys.device)], train.labels[pick]
-            found = knn_evaluate(index, train.labels, queries, labels, leave_one_out=True, key_rows=pick, **common)
-        else:
-            labels, pick = self.data.eval.labels, torch.arange(len(self.eval_images))
-            if 0 < limit < len(pick):
-                # Embedding the held-out images is most of the monitor's cost: a sample keeps it small.
-                pick = torch.linspace(0, len(pick) - 1, limit).long()
-                labels = labels[pick]
-            queries = embed_batches(model, self.eval_images.batches(chunks(pick)), self.mean, self.std)
-            found = knn_evaluate(index, train.labels, queries, labels, **common)
-        return {**found, "knn_engine": index.engine}
-
-    def final_eval(self, model: torch.nn.Module | None = None) -> dict:
-        """kNN of the final model (eval_model with a 4,096-image sample, unless given) as the
-        paper measures it: the training images re-embedded with the test transform (docs/method.md);
-        {} without labels."""
-        if not self.data.labelled:
-            return {}
-        model = self.eval_model(sample=4096) if model is None else model
-        every = chunks(torch.arange(len(self.train_images)))
-        return self.knn(embed_batches(model, self.train_images.batches(every), self.mean, self.std), model)
 
     # --- persistence ------------------------------------------------------------------
 
@@ -447,10 +325,7 @@ class Trainer:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "nce_z": self.nce_z,
-            "neighbourhoods": self.neighbourhoods,
-            "rounds": self.rounds,
-            "rounds_stopped": self.rounds_stopped,
-            "view_cosine": self.view_cosine,
+            **self.discovery.state(),
             "history": self.history,
             "mean": list(self.mean),
             "std": list(self.std),
@@ -473,11 +348,7 @@ class Trainer:
             )
         torch.set_rng_state(ckpt["torch_rng"])
         self.epoch, self.nce_z, self.history = ckpt["epoch"], ckpt["nce_z"], list(ckpt["history"])
-        if "rounds" in ckpt:  # checkpoints before neighbourhood discovery have none
-            nb = ckpt["neighbourhoods"]
-            self.neighbourhoods = None if nb is None else nb.to(self.device)
-            self.rounds, self.rounds_stopped = ckpt["rounds"], ckpt["rounds_stopped"]
-            self.view_cosine.copy_(ckpt["view_cosine"])
+        self.discovery.load_state(ckpt)
         self.mean, self.std = tuple(ckpt["mean"]), tuple(ckpt["std"])
         self.augment.mean, self.augment.std = self.mean, self.std
 
@@ -511,17 +382,11 @@ class Trainer:
 
     def monitor(self) -> torch.nn.Module:
         """Add the monitor's figures to the last epoch's row; returns the evaluated model."""
-        row = self.history[-1]
-        t = time.perf_counter()
-        sample = monitor_sample(len(self.train_images))
-        eval_model = self.eval_model(sample)
-        row.update(rounded(self.label_free(eval_model, sample)))
-        if self.data.labelled:
-            knn_start = time.perf_counter()
-            row.update(rounded(self.knn(self.bank.features, eval_model, self.cfg.monitor_size)))
-            row["knn_seconds"] = round(time.perf_counter() - knn_start, 3)
-        row["monitor_seconds"] = round(time.perf_counter() - t, 3)
-        return eval_model
+        return evaluation.monitor(self)
+
+    def final_eval(self, model: torch.nn.Module | None = None) -> dict:
+        """The final kNN (instret.evaluation.final_knn); {} without labels."""
+        return evaluation.final_knn(self, model)
 
     def fit(self) -> dict | None:
         """Train to cfg.epochs; returns final.json's content. With several processes, only rank 0
@@ -549,13 +414,16 @@ class Trainer:
                 self.save()
                 if model is not None:  # an epoch the monitor skipped keeps the last export
                     self.export(model)
-                log(_format_row(row, self.cfg.epochs) + f"  {clock(per_epoch * (self.cfg.epochs - self.epoch))} left")
+                log(
+                    evaluation.epoch_line(row, self.cfg.epochs)
+                    + f"  {clock(per_epoch * (self.cfg.epochs - self.epoch))} left"
+                )
         if not self.world.main:
             return None
-        model = self.eval_model(sample=4096)
+        model = evaluation.evaluated_model(self, sample=4096)
         self.export(model)
         final = {"epochs": self.epoch, "train_seconds": round(sum(r["seconds"] for r in self.history), 1)}
-        final.update(rounded(self.final_eval(model)))
+        final.update(evaluation.rounded(self.final_eval(model)))
         atomic_write_text(self.out / "final.json", json.dumps(final, indent=2) + "\n")
         return final
 
@@ -569,173 +437,5 @@ class SeveralViews(Exception):
         self.share, self.threshold, self.epoch = share, threshold, epoch
 
 
-def rounded(figures: dict) -> dict:
-    """Figures for metrics.jsonl and final.json: floats to 4 places, words (knn_engine) as they are."""
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
-
-
-def _format_row(row: dict, epochs: int) -> str:
-    text = f"epoch {row['epoch']}/{epochs}  loss {row['loss']:.4f}"
-    if "ln_n" in row:
-        text += f" (ln n {row['ln_n']:.2f})"
-    text += f"  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s"
-    if "instance_recall@1" in row:
-        text += (
-            f"  instance R@1 {row['instance_recall@1']:.3f}  align {row['alignment']:.3f}"
-            f"  unif {row['uniformity']:.2f}  pair cos {row['mean_pair_cosine']:.3f}"
-        )
-    if "knn_top1" in row:
-        text += f"  kNN top-1 {row['knn_top1']:.4f} top-5 {row['knn_top5']:.4f}"
-    return text
-
-
 def load_checkpoint(path: Path) -> dict:
     return load_torch_file(path, "checkpoint", ("config", "model", "bank", "epoch"), FORMAT_VERSION)
-
-
-def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
-    """Fill in what `auto` and `None` mean, so config.json records what actually ran."""
-    d = cfg.to_dict()
-    d["arch"] = resolve_arch(cfg.arch, device)
-    if cfg.data is not None:
-        d["dataset"] = None  # a folder: no built-in dataset is used
-    if cfg.image_size is None:
-        d["image_size"] = auto_image_size(cfg.data, device.type) if cfg.data is not None else 32
-    if cfg.epochs is None and cfg.time_budget is None:
-        d["epochs"] = DEFAULT_EPOCHS.get(cfg.dataset if cfg.data is None else "", PAPER_EPOCHS)
-    if cfg.out is None:
-        d["out"] = str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    return TrainConfig.from_dict(d)
-
-
-# Options that may differ when a run is resumed: they change where and how long, not what.
-RESUMABLE = {"epochs", "device", "workers", "out", "stream"}
-
-
-def train(options: TrainConfig | dict, resume: bool = False) -> dict | None:
-    """Train (or resume) a run; returns final.json's content (None in processes other than
-    rank 0 of a torchrun job). The library entry of `instret train`.
-
-    options: a TrainConfig, or a dict of the options given (with resume: those to change);
-    a dict gets its dataset's preset (config.DATASET_PRESETS) under it.
-    """
-    started = time.perf_counter()  # a time budget counts from here: loading the data is part of it
-    given = options.to_dict() if isinstance(options, TrainConfig) else dict(options)
-    world = world_from_env()  # one process, or one of several started by torchrun
-    cfg = _resumed_config(given) if resume else TrainConfig.from_dict(with_presets(given))
-    device = resolve_device(cfg.device)
-    if world.distributed and device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
-        torch.cuda.set_device(device)
-    cfg = resolve(cfg, device)
-    with process_group(world, device):
-        if world.distributed:  # a run folder named by the clock: every process uses rank 0's
-            cfg = dataclasses.replace(cfg, out=broadcast_object(world, cfg.out))
-        return _train(cfg, resume, device, world, started)
-
-
-def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World, started: float) -> dict | None:
-    out = Path(cfg.out)
-    if not resume and (out / CHECKPOINT).exists():
-        raise InstretError(f"{out} already holds a run; add --resume to continue it, or choose another --out")
-    data = load_train_data(cfg, world)
-    if len(data.train) < 2:
-        raise InstretError("need at least 2 training images")
-    if cfg.loss == "nce" and cfg.nce_k >= len(data.train):
-        log(
-            f"note: --nce-k {cfg.nce_k} noise samples for {len(data.train)} images: the noise repeats images; "
-            f"the exact softmax (--loss softmax) costs no more here"
-        )
-    if cfg.batch_size < 2 * world.size:
-        raise InstretError(
-            f"--batch-size {cfg.batch_size} is too small for {world.size} processes (2 images each at least)"
-        )
-    ckpt = load_checkpoint(out / CHECKPOINT) if resume and (out / CHECKPOINT).exists() else None
-    if ckpt is not None and ckpt["bank"]["features"].shape[0] != len(data.train):
-        raise InstretError(
-            f"{out}: the checkpoint's bank has {ckpt['bank']['features'].shape[0]} rows but the data "
-            f"now has {len(data.train)} images; the data changed since the run began"
-        )
-    # Only now, with every refusal behind us, does anything on disk change (rank 0 writes).
-    if world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out)
-        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    budgeted = cfg.time_budget is not None and ckpt is None  # a resumed run finishes the epochs it planned
-    most = cfg.epochs  # with a time budget, --epochs is the most it may plan
-    if budgeted:  # until the first steps are timed, one epoch (the schedule starts at lr either way)
-        cfg = dataclasses.replace(cfg, epochs=1)
-
-    def start(cfg: TrainConfig, ckpt: dict | None) -> Trainer:
-        trainer = Trainer(cfg, data, device, checkpoint=ckpt, world=world)
-        if budgeted:
-            trainer.deadline, trainer.max_epochs = started + 60 * cfg.time_budget, most
-        return trainer
-
-    trainer = start(cfg, ckpt)
-    if ckpt is not None:
-        log(f"resuming {out} after epoch {trainer.epoch}/{cfg.epochs}")  # log(): rank 0 speaks for all
-    processes = f", {world.size} processes" if world.distributed else ""
-    length = f"epochs planned for a {cfg.time_budget:g}-minute budget" if budgeted else plural(cfg.epochs, "epoch")
-    log(
-        f"training {cfg.arch} at {cfg.image_size} px on {data.name}: {len(data.train)} images, {length}, "
-        f"{cfg.loss} loss, device {device}{processes}, run folder {out}"
-    )
-    try:
-        final = trainer.fit()
-    except SeveralViews as found:
-        log(
-            f"multi-view check after epoch {found.epoch}: {found.share:.0%} of the images have a confident "
-            f"neighbour (cosine >= {found.threshold:.3f}): several views of each thing. Training starts again "
-            f"to tell things apart across their views (--multi-view on: {multi_view_text()}; "
-            f"--multi-view off keeps the recipe)"
-        )
-        cfg = dataclasses.replace(cfg, multi_view="on", epochs=1 if budgeted else cfg.epochs)
-        if world.main:  # the first start's checkpoint goes first: a resume then starts again too
-            (out / CHECKPOINT).unlink(missing_ok=True)
-            atomic_write_text(out / "config.json", json.dumps({**cfg.to_dict(), "epochs": most}, indent=2) + "\n")
-        final = start(cfg, None).fit()
-    if world.main and cfg.data is not None:  # train then query, with no extra step
-        from instret.indexer import build_index
-
-        # The run's own index follows the run's latest encoder (rebuild=None: re-encoded when the
-        # encoder changed, left as it is when a finished run is resumed).
-        build_index(
-            cfg.data,
-            out,
-            out / "index",
-            workers=cfg.workers,
-            device=str(device),
-            rebuild=None,
-            max_pixels=cfg.max_image_pixels,
-        )
-        from instret.demo import next_commands
-        from instret.index import SearchIndex
-
-        index = SearchIndex(out / "index")
-        first = Path(index.manifest["root"]) / index.files(limit=1)[0][1]  # an image the index holds: a sample query
-        index.close()
-        log(next_commands(out, first))
-    elif world.main and cfg.dataset == "digits":
-        from instret.demo import first_search
-
-        first_search(data, out, cfg.workers, str(device))
-    return final
-
-
-def _resumed_config(given: dict) -> TrainConfig:
-    out = given.get("out")
-    if out is None:
-        raise InstretError("--resume needs --out RUN_DIR (the run folder to continue)")
-    path = Path(out) / "config.json"
-    if not path.is_file():
-        raise InstretError(f"--resume: {out} is not a run folder (no config.json)")
-    try:
-        saved = TrainConfig.from_dict(json.loads(path.read_text())).to_dict()
-    except ValueError as e:
-        raise InstretError(f"--resume: cannot read {path}: {e}") from None
-    ignored = sorted(k for k, v in given.items() if k not in RESUMABLE and k in saved and v != saved[k])
-    if ignored:
-        log(f"resume keeps the run's saved configuration; ignoring: {', '.join(ignored)}")
-    saved.update({k: v for k, v in given.items() if k in RESUMABLE and v is not None})
-    return TrainConfig.from_dict(saved)

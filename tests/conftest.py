@@ -76,7 +76,7 @@ def make_photos(root: Path, groups=("a", "b", "c"), per_group=8, size=48, seed=0
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A run folder whose encoder has trained briefly on synthetic photos (shared by search tests)."""
-    from instret.trainer import train
+    from instret.run import train
 
     base = tmp_path_factory.mktemp("trained")
     photos = make_photos(base / "photos", per_group=10, seed=42)

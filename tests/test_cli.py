@@ -112,7 +112,7 @@ def test_train_help_states_the_defaults_that_actually_run(capsys):
     import torch
 
     from instret.config import TrainConfig, with_presets
-    from instret.trainer import resolve
+    from instret.run import resolve
 
     def resolved(options):
         return resolve(TrainConfig.from_dict(with_presets({"image_size": 32, **options})), torch.device("cpu"))
@@ -129,7 +129,7 @@ def test_train_help_states_the_defaults_that_actually_run(capsys):
 @pytest.mark.parametrize(
     "command, target, says",
     [
-        ("train", "instret.trainer.train", "train interrupted; the last finished epoch is saved"),
+        ("train", "instret.run.train", "train interrupted; the last finished epoch is saved"),
         ("index", "instret.indexer.build_index", "index interrupted; every batch encoded so far is staged"),
     ],
 )

@@ -40,7 +40,7 @@ def test_query_marks_the_deleted_file_and_existing_only_drops_it(gone, capsys):
     assert code == 0 and str(copy) in out
     note = [line for line in err.splitlines() if line.startswith("note:")]
     assert note == [
-        f"note: 1 of the files shown are gone since they were indexed ({copy}); --existing-only leaves them out; "
+        f"note: gone since indexing: 1 of the files shown ({copy}); --existing-only leaves them out; "
         f"update the index: instret index {photos} --model {ix} --out {ix}"
     ]
     # --existing-only: still k results, none of them the deleted file.
@@ -99,7 +99,7 @@ def test_dups_marks_never_moves_and_existing_only_drops_a_missing_member(gone, t
     members = {m["path"]: m["missing"] for m in group["members"]}
     assert members == {str(photos / "a" / "000.jpg"): False, str(copy): True}
     assert group["keep"] == str(photos / "a" / "000.jpg")  # the missing one is never kept
-    assert "note: 1 of the files shown are gone" in err
+    assert "note: gone since indexing: 1 of the files shown" in err
     code, out, err = run_cli(["dups", str(ix)], capsys)
     assert f"missing\t1.0000\t0x0\t{copy}" in out.splitlines()
     code, out, err = run_cli(["dups", str(ix), "--move-to", str(tmp_path / "moved")], capsys)

@@ -16,7 +16,7 @@ from tests.test_cli import run_cli
 
 def test_library_and_commands_import_no_matplotlib():
     code = (
-        "import sys, instret.cli.main, instret.trainer, instret.searcher, instret.indexer, instret.explore; "
+        "import sys, instret.cli.main, instret.run, instret.searcher, instret.indexer, instret.explore; "
         "sys.exit('matplotlib' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -203,7 +203,7 @@ def test_a_file_gone_since_indexing_is_struck_out_and_can_be_left_out(served_wit
     assert "missing" in first.get_attribute("class").split()
     tile = first.find_element(By.CSS_SELECTOR, "button.gone")
     assert tile.text == "file missing" and not tile.find_elements(By.TAG_NAME, "img")  # no thumbnail asked for
-    assert "1 of them are files gone since they were indexed" in browser.find_element(By.ID, "status").text
+    assert "gone since indexing: 1 of them (struck out)" in browser.find_element(By.ID, "status").text
     assert len(browser.find_elements(By.CSS_SELECTOR, "#hits li.missing")) == 1  # only the deleted one
 
     browser.find_element(By.ID, "existing-only").click()  # the same search runs again, without the gone file

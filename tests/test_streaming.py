@@ -10,7 +10,8 @@ import torch
 from instret.data import load_folder
 from instret.images import read_image
 from instret.imagesource import GREY, ResidentImages, StreamedImages, chunks, evenly_spaced
-from instret.trainer import load_checkpoint, train
+from instret.run import train
+from instret.trainer import load_checkpoint
 from tests.conftest import make_image_folder
 
 TINY = dict(image_size=16, batch_size=8, knn_k=5, nce_k=16, arch="small", epochs=2)

@@ -6,9 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from instret import evaluation
 from instret.config import TrainConfig
 from instret.errors import InstretError
-from instret.trainer import Trainer, batches, load_checkpoint, lr_at, train
+from instret.run import train
+from instret.trainer import Trainer, batches, load_checkpoint, lr_at
 from tests.conftest import make_image_folder
 
 TINY = dict(image_size=16, batch_size=8, knn_k=5, workers=0, nce_k=16)
@@ -188,14 +190,15 @@ def test_a_round_that_would_merge_the_set_is_refused_and_growth_stops(image_fold
     trainer = Trainer(cfg, load_folder(image_folder, 16), torch.device("cpu"))
     trainer.bank.features[:] = torch.nn.functional.normalize(torch.ones(len(trainer.bank), cfg.low_dim), dim=1)
     trainer.bank.features[:, 0] += torch.linspace(0, 1e-3, len(trainer.bank))  # one tight chain
-    trainer.epoch, trainer.rounds = 25, 3  # the last round: every row an anchor with its 5 nearest
+    trainer.epoch, trainer.discovery.rounds = 25, 3  # the last round: every row an anchor with its 5 nearest
     trainer.discover_neighbourhoods()
-    assert trainer.rounds == 4 and trainer.rounds_stopped and trainer.neighbourhoods is None
+    found = trainer.discovery
+    assert found.rounds == 4 and found.stopped and found.neighbourhoods is None
     assert trainer.round_row["neighbourhood_refused"] and trainer.round_row["neighbourhood_largest"] > 0.5
     assert "growing no more" in capsys.readouterr().err
     trainer.epoch = 26
     trainer.discover_neighbourhoods()
-    assert trainer.rounds == 4
+    assert found.rounds == 4
 
 
 @pytest.mark.parametrize("confident", [0.2, 0.3])
@@ -276,7 +279,7 @@ def test_default_epochs_are_what_runs_and_what_help_says(tmp_path):
 
     from instret.cli.main import cli
     from instret.config import DEFAULT_EPOCHS, PAPER_EPOCHS, with_presets
-    from instret.trainer import resolve
+    from instret.run import resolve
 
     cpu = torch.device("cpu")
     digits = resolve(TrainConfig.from_dict(with_presets({"out": str(tmp_path)})), cpu)
@@ -313,8 +316,8 @@ def test_monitor_sample_equals_knn_on_those_images(tmp_path):
     data = load_folder(tmp_path / "d", 16)
     cfg = TrainConfig(data=str(tmp_path / "d"), arch="small", epochs=1, **TINY)
     trainer = Trainer(cfg, data, torch.device("cpu"))
-    model = trainer.eval_model()
-    got = trainer.knn(trainer.bank.features, model, limit=6)
+    model = evaluation.evaluated_model(trainer)
+    got = evaluation.knn(trainer, trainer.bank.features, model, limit=6)
     pick = torch.linspace(0, 14, 6).long()
     from instret.encoder import embed_images
 
@@ -384,16 +387,13 @@ def test_every_epoch_row_carries_the_label_free_monitor(tmp_path):
 
 
 def test_the_monitor_views_an_eighth_of_the_set_between_128_and_512_images(monkeypatch):
-    from instret import trainer as trainer_module
-    from instret.trainer import monitor_sample
+    from instret.evaluation import monitor_sample
 
     assert [monitor_sample(n) for n in (36, 1024, 1438, 4096, 50_000)] == [128, 128, 179, 512, 512]
     # monitor() hands that sample to both of its parts: the digits' 1,438 images give 179.
     seen = {}
-    monkeypatch.setattr(trainer_module.Trainer, "eval_model", lambda self, sample: seen.update(bn=sample))
-    monkeypatch.setattr(
-        trainer_module.Trainer, "label_free", lambda self, model, sample: seen.update(views=sample) or {}
-    )
+    monkeypatch.setattr(evaluation, "evaluated_model", lambda trainer, sample: seen.update(bn=sample))
+    monkeypatch.setattr(evaluation, "label_free", lambda trainer, model, sample: seen.update(views=sample) or {})
     trainer = Trainer.__new__(Trainer)  # only what monitor() reads
     trainer.history, trainer.train_images, trainer.data = [{}], range(1438), SimpleNamespace(labelled=False)
     trainer.monitor()
@@ -406,7 +406,7 @@ def test_the_monitor_leaves_the_runs_random_stream_alone(image_folder):
     cfg = TrainConfig(data=str(image_folder), arch="small", epochs=1, **TINY)
     trainer = Trainer(cfg, load_train_data(cfg), torch.device("cpu"))
     state = trainer.generator.get_state()
-    trainer.label_free(trainer.eval_model())
+    evaluation.label_free(trainer, evaluation.evaluated_model(trainer))
     assert torch.equal(trainer.generator.get_state(), state)
 
 
@@ -470,16 +470,16 @@ def test_recipes_set_the_augmentation_under_the_options_given():
 
 
 def test_the_epoch_line_prints_lr_as_a_person_writes_it():
-    from instret.trainer import _format_row
+    from instret.evaluation import epoch_line
 
     row = {"epoch": 3, "loss": 1.25, "lr": 0.03 * 0.1 * 0.1, "images_per_s": 900.0, "seconds": 1.0}
     assert 0.03 * 0.1 * 0.1 != 0.0003  # the float the schedule computes
-    assert _format_row(row, 4) == "epoch 3/4  loss 1.2500  lr 0.0003  900 img/s"
+    assert epoch_line(row, 4) == "epoch 3/4  loss 1.2500  lr 0.0003  900 img/s"
 
 
 def test_trainer_parts_compose_into_what_fit_does(image_folder, tmp_path):
     from instret.data import load_train_data
-    from instret.trainer import resolve
+    from instret.run import resolve
 
     train({"data": str(image_folder), "epochs": 2, "out": str(tmp_path / "fit"), "arch": "small", **TINY})
     cfg = resolve(TrainConfig(data=str(image_folder), arch="small", epochs=2, out=str(tmp_path / "parts"), **TINY),
@@ -516,7 +516,7 @@ def test_monitor_without_a_held_out_split_samples_the_bank(image_folder):
     trainer = Trainer(cfg, load_train_data(cfg), torch.device("cpu"))
     trainer.train_epoch()
     keys, labels = trainer.bank.features, trainer.data.train.labels
-    got = trainer.knn(keys, trainer.eval_model(), limit=6)
+    got = evaluation.knn(trainer, keys, evaluation.evaluated_model(trainer), limit=6)
     # the reference: every key against all the others, then the 6 evenly spaced rows only
     index = FeatureIndex()
     index.sync(keys)

@@ -68,7 +68,7 @@ function options() {
 }
 
 function missingText(count) {
-  return count ? `; ${count} of them are files gone since they were indexed (struck out)` : "";
+  return count ? `; gone since indexing: ${count} of them (struck out)` : "";
 }
 
 function fileLink(id, path) {
