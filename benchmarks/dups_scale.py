@@ -45,7 +45,7 @@ def synthetic(n: int, planted: float, seed: int) -> tuple[np.ndarray, int]:
 
 def write_index(folder: Path, n: int, planted: float, seed: int) -> int:
     from instret.calibration import unrelated_distribution
-    from instret.encoder import Encoder, export_encoder
+    from instret.encoder import Encoder, save_encoder
     from instret.index import make_manifest, write_generation
 
     vectors, copies = synthetic(n, planted, seed)
@@ -64,7 +64,7 @@ def write_index(folder: Path, n: int, planted: float, seed: int) -> int:
         extra={"postprocess": {"whiten": False}, "scores": scores},
     )
     encoder = folder / "encoder.pt"
-    export_encoder(Encoder("small", 128, 32), encoder, (0.5,) * 3, (0.25,) * 3)
+    save_encoder(Encoder("small", 128, 32), encoder, (0.5,) * 3, (0.25,) * 3)
     (folder / "index").mkdir(parents=True)
     write_generation(folder / "index", 1, manifest, vectors, ids, files, [], encoder)
     return copies

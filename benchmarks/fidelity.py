@@ -6,7 +6,7 @@
     docs/method.md, per-sample PIL transforms, the same CNN written out again) and instret's
     trainer, with the same backbone, seed and the authors' hyper-parameters, for the same
     number of epochs: test kNN top-1 of each after re-embedding, and seconds per epoch.
-(b) `instret train --data DIR --time-budget MINUTES` with the CPU configuration (README: "CPU
+(b) `instret train --data DIR --time-budget MINUTES` with the CPU configuration (docs/cpu-configuration.md: "CPU
     configuration"): the run plans its own epochs; test kNN top-1 after re-embedding
     (`budget_top1`), the epochs it planned and its wall time (set-up, monitor, final
     evaluation and index included). With --with-reference the reference loop then trains for
@@ -44,7 +44,7 @@ from instret.trainer import Trainer
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 # The CPU configuration for a budget of minutes: the CPU backbone, and the "short" recipe that a
-# --data run given a --time-budget gets by default (instret/config.py RECIPES; README: "CPU
+# --data run given a --time-budget gets by default (instret/config.py RECIPES; docs/cpu-configuration.md: "CPU
 # configuration"). --set '{"recipe": "paper", "bank_init": "features"}' gives the configuration
 # measured before 2026-11-29.
 CPU_CONFIG = {"arch": "small"}

@@ -74,7 +74,7 @@ import json, sys, time
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from instret.encoder import Encoder, export_encoder
+from instret.encoder import Encoder, save_encoder
 from instret.indexer import build_index
 from instret.index import SearchIndex
 from instret.searcher import Searcher
@@ -84,7 +84,7 @@ photos = tmp / "photos"
 photos.mkdir()
 for i in range(200 if device == "cpu" else 2000):
     Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(photos / f"{i:05d}.jpg")
-export_encoder(Encoder("small", 128, 32).eval(), tmp / "encoder.pt", (0.5,) * 3, (0.25,) * 3)
+save_encoder(Encoder("small", 128, 32).eval(), tmp / "encoder.pt", (0.5,) * 3, (0.25,) * 3)
 seconds = {}
 for where in ("cpu", device):
     start = time.perf_counter()

@@ -7,7 +7,7 @@ space, mapped to 128-d: learned features are like that, uniform noise is not), t
 on a sample of 100,000, searched with instret's default nprobe 16 / efSearch 64). For each
 row count and layout it prints one JSON line: build seconds, bytes per vector (the serialised
 index), single-query latency p50 (ms, one thread per query, as `instret query` runs), and
-recall@10 against exact search over 200 queries. The README's sizing table is this output.
+recall@10 against exact search over 200 queries. The the sizing table in benchmarks/README.md is this output.
 Memory: the 10 M rows take 5.1 GB as float32, plus the index (another 5.1 GB for Flat).
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from instret.index import make_faiss_index, set_search_breadth
+from instret.faiss_boundary import make_faiss_index, set_search_breadth
 
 LAYOUTS = ["Flat", "IVF4096,Flat", "IVF4096,PQ16", "HNSW32"]
 DIM, LATENT, CENTRES, QUERIES = 128, 16, 1_000, 200

@@ -51,7 +51,7 @@ from instret.borders import trim_borders
 from instret.edits import EDITS, edited_copy
 from instret.encoder import Encoder, calibrated_copy, embed_images, load_encoder
 from instret.images import encoder_inputs, list_image_files, open_rgb
-from instret.postprocess import augment_database, expand_queries, fit_whitening, normalise
+from instret.postprocess import expand_database, expand_queries, fit_whitening, normalise
 from instret.searcher import retrieval_metrics
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -348,7 +348,7 @@ def copy_part(shared: Path, work: Path, args, results: dict) -> None:
         top = np.argsort(-(w @ d.T), axis=1)[:, :2]
         qe = expand_queries(w, d, top, np.take_along_axis(w @ d.T, top, axis=1))
         # Query expansion and database-side augmentation on top of whitening (k = 2): measured, off by default.
-        for name, (d2, q2) in (("instret+pp+qe", (d, qe)), ("instret+pp+dba", (augment_database(d, k=2), w))):
+        for name, (d2, q2) in (("instret+pp+qe", (d, qe)), ("instret+pp+dba", (expand_database(d, k=2), w))):
             copy, _ = copy_detection(d2, q2, targets, args.seed)
             results[name] = {"copy": copy, "category": category(d2, labels)}
             say(

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.server_process: the same server harness
 
-from instret.encoder import Encoder, export_encoder
+from instret.encoder import Encoder, save_encoder
 from instret.images import list_image_files
 from instret.indexer import build_index
 from instret.searcher import Searcher
@@ -133,7 +133,7 @@ def startup_seconds(index_dir: Path, repeats: int) -> dict:
 
 def untrained_encoder(tmp: Path) -> Path:
     path = tmp / "encoder.pt"
-    export_encoder(Encoder("small", 128, 32).eval(), path, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    save_encoder(Encoder("small", 128, 32).eval(), path, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     return path
 
 

@@ -9,7 +9,7 @@ import sys
 import click
 
 from instret.errors import InstretError
-from instret.rank import rank as process_rank
+from instret.process_rank import rank as process_rank
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from instret import locations
+from instret import defaults, locations
 
 
 def checked(check):
@@ -24,7 +24,7 @@ def checked(check):
 max_pixels_option = click.option(
     "--max-image-pixels",
     type=click.IntRange(0),
-    help="Refuse image files with more pixels (decompression bombs); 0: no limit [89478485, Pillow's].",
+    help=f"Refuse image files with more pixels (decompression bombs); 0: no limit [{defaults.MAX_IMAGE_PIXELS}, Pillow's].",
 )
 
 index_option = click.option(
@@ -34,3 +34,8 @@ index_option = click.option(
     callback=checked(locations.index_folder),
     help="Index folder, or a run folder of `train --data`.",
 )
+
+
+def count_option(*declarations: str, default: int, help: str):
+    """An option counting something, at least 1, with its default shown in --help."""
+    return click.option(*declarations, default=default, show_default=True, type=click.IntRange(1), help=help)

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import click
 
-from instret import locations, report
-from instret.cli.options import checked, index_option, max_pixels_option
-from instret.errors import InstretError
+from instret import defaults, locations, report
+from instret.cli.options import checked, count_option, index_option, max_pixels_option
 from instret.invocation import command_line
 from instret.storage import atomic_write_text
 
@@ -35,17 +34,14 @@ def _write_html(path: str, page: str) -> None:
     help="Index folder (created, or updated incrementally); a run folder means its own, RUN_DIR/index.",
 )
 @click.option(
-    "--index-type", default=None, help="FAISS factory string, e.g. Flat, IVF256,Flat, HNSW32, IVF256,PQ16 [Flat]."
+    "--index-type",
+    default=None,
+    help=f"FAISS factory string, e.g. Flat, IVF256,Flat, HNSW32, IVF256,PQ16 [{defaults.INDEX_TYPE}; an update "
+    "keeps the index's].",
 )
-@click.option(
-    "--batch-size",
-    default=64,  # instret.indexer.INDEX_BATCH (not imported: --help stays light; a test holds them equal)
-    show_default=True,
-    type=click.IntRange(1),
-    help="Images per decoded batch.",
-)
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
-@click.option("--device", default="auto", show_default=True)
+@count_option("--batch-size", default=defaults.INDEX_BATCH, help="Images per decoded batch.")
+@click.option("--workers", default=defaults.INDEX_WORKERS, show_default=True, type=click.IntRange(0))
+@click.option("--device", default=defaults.INDEX_DEVICE, show_default=True)
 @click.option("--rebuild", is_flag=True, help="Re-encode everything (e.g. with a new encoder).")
 @max_pixels_option
 @click.option("--shard", help="I/N: index only shard I of N (every N-th file); join them with merge-index.")
@@ -94,23 +90,19 @@ def merge_index_cmd(shard_dirs, out, index_type):
 @click.command("query")
 @click.argument("images", nargs=-1, required=True, callback=checked(locations.existing))
 @index_option
-@click.option(
-    "-k",
-    default=10,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Results per query (all when the index holds fewer).",
-)
+@count_option("-k", default=defaults.QUERY_K, help="Results per query (all when the index holds fewer).")
 @click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query on stdout.")
 @click.option("--html", "html_file", help="Also write a self-contained HTML page of thumbnails.")
 @click.option("--grid", "grid_file", help="Also write a PNG: each query, then its neighbours with scores.")
 @click.option("--exclude-self", is_flag=True, help="Leave out the query image itself.")
 @click.option("--model", help="Refuse unless the index was built with this encoder.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default=defaults.QUERY_DEVICE, show_default=True)
 @max_pixels_option
-@click.option("--nprobe", type=click.IntRange(1), help="IVF layouts: lists visited per query [16].")
-@click.option("--ef-search", type=click.IntRange(1), help="HNSW layouts: candidate list length [64].")
+@click.option("--nprobe", type=click.IntRange(1), help=f"IVF layouts: lists visited per query [{defaults.NPROBE}].")
+@click.option(
+    "--ef-search", type=click.IntRange(1), help=f"HNSW layouts: candidate list length [{defaults.EF_SEARCH}]."
+)
 @click.option(
     "--existing-only",
     is_flag=True,
@@ -160,7 +152,7 @@ KEEP_CHOICES = [
 @click.argument("index_dir", required=False, callback=checked(locations.index_folder))
 @click.option(
     "--precision",
-    default=0.99,
+    default=defaults.DUPS_PRECISION,
     show_default=True,
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     help="Wanted share of true copies among the pairs reported; the threshold is calibrated on the index.",
@@ -169,7 +161,7 @@ KEEP_CHOICES = [
 @click.option(
     "--keep",
     type=click.Choice(KEEP_CHOICES),
-    default="largest",
+    default=defaults.DUPS_KEEP,
     show_default=True,
     help="The member each group keeps: largest (most pixels, then oldest, then path), oldest, newest, path.",
 )
@@ -223,7 +215,7 @@ def dups_cmd(index_dir, precision, threshold, keep, as_json, html_file, move_to,
         raise click.UsageError("give --move-to or --link-to, not both")
     from instret.duplicates import find_duplicates
 
-    found = find_duplicates(index_dir, threshold, precision, keep, existing_only)
+    found = find_duplicates(index_dir, threshold, precision, keep, existing_only, move_to)
     groups = found["groups"]
     text = json.dumps(found) if as_json else report.dups_text(groups)
     if text:
@@ -241,7 +233,7 @@ def dups_cmd(index_dir, precision, threshold, keep, as_json, html_file, move_to,
         made = moves.link_groups(groups, Path(link_to))
         click.echo(f"made {made} link(s) in {link_to}", err=True)
     if move_to:
-        _move(found, index_dir, Path(os.path.abspath(move_to)))  # the journal must hold absolute paths
+        _say_moves(found["moves"], move_to)
 
 
 def _say_missing(paths: list[str], index_dir: str) -> None:
@@ -259,43 +251,19 @@ def _say_missing(paths: list[str], index_dir: str) -> None:
     )
 
 
-def _move(found: dict, index_dir: str, dest: Path) -> None:
-    """Finish any interrupted move into dest, then move this run's duplicates there."""
-    from instret import moves
-    from instret.index import SearchIndex
-
-    root = Path(SearchIndex(index_dir).manifest["root"])
-    if dest.resolve() == root.resolve() or root.resolve() in dest.resolve().parents:
-        raise click.UsageError(
-            f"--move-to {dest} is inside the indexed folder {root}: the next `instret index` "
-            f"would index the moved copies again; choose a folder outside it"
+def _say_moves(done: dict, dest: str) -> None:
+    """What find_duplicates(move_to=...) did, on stderr."""
+    for finished in done["finished"]:
+        click.echo(
+            f"finished the interrupted move of {finished['journal']}: {finished['moved']} more file(s)", err=True
         )
-    for journal in moves.unfinished(dest):
-        counts = _complete(journal)
-        click.echo(f"finished the interrupted move of {journal}: {counts['moved']} more file(s)", err=True)
-    plan, notes = moves.plan_moves(found["groups"], root, dest)
-    for note in notes:
+    for note in done["notes"]:
         click.echo(note, err=True)
-    if not plan:
+    if done["journal"] is None:
         click.echo("nothing to move", err=True)
         return
-    journal = moves.write_journal(dest, plan, root)
-    counts = _complete(journal)
-    click.echo(
-        f"moved {counts['moved']} file(s) to {dest}; undo with: {command_line('dups', '--undo', journal)}", err=True
-    )
-
-
-def _complete(journal: Path) -> dict:
-    from instret import moves
-
-    try:
-        return moves.complete(journal)
-    except KeyboardInterrupt:
-        raise InstretError(
-            f"interrupted; {journal} records every move: rerun the same command to finish them, "
-            f"or undo them with: {command_line('dups', '--undo', journal)}"
-        ) from None
+    undo = command_line("dups", "--undo", done["journal"])
+    click.echo(f"moved {done['moved']} file(s) to {os.path.abspath(dest)}; undo with: {undo}", err=True)
 
 
 @click.command("eval-retrieval")
@@ -307,8 +275,8 @@ def _complete(journal: Path) -> dict:
     "--index", "index_dir", callback=checked(locations.index_folder), help="An existing index of this folder."
 )
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
-@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", default=defaults.INDEX_WORKERS, show_default=True, type=click.IntRange(0))
+@click.option("--device", default=defaults.INDEX_DEVICE, show_default=True)
 @max_pixels_option
 def eval_retrieval_cmd(images_dir, model, index_dir, as_json, workers, device, max_image_pixels):
     """Each image queries all others; a hit shares its sub-folder. Prints mAP, recall@k, precision@10."""

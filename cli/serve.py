@@ -4,35 +4,38 @@ from __future__ import annotations
 
 import click
 
-from instret.cli.options import index_option, max_pixels_option
+from instret import defaults
+from instret.cli.options import count_option, index_option, max_pixels_option
 
 
 @click.command("serve")
 @index_option
 @click.option(
     "--host",
-    default="127.0.0.1",
+    default=defaults.SERVE_HOST,
     show_default=True,
     help="Address to listen on; another than loopback lets others reach the index and its images.",
 )
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
 @click.option(
-    "--workers",
-    default=1,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Server processes, each holding the encoder and the index.",
+    "--port", default=defaults.SERVE_PORT, show_default=True, type=click.IntRange(0, 65535), help="0: any free port."
+)
+@count_option(
+    "--workers", default=defaults.SERVE_WORKERS, help="Server processes, each holding the encoder and the index."
 )
 @click.option(
     "--max-upload-mb",
-    default=20.0,
+    default=defaults.SERVE_MAX_UPLOAD_MB,
     show_default=True,
     type=click.FloatRange(0, min_open=True),
     help="Largest request body accepted, checked before it is read.",
 )
 @max_pixels_option
-@click.option("--device", default="cpu", show_default=True, help="Where queries are encoded.")
-@click.option("--nprobe", type=click.IntRange(1), help="IVF layouts: lists visited per query [16]; a request may ask.")
+@click.option("--device", default=defaults.QUERY_DEVICE, show_default=True, help="Where queries are encoded.")
+@click.option(
+    "--nprobe",
+    type=click.IntRange(1),
+    help=f"IVF layouts: lists visited per query [{defaults.NPROBE}]; a request may ask.",
+)
 def serve_cmd(index_dir, host, port, workers, max_upload_mb, max_image_pixels, device, nprobe):
     """Serve a search page and a JSON API (/api/v1/...) over an index, with the encoder kept warm.
 

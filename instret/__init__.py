@@ -1,6 +1,6 @@
 """instret: Instance Discrimination (Wu et al., CVPR 2018) and instance-level image search.
 
-The library reads like the command line (README: "From Python"):
+The library reads like the command line (docs/training.md: "From Python"):
 
     import instret
     instret.train({"data": "photos/", "time_budget": 15, "out": "runs/photos"})

@@ -2,7 +2,7 @@
 
 RandomResizedCrop(scale 0.2-1) + horizontal flip (one affine grid_sample), ColorJitter(0.4 x 4)
 in a random order per sample, RandomGrayscale(0.2), then normalisation. Beyond the paper, for
-the edits that copies of a photo go through (README: "Search quality"): a small rotation (in
+the edits that copies of a photo go through (benchmarks/README.md: "Search quality"): a small rotation (in
 the same grid_sample), a box painted over part of the image (a caption, logo or sticker:
 random erasing with a flat colour) and a slight blur; each is drawn only when it is on, so the
 paper's recipe draws exactly the paper's random numbers. It runs on whatever

@@ -3,7 +3,7 @@
 A border is a run of lines at an edge of the image that are (nearly) all one colour: the colour
 of the outermost line. Trimming it before the encoder sees the image makes a framed or
 letterboxed copy look like its original again (on the retrieval benchmark, recall@1 of
-bordered copies rose from 0.71; README: "Search quality"). Trimming is cautious: JPEG noise
+bordered copies rose from 0.71; benchmarks/README.md: "Search quality"). Trimming is cautious: JPEG noise
 and a slight blur stay within the tolerance, a flat image is left alone, and no more than
 MAX_SIDE of a side is taken on each edge.
 """

@@ -17,38 +17,24 @@ NEIGHBOURHOODS = ("off", "anchors", "mutual")
 MULTI_VIEW_MODES = ("auto", "on", "off")
 
 # What training turns to on a collection of several views of each thing (multi_view): colour
-# kept (no hue shift, no greyscale: it tells one object from its look-alikes), a softer
-# temperature (other views of an object are not pushed as far away as other objects) and crops
-# down to 20 % (a part of an object stands for the whole). On ETH-80, 5-minute runs with mutual
-# neighbourhoods (benchmarks/results/multiview-2026-12-02-probes.jsonl): mAP 0.217 with the
-# short recipe, 0.282 with colour kept, 0.320 adding tau 0.2, 0.357 adding the crops. Each costs
-# copy detection (greyscale and colour-edited copies), hence only where views are found.
+# kept (it tells one object from its look-alikes), a softer temperature (other views of an
+# object are not pushed as far away as other objects) and crops down to 20 % (a part stands for
+# the whole). Each costs copy detection, hence only where views are found; the runs that chose
+# them are in docs/neighbourhoods.md.
 MULTI_VIEW = {"hue": 0.0, "grayscale_p": 0.0, "tau": 0.2, "crop_scale": (0.2, 1.0)}
 BANK_INITS = ("random", "features")
 SCHEDULES = ("step", "cosine")
 DATASETS = ("digits", "cifar10")
 
-# Training recipes: augmentation and the bank's start, under the options given.
+# Training recipes: augmentation and the bank's start, under the options given (the runs that
+# chose them: docs/cpu-configuration.md and benchmarks/README.md, "Search quality").
 # "paper": the authors' (docs/method.md); the default, except for a --data run given a --time-budget.
-# "retrieval": the paper's augmentation plus the edits copies go through (rotations within 10
-#   degrees, a flat box over 2-15 % of the image a quarter of the time, a slight blur a fifth of
-#   the time), and the bank started from the network's features. On the copy-detection
-#   benchmark (benchmarks/retrieval_quality.py, mAP after whitening) it won short runs (3
-#   minutes on one thread: 0.770 against the paper's 0.727) but not the 15-minute budget (0.808
-#   against 0.822 at 64 px; 0.960 against 0.963-0.966 at 32 px, borders trimmed, plain cosine),
-#   hence not the default.
-# "colour": "retrieval" with gentle colour jitter (0.3, hue 0.02, greyscale 5 %), for collections
-#   where colour is what tells two objects apart; it loses on copies whose colours were edited
-#   (0.576 against the paper's 0.727 in 3-minute runs, at 64 px).
-# "short": the paper's, tuned for CPU runs of minutes rather than of 200 epochs; the default for a
-#   --data run given a --time-budget (two 15-minute copy-detection runs, two collections: recall@1
-#   0.986 and 0.986 against the paper recipe's 0.947-0.952 on the first):
-#   lr 0.005 at batch 64 (the paper's 0.03 at 128), crops of 40-100 %, milder colour jitter (0.2,
-#   hue 0.1 rather than 0.4 and 0.4), a cosine schedule, the bank started from features. Four
-#   CIFAR-10 epochs (small, features bank), kNN top-1: lr 0.01 0.461 against the paper's 0.03
-#   0.421; with crops from 40 % and cosine 0.496; hue 0.1 0.537 (hue 0 0.543, 0.05 0.547);
-#   batch 64 0.544; then jitter 0.2 0.553, lr 0.005 0.558 (tau 0.07, 0.2 and greyscale 10 %
-#   lost). 15 minutes on 2 cores: 0.612 (16 epochs) against 0.510 with the paper's recipe (13).
+# "retrieval": the paper's augmentation plus the edits copies go through (small rotations, a
+#   flat box, a slight blur), and the bank started from the network's features.
+# "colour": "retrieval" with gentle colour jitter, for collections where colour tells objects apart.
+# "short": the paper's, made for CPU runs of minutes rather than of 200 epochs (lr 0.005 at batch
+#   64, crops of 40-100 %, milder colour jitter, a cosine schedule, the bank from features); the
+#   default for a --data run given a --time-budget.
 RECIPES = {
     "paper": {},
     "short": {

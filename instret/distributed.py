@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from instret.rank import local_rank, rank, world_size
+from instret.process_rank import local_rank, rank, world_size
 
 
 @dataclass(frozen=True)

@@ -29,19 +29,20 @@ image, never an n x n matrix.
 from __future__ import annotations
 
 import os
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
+from instret import moves
 from instret.calibration import describe, score_for_unrelated_share, unrelated_share
+from instret.defaults import DUPS_KEEP
+from instret.defaults import DUPS_PRECISION as DEFAULT_PRECISION
 from instret.errors import InstretError
-from instret.index import SearchIndex, from_db
+from instret.index import SearchIndex
+from instret.metadata import content_representatives, file_rows
 
-DEFAULT_PRECISION = 0.99
 FALLBACK_THRESHOLD = 0.95  # indexes without score distributions
 BLOCK = 4096  # query vectors per range search
 PER_IMAGE = 32  # candidate pairs kept per image (its best): more near copies of one photo is rare
@@ -199,22 +200,30 @@ def find_duplicates(
     index_dir: str | Path | SearchIndex,
     threshold: float | None = None,
     precision: float = DEFAULT_PRECISION,
-    keep: str = "largest",
+    keep: str = DUPS_KEEP,
     existing_only: bool = False,
+    move_to: str | Path | None = None,
 ) -> dict:
     """{"threshold", "reason", "keep_rule", "groups": [{"tier", "keep", "min_score", "members"}]}
     of an index (a folder, or one opened already: a server's generation): exact groups first,
     then near ones, largest first. `threshold` (a cosine similarity) overrides the one
     calibrated for `precision`. A member whose file is gone since it was indexed is marked
     "missing" (never kept while another is there); existing_only leaves such files out, and a
-    group left with one member with them."""
+    group left with one member with them.
+
+    move_to: a folder outside the indexed one; every member but the kept one moves there (under
+    its path below the indexed folder), a journal written first (instret.moves; `instret dups
+    --undo JOURNAL` puts them back). The answer then also holds "moves" (moves.move_duplicates')."""
     if keep not in KEEP_RULES:
         raise InstretError(f"--keep must be one of {', '.join(KEEP_RULES)}, not {keep!r}")
     if threshold is None and not 0 < precision < 1:
         raise InstretError(f"--precision must be between 0 and 1 (exclusive), not {precision}")
     index = index_dir if isinstance(index_dir, SearchIndex) else SearchIndex(index_dir)
+    root = Path(index.manifest["root"])
+    if move_to is not None:  # refused before the search, which may take minutes
+        moves.check_destination(root, Path(os.path.abspath(move_to)))
     vectors, ids = index.vectors()
-    rep_row = np.searchsorted(ids, _content_reps(index.meta, ids))
+    rep_row = np.searchsorted(ids, content_representatives(index.meta, ids))
     contents = int((rep_row == np.arange(len(ids))).sum())
     distributions = index.manifest.get("scores")
     floor = search_floor(distributions, contents, threshold)
@@ -232,7 +241,10 @@ def find_duplicates(
     groups.sort(key=lambda g: (g["tier"] != "exact", -len(g["members"]), g["keep"]))
     if index is not index_dir:
         index.close()
-    return {**choice, "keep_rule": keep, "groups": groups}
+    found = {**choice, "keep_rule": keep, "groups": groups}
+    if move_to is not None:
+        found["moves"] = moves.move_duplicates(groups, root, Path(move_to))
+    return found
 
 
 def _threshold(s, contents, distributions, threshold, precision) -> dict:
@@ -256,16 +268,6 @@ def _threshold(s, contents, distributions, threshold, precision) -> dict:
         f"images by chance{copies}"
     )
     return {**found, "precision": precision, "reason": reason}
-
-
-def _content_reps(meta: sqlite3.Connection, ids: np.ndarray) -> np.ndarray:
-    """For each id (ascending), the lowest id with the same bytes (its own when it is unique);
-    streamed into an array, so that a million files cost 16 MB, not a dict."""
-    rows = meta.execute("SELECT id, MIN(id) OVER (PARTITION BY sha256) FROM files ORDER BY id")
-    pairs = np.fromiter(chain.from_iterable(rows), np.int64).reshape(-1, 2)
-    if not np.array_equal(pairs[:, 0], ids):
-        raise InstretError("the index's metadata and vectors list different files; the index is damaged, rebuild it")
-    return pairs[:, 1]
 
 
 def _describe_group(index: SearchIndex, vectors, ids, rows: np.ndarray, keep: str, existing_only: bool) -> dict | None:
@@ -311,14 +313,9 @@ def _describe_group(index: SearchIndex, vectors, ids, rows: np.ndarray, keep: st
 
 
 def _members(index: SearchIndex, member_ids: list[int]) -> list[Member]:
-    rows = []
-    for start in range(0, len(member_ids), 900):  # SQLite's limit on bound parameters
-        chunk = member_ids[start : start + 900]
-        rows += index.meta.execute(
-            f"SELECT id, path, size, mtime_ns, sha256 FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk
-        ).fetchall()
     root = Path(index.manifest["root"])
-    members = [Member(i, str(root / from_db(p)), size, mtime, sha) for i, p, size, mtime, sha in rows]
+    rows = file_rows(index.meta, member_ids)
+    members = [Member(i, str(root / p), size, mtime, sha) for i, p, size, mtime, sha in rows]
     for m in members:
         m.missing = not os.path.exists(m.path)
         m.width, m.height = _image_size(m.path)

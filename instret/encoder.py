@@ -102,7 +102,7 @@ def fingerprint(state_dict: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def export_encoder(model: Encoder, path: str | Path, mean, std) -> str:
+def save_encoder(model: Encoder, path: str | Path, mean, std) -> str:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     fp = fingerprint(state)
     atomic_torch_save(

@@ -1,5 +1,6 @@
-"""Every crossing between torch or numpy and FAISS: the rows FAISS takes, the GPUs it sees, its
-GPU resources, copies of an index onto GPUs, and brute-force kNN on CUDA tensors where they lie.
+"""Every FAISS call of instret: the rows FAISS takes from torch or numpy, the GPUs it sees, its
+GPU resources, copies of an index onto GPUs, brute-force kNN on CUDA tensors where they lie,
+and the search index's layouts (a factory string checked, built, trained, tuned, read, written).
 
 Both the training monitor (instret.knn) and the search index (instret.index) go through here.
 torch is imported only by the functions that take tensors, so that `instret info` starts
@@ -9,9 +10,12 @@ without it. FAISS's GPU kernels refuse k (and nprobe) above GPU_MAX_K.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 
+from instret.defaults import EF_SEARCH, NPROBE
+from instret.errors import InstretError
 from instret.postprocess import normalise
 
 GPU_MAX_K = 2048
@@ -81,3 +85,87 @@ def knn_on_gpu(queries, keys, k: int):
     q = queries.detach().to(device=keys.device, dtype=dtype).contiguous()
     x = keys.detach().to(dtype).contiguous()
     return faiss.knn_gpu(gpu_resources(device), q, x, k, metric=faiss.METRIC_INNER_PRODUCT, device=device)
+
+
+# --- the search index's layouts -------------------------------------------------------
+
+TRAIN_SAMPLE = 100_000  # vectors used to train IVF / PQ layouts
+
+
+def check_factory(factory: str, dim: int, count: int) -> None:
+    """Refuse an index type FAISS cannot build for `count` vectors of `dim`, before any image is
+    read: the string is parsed, and a layout that needs training is trained on random vectors
+    of that number (up to 10,000; beyond, the string alone is checked). Nothing is added."""
+    index = _layout(factory, dim)
+    if not index.is_trained and count <= 10_000:
+        _train(index, normalise(np.random.default_rng(0).standard_normal((count, dim)).astype(np.float32)), factory)
+
+
+def make_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str, seed: int = 0):
+    """A FAISS index of `factory` layout over the vectors, with the given ids."""
+    import faiss
+
+    index = _layout(factory, vectors.shape[1] if vectors.ndim == 2 else 0)
+    if not index.is_trained:
+        _train(index, vectors, factory, seed)
+    index = faiss.IndexIDMap2(index)
+    if len(vectors):
+        index.add_with_ids(vectors, ids.astype(np.int64))
+    return index
+
+
+def _layout(factory: str, dim: int):
+    """The empty, untrained FAISS index a factory string describes."""
+    import faiss
+
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise InstretError(
+            f"--index-type {factory!r} is not a FAISS factory string FAISS accepts: {str(e).strip().splitlines()[-1]}"
+        ) from None
+
+
+def _train(index, vectors: np.ndarray, factory: str, seed: int = 0) -> None:
+    """Train a layout on a sample of up to TRAIN_SAMPLE of the vectors."""
+    if len(vectors) == 0:
+        raise InstretError(f"--index-type {factory!r} needs training vectors, and there are none")
+    rng = np.random.default_rng(seed)
+    sample = vectors[rng.choice(len(vectors), min(len(vectors), TRAIN_SAMPLE), replace=False)]
+    try:
+        index.train(sample)
+    except RuntimeError as e:
+        raise InstretError(
+            f"--index-type {factory!r} could not be trained on {len(sample)} vectors: {str(e).strip().splitlines()[-1]}"
+        ) from None
+
+
+def set_search_breadth(index, nprobe: int | None = None, ef_search: int | None = None) -> None:
+    """nprobe (IVF) and efSearch (HNSW) where the layout has them; others are left alone."""
+    import faiss
+
+    space = faiss.ParameterSpace()
+    for name, value in (("nprobe", nprobe or NPROBE), ("efSearch", ef_search or EF_SEARCH)):
+        try:
+            space.set_index_parameter(index, name, value)
+        except RuntimeError:
+            pass  # not a parameter of this layout (Flat has neither)
+
+
+def read_index(path: Path):
+    """A generation's index.faiss, memory-mapped where the layout allows."""
+    import faiss
+
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        try:
+            return faiss.read_index(str(path))
+        except RuntimeError:
+            raise InstretError(f"{path}: FAISS index unreadable (truncated or corrupted?)") from None
+
+
+def write_index(index, path: Path) -> None:
+    import faiss
+
+    faiss.write_index(index, str(path))

@@ -15,13 +15,13 @@ import torch
 from PIL import Image, ImageOps
 
 from instret.borders import trim_borders
+from instret.defaults import MAX_IMAGE_PIXELS
 from instret.errors import InstretError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 
 # Pillow's own limit (about 89 M pixels) only warns below twice that; instret refuses at it.
 # Every reader takes max_pixels (--max-image-pixels): None means this default, 0 no limit.
-MAX_IMAGE_PIXELS = 89_478_485
 
 
 class ImageReadError(Exception):

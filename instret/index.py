@@ -1,4 +1,5 @@
-"""The on-disk search index (FAISS's side of it: instret.faiss_boundary).
+"""The on-disk search index: generations, their manifest, the reader and the atomic writer
+(FAISS layouts: instret.faiss_boundary; the SQLite metadata: instret.metadata).
 
     INDEX_DIR/
       CURRENT              name of the live generation (replaced atomically: the commit point)
@@ -35,80 +36,19 @@ from pathlib import Path
 
 import numpy as np
 
+from instret import faiss_boundary, metadata
+
+# Search-time breadth of approximate layouts (the sizing table in benchmarks/README.md measures recall at these).
+from instret.defaults import NPROBE as DEFAULT_NPROBE
 from instret.errors import InstretError
 from instret.faiss_boundary import GPU_MAX_K, as_float32, faiss_gpu_count, to_gpus
 from instret.locations import index_folder, read_current
-from instret.postprocess import Whitening, normalise
+from instret.postprocess import Whitening
 from instret.storage import atomic_write_text, remove_stale_temps
 
 INDEX_FORMAT_VERSION = 1
 METRIC = "inner_product"
-DEFAULT_FACTORY = "Flat"
 WHITENING = "whitening.npz"
-TRAIN_SAMPLE = 100_000  # vectors used to train IVF / PQ layouts
-# Search-time breadth of approximate layouts (README's sizing table measures recall at these):
-DEFAULT_NPROBE = 16  # IVF: inverted lists visited per query
-DEFAULT_EF_SEARCH = 64  # HNSW: candidate list length
-
-
-def check_factory(factory: str, dim: int, count: int) -> None:
-    """Refuse an index type FAISS cannot build for `count` vectors of `dim`, before any image is
-    read: the string is parsed, and a layout that needs training is trained on random vectors
-    of that number (up to 10,000; beyond, the string alone is checked). Nothing is added."""
-    index = _layout(factory, dim)
-    if not index.is_trained and count <= 10_000:
-        _train(index, normalise(np.random.default_rng(0).standard_normal((count, dim)).astype(np.float32)), factory)
-
-
-def make_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str, seed: int = 0):
-    """A FAISS index of `factory` layout over the vectors, with the given ids."""
-    import faiss
-
-    index = _layout(factory, vectors.shape[1] if vectors.ndim == 2 else 0)
-    if not index.is_trained:
-        _train(index, vectors, factory, seed)
-    index = faiss.IndexIDMap2(index)
-    if len(vectors):
-        index.add_with_ids(vectors, ids.astype(np.int64))
-    return index
-
-
-def _layout(factory: str, dim: int):
-    """The empty, untrained FAISS index a factory string describes."""
-    import faiss
-
-    try:
-        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise InstretError(
-            f"--index-type {factory!r} is not a FAISS factory string FAISS accepts: {str(e).strip().splitlines()[-1]}"
-        ) from None
-
-
-def _train(index, vectors: np.ndarray, factory: str, seed: int = 0) -> None:
-    """Train a layout on a sample of up to TRAIN_SAMPLE of the vectors."""
-    if len(vectors) == 0:
-        raise InstretError(f"--index-type {factory!r} needs training vectors, and there are none")
-    rng = np.random.default_rng(seed)
-    sample = vectors[rng.choice(len(vectors), min(len(vectors), TRAIN_SAMPLE), replace=False)]
-    try:
-        index.train(sample)
-    except RuntimeError as e:
-        raise InstretError(
-            f"--index-type {factory!r} could not be trained on {len(sample)} vectors: {str(e).strip().splitlines()[-1]}"
-        ) from None
-
-
-def set_search_breadth(index, nprobe: int | None = None, ef_search: int | None = None) -> None:
-    """nprobe (IVF) and efSearch (HNSW) where the layout has them; others are left alone."""
-    import faiss
-
-    space = faiss.ParameterSpace()
-    for name, value in (("nprobe", nprobe or DEFAULT_NPROBE), ("efSearch", ef_search or DEFAULT_EF_SEARCH)):
-        try:
-            space.set_index_parameter(index, name, value)
-        except RuntimeError:
-            pass  # not a parameter of this layout (Flat has neither)
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -160,7 +100,7 @@ class SearchIndex:
         self.gen_dir = self.dir / name
         self.manifest = read_manifest(self.gen_dir)
         self.whitening = Whitening.load(self.gen_dir / WHITENING) if "whitening" in self.postprocess else None
-        self.meta = open_metadata(self.gen_dir / "meta.sqlite", readonly=True)
+        self.meta = metadata.open_metadata(self.gen_dir / "meta.sqlite", readonly=True)
 
     @property
     def postprocess(self) -> dict:
@@ -193,22 +133,14 @@ class SearchIndex:
 
     def faiss_index(self):
         if self._faiss is None:
-            import faiss
-
-            path = str(self.gen_dir / "index.faiss")
-            try:
-                index = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
-            except RuntimeError:
-                try:
-                    index = faiss.read_index(path)
-                except RuntimeError:
-                    raise InstretError(f"{path}: FAISS index unreadable (truncated or corrupted?)") from None
+            path = self.gen_dir / "index.faiss"
+            index = faiss_boundary.read_index(path)
             if index.ntotal != self.ntotal or index.d != self.dim:
                 raise InstretError(
                     f"{path}: holds {index.ntotal} x {index.d}, the manifest says "
                     f"{self.ntotal} x {self.dim}; the index is damaged, rebuild it"
                 )
-            set_search_breadth(index, *self.breadth)
+            faiss_boundary.set_search_breadth(index, *self.breadth)
             self._faiss = index
         return self._faiss
 
@@ -262,21 +194,15 @@ class SearchIndex:
         return rows, ids.astype(np.int64), scores.astype(np.float32)
 
     def paths_of(self, ids) -> dict[int, str]:
-        ids = list(ids)
-        out = {}
-        for start in range(0, len(ids), 900):  # SQLite's limit on bound parameters
-            chunk = ids[start : start + 900]
-            rows = self.meta.execute(f"SELECT id, path FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-            out.update((i, from_db(p)) for i, p in rows)
-        return {i: str(Path(self.manifest["root"]) / p) for i, p in out.items()}
+        root = Path(self.manifest["root"])
+        return {i: str(root / p) for i, p, *_ in metadata.file_rows(self.meta, ids)}
 
     def id_of(self, path: str) -> int | None:
         """The id of an indexed file, by the path results show (under the indexed folder) or its
         path relative to that folder; None when the index does not hold it."""
         root = self.manifest["root"].rstrip("/") + "/"
         relative = path[len(root) :] if path.startswith(root) else path
-        row = self.meta.execute("SELECT id FROM files WHERE path = ?", (to_db(relative),)).fetchone()
-        return None if row is None else int(row[0])
+        return metadata.id_of(self.meta, relative)
 
     def entries(self) -> list[tuple[int, str, int, int, str, np.ndarray]]:
         """(id, path, size, mtime_ns, sha256, vector) of every indexed file, in id order."""
@@ -286,13 +212,10 @@ class SearchIndex:
 
     def files(self, offset: int = 0, limit: int = -1) -> list[tuple[int, str, int, int, str]]:
         """(id, path under the indexed folder, size, mtime_ns, sha256) in id order: all, or a page."""
-        rows = self.meta.execute(
-            "SELECT id, path, size, mtime_ns, sha256 FROM files ORDER BY id LIMIT ? OFFSET ?", (limit, offset)
-        )
-        return [(i, from_db(p), *rest) for i, p, *rest in rows]
+        return metadata.files_page(self.meta, offset, limit)
 
     def skipped(self) -> list[tuple[str, str]]:
-        return [(from_db(p), r) for p, r in self.meta.execute("SELECT path, reason FROM skipped ORDER BY path")]
+        return metadata.skipped_files(self.meta)
 
     def close(self) -> None:
         self.meta.close()
@@ -346,41 +269,6 @@ def read_manifest(gen_dir: Path) -> dict:
     return manifest
 
 
-def to_db(path: str) -> str | bytes:
-    """A path for SQLite: text when it is valid UTF-8, else its raw bytes (names on Linux may
-    hold any bytes; Python carries them as surrogates, which SQLite's text refuses)."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return os.fsencode(path)
-
-
-def from_db(value: str | bytes) -> str:
-    return os.fsdecode(value) if isinstance(value, bytes) else value
-
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL,
-    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS skipped (path TEXT PRIMARY KEY, reason TEXT NOT NULL);
-"""
-
-
-def open_metadata(path: Path, readonly: bool = False) -> sqlite3.Connection:
-    try:
-        if readonly:
-            # Shared by a server's threads (instret.live serialises them): read-only, so safe.
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-            con.execute("SELECT count(*) FROM files").fetchone()
-        else:
-            con = sqlite3.connect(path)
-            con.executescript(SCHEMA)
-    except sqlite3.Error as e:
-        raise InstretError(f"{path}: metadata unreadable ({e}); the index is damaged, rebuild it") from None
-    return con
-
-
 # --- writing ---------------------------------------------------------------------------
 
 
@@ -418,7 +306,6 @@ def write_generation(
 
     whitening: saved with the generation; searched: the vectors as the index searches them
     (whitening(vectors), computed once by the caller); without whitening, the vectors."""
-    import faiss
 
     name = f"gen-{generation:06d}"
     gen_dir = index_dir / name
@@ -429,13 +316,13 @@ def write_generation(
         if whitening is not None:
             whitening.save(gen_dir / WHITENING)
         searched = vectors if searched is None else searched
-        faiss.write_index(make_faiss_index(searched, ids, manifest["factory"]), str(gen_dir / "index.faiss"))
+        faiss_boundary.write_index(
+            faiss_boundary.make_faiss_index(searched, ids, manifest["factory"]), gen_dir / "index.faiss"
+        )
         np.save(gen_dir / "vectors.npy", vectors)
         np.save(gen_dir / "ids.npy", ids)
-        con = open_metadata(gen_dir / "meta.sqlite")
-        with con:
-            con.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?)", [(i, to_db(p), *r) for i, p, *r in files])
-            con.executemany("INSERT INTO skipped VALUES (?, ?)", [(to_db(p), r) for p, r in skipped])
+        con = metadata.open_metadata(gen_dir / "meta.sqlite")
+        metadata.write_files(con, files, skipped)
         con.close()
         shutil.copyfile(encoder_file, gen_dir / "encoder.pt")
         atomic_write_text(gen_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")

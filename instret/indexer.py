@@ -10,7 +10,6 @@ first, so an interrupted run resumes without encoding it again.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,26 +19,19 @@ import torch
 
 from instret.calibration import score_distributions
 from instret.data import report_skipped
+from instret.defaults import INDEX_BATCH, INDEX_DEVICE, INDEX_TYPE, INDEX_WORKERS
 from instret.device import resolve_device
 from instret.encoder import LoadedEncoder, load_encoder
 from instret.env import usable_cpus
 from instret.errors import InstretError
-from instret.faiss_boundary import as_float32
+from instret.faiss_boundary import as_float32, check_factory
 from instret.images import file_sha256, iter_decoded, list_image_files
-from instret.index import (
-    DEFAULT_FACTORY,
-    SearchIndex,
-    check_factory,
-    make_manifest,
-    to_db,
-    write_generation,
-    writer_lock,
-)
+from instret.index import SearchIndex, make_manifest, write_generation, writer_lock
 from instret.locations import encoder_file, image_folder, index_output, read_current
+from instret.metadata import Staging
 from instret.postprocess import WHITEN_BY_DEFAULT, fit_for_index
 from instret.progress import Progress, log
 
-INDEX_BATCH = 64  # images per decoded batch: small batches keep decoding and encoding overlapped
 REUSE_SCORES_SHARE = 0.1  # an update changing at most this share of files keeps the copy scores
 
 
@@ -65,50 +57,6 @@ def scan(root: Path, shard: tuple[int, int] | None = None) -> tuple[list[FileSta
             continue
         files.append(FileState(rel, st.st_size, st.st_mtime_ns))
     return files, skipped
-
-
-class Staging:
-    """Vectors encoded by this (or an interrupted earlier) run, committed batch by batch."""
-
-    def __init__(self, path: Path, fingerprint: str):
-        self.path = path
-        self.con = sqlite3.connect(path)
-        # WAL: a commit per batch survives the process being killed without an fsync per batch.
-        self.con.execute("PRAGMA journal_mode=WAL")
-        self.con.execute("PRAGMA synchronous=NORMAL")
-        self.con.execute(
-            "CREATE TABLE IF NOT EXISTS staged (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
-            " sha256 TEXT, fingerprint TEXT, vector BLOB)"
-        )
-        self.con.execute("DELETE FROM staged WHERE fingerprint != ?", (fingerprint,))
-        self.con.commit()
-        self.fingerprint = fingerprint
-
-    def lookup(self, f: FileState):
-        row = self.con.execute(
-            "SELECT sha256, vector FROM staged WHERE path = ? AND size = ? AND mtime_ns = ?",
-            (to_db(f.rel), f.size, f.mtime_ns),
-        ).fetchone()
-        return None if row is None else (row[0], np.frombuffer(row[1], dtype=np.float32))
-
-    def add(self, rows: list[tuple[FileState, str, np.ndarray]]) -> None:
-        try:
-            with self.con:
-                self.con.executemany(
-                    "INSERT OR REPLACE INTO staged VALUES (?, ?, ?, ?, ?, ?)",
-                    [
-                        (to_db(f.rel), f.size, f.mtime_ns, h, self.fingerprint, v.astype(np.float32).tobytes())
-                        for f, h, v in rows
-                    ],
-                )
-        except sqlite3.Error as e:
-            raise InstretError(
-                f"{self.path}: cannot write ({e}); the batches staged "
-                f"before are kept, and rerunning `instret index` continues from them"
-            ) from None
-
-    def close(self) -> None:
-        self.con.close()
 
 
 def encode_files(
@@ -141,7 +89,7 @@ def encode_files(
             if images is not None:
                 vectors = as_float32(encoder.embed_inputs(images))
                 rows = [(files[i], h, v) for i, h, v in zip(positions, digests, vectors)]
-                staging.add(rows)
+                staging.add([(f.rel, f.size, f.mtime_ns, h, v) for f, h, v in rows])
                 done.update({f.rel: (h, v) for f, h, v in rows})
             progress.update(len(positions) + len(bad), "")
     finally:
@@ -156,8 +104,8 @@ def build_index(
     out: str | Path,
     factory: str | None = None,
     batch_size: int = INDEX_BATCH,
-    workers: int = 2,
-    device: str = "auto",
+    workers: int = INDEX_WORKERS,
+    device: str = INDEX_DEVICE,
     rebuild: bool | None = False,
     max_pixels: int | None = None,
     shard: tuple[int, int] | None = None,
@@ -192,7 +140,7 @@ def build_index(
                 f"{out} holds shard {previous.manifest.get('shard')} of a collection, not "
                 f"{list(shard) if shard else 'the whole folder'}; choose another --out"
             )
-        factory = factory or (previous.manifest["factory"] if previous else DEFAULT_FACTORY)
+        factory = factory or (previous.manifest["factory"] if previous else INDEX_TYPE)
         files, skipped = scan(root, shard)
         if not files:
             raise InstretError(f"{root}: no image files found")
@@ -214,7 +162,7 @@ def build_index(
         staging = Staging(out / "staging.sqlite", encoder.fingerprint)
         resumed = {}
         for f in todo:
-            hit = staging.lookup(f)
+            hit = staging.lookup(f.rel, f.size, f.mtime_ns)
             if hit is not None:
                 resumed[f.rel] = hit
         to_encode = [f for f in todo if f.rel not in resumed]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from instret.errors import InstretError
 from instret.invocation import PROGRAM_VARIABLE, program
-from instret.rank import world_size
+from instret.process_rank import world_size
 
 
 def launch_local(options: dict, resume: bool, nproc: int) -> int:

@@ -1,6 +1,6 @@
 """The label-free monitor: is training on an unlabelled folder going well?
 
-Every epoch, on an evenly spaced sample of the training images (README: "Reading the monitor"):
+Every epoch, on an evenly spaced sample of the training images (docs/training.md: "Reading the monitor"):
 * instance recall@1: one new augmented view of each finds its own row of the memory bank
   (the task being learned, measured on fresh views; near 0 at the start, rising);
 * alignment: mean ||f(view) - f(clean)||^2 between a view and the clean image (Wang & Isola

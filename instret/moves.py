@@ -27,6 +27,43 @@ JOURNAL_GLOB = "instret-dups-*.json"
 PARTIAL = ".instret-partial"  # suffix of a copy in progress across file systems
 
 
+def check_destination(root: Path, dest: Path) -> None:
+    """Refuse a destination inside the indexed folder: the next `instret index` would index the
+    moved copies again."""
+    if dest.resolve() == root.resolve() or root.resolve() in dest.resolve().parents:
+        raise InstretError(
+            f"--move-to {dest} is inside the indexed folder {root}: the next `instret index` "
+            f"would index the moved copies again; choose a folder outside it"
+        )
+
+
+def move_duplicates(groups: list[dict], root: Path, dest: Path) -> dict:
+    """Finish any interrupted move into dest, then move every member of each group but the kept
+    one there (under its path below root), journal first. {"finished": [{"journal", "moved"}],
+    "notes": [why a member stays], "journal": this run's journal or None, "moved": files moved}."""
+    dest = Path(os.path.abspath(dest))  # the journal holds absolute paths
+    check_destination(root, dest)
+    finished = [{"journal": str(j), "moved": _complete_or_say(j)["moved"]} for j in unfinished(dest)]
+    plan, notes = plan_moves(groups, root, dest)
+    if not plan:
+        return {"finished": finished, "notes": notes, "journal": None, "moved": 0}
+    journal = write_journal(dest, plan, root)
+    return {"finished": finished, "notes": notes, "journal": str(journal), "moved": _complete_or_say(journal)["moved"]}
+
+
+def _complete_or_say(journal: Path) -> dict:
+    """complete(), with an interrupt turned into the one line that says how to go on."""
+    from instret.invocation import command_line
+
+    try:
+        return complete(journal)
+    except KeyboardInterrupt:
+        raise InstretError(
+            f"interrupted; {journal} records every move: rerun the same command to finish them, "
+            f"or undo them with: {command_line('dups', '--undo', journal)}"
+        ) from None
+
+
 def plan_moves(groups: list[dict], root: Path, dest: Path) -> tuple[list[dict], list[str]]:
     """The moves that take every member but the kept one of each group to dest, keeping its
     path under root. Returns (moves, notes on members left where they are)."""

@@ -28,7 +28,7 @@ from instret.errors import InstretError
 DEFAULT_SHRINKAGE = 0.25
 MIN_VECTORS = 256  # fewer vectors than this give a covariance too noisy to whiten with
 # Whether a new index whitens (`index --whiten` turns it on). Off: on the retrieval benchmark
-# (README: "Search quality"), with flat borders trimmed before encoding, whitening lifts the
+# (benchmarks/README.md: "Search quality"), with flat borders trimmed before encoding, whitening lifts the
 # untrained network (copy mAP 0.691 -> 0.805) but moves a trained encoder's copy mAP by
 # -0.004, -0.004 and +0.002 in three 15-minute runs and costs category mAP 0.005-0.011.
 WHITEN_BY_DEFAULT = False
@@ -114,7 +114,7 @@ def expand_queries(
     return weighted_expansion(both, rows, np.concatenate([np.ones((q, 1)), scores], axis=1), alpha)
 
 
-def augment_database(database: np.ndarray, k: int = 3, alpha: float = 3.0, chunk: int = 1024) -> np.ndarray:
+def expand_database(database: np.ndarray, k: int = 3, alpha: float = 3.0, chunk: int = 1024) -> np.ndarray:
     """DBA: each vector becomes the weighted sum of its top k neighbours, itself included (exact
     search, a block of rows at a time)."""
     k = min(k, len(database))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from instret.rank import rank
+from instret.process_rank import rank
 
 
 def log(message: str) -> None:

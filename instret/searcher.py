@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from instret.calibration import describe
+from instret.defaults import INDEX_DEVICE, INDEX_WORKERS, QUERY_DEVICE, QUERY_K
 from instret.device import resolve_device
 from instret.encoder import load_encoder
 from instret.errors import InstretError
@@ -174,11 +175,11 @@ def _without_self(query: str, hits):
 def query(
     index_dir,
     images,
-    k=10,
+    k=QUERY_K,
     min_score=None,
     exclude_self=False,
     model=None,
-    device="cpu",
+    device=QUERY_DEVICE,
     max_pixels=None,
     nprobe=None,
     ef_search=None,
@@ -224,8 +225,8 @@ def eval_retrieval(
     images_dir: str | Path,
     model: str | Path | None = None,
     index_dir: str | Path | None = None,
-    workers: int = 2,
-    device: str = "auto",
+    workers: int = INDEX_WORKERS,
+    device: str = INDEX_DEVICE,
     max_pixels: int | None = None,
 ) -> dict:
     """Retrieval metrics on a folder of group sub-folders, from an encoder or an existing index."""

@@ -10,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
+from instret.defaults import SERVE_HOST, SERVE_MAX_UPLOAD_MB, SERVE_PORT, SERVE_WORKERS
 from instret.errors import InstretError
 
 SETTINGS_VARIABLE = "INSTRET_SERVE_SETTINGS"  # how worker processes receive the settings
@@ -17,10 +18,10 @@ SETTINGS_VARIABLE = "INSTRET_SERVE_SETTINGS"  # how worker processes receive the
 
 def serve(
     index_dir: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    workers: int = 1,
-    max_upload_mb: float = 20,
+    host: str = SERVE_HOST,
+    port: int = SERVE_PORT,
+    workers: int = SERVE_WORKERS,
+    max_upload_mb: float = SERVE_MAX_UPLOAD_MB,
     max_pixels: int | None = None,
     device: str = "cpu",
     nprobe: int | None = None,
@@ -32,7 +33,7 @@ def serve(
         raise InstretError(
             "instret serve needs Starlette and uvicorn (part of instret's install; missing here): pip install starlette uvicorn"
         ) from None
-    from instret.server import create_app
+    from instret.web_app import create_app
 
     settings = dict(
         index_dir=str(index_dir),
@@ -67,14 +68,14 @@ def serve(
 
 def app_from_settings():
     """The app of one worker process (uvicorn imports this by name in each)."""
-    from instret.server import create_app
+    from instret.web_app import create_app
 
     settings = json.loads(os.environ[SETTINGS_VARIABLE])
     return create_app(_live(settings), settings["max_upload_bytes"])
 
 
 def _live(s: dict):
-    from instret.live import LiveSearcher
+    from instret.live_index import LiveSearcher
 
     return LiveSearcher(s["index_dir"], s["device"], s["max_pixels"], s["nprobe"], log=_say)
 

@@ -42,7 +42,7 @@ from instret.distributed import (
     gather_rows,
     global_batch_norm,
 )
-from instret.encoder import Encoder, export_encoder
+from instret.encoder import Encoder, save_encoder
 from instret.errors import InstretError
 from instret.imagesource import ResidentImages, StreamedImages, chunks, evenly_spaced
 from instret.progress import Progress, clock, log
@@ -63,7 +63,7 @@ def lr_at(epoch: int, cfg: TrainConfig) -> float:
 
 
 def speed_options(cfg: TrainConfig, device: torch.device) -> dict:
-    """What `None` means for each speed option on this device (README: "Speed options")."""
+    """What `None` means for each speed option on this device (docs/training.md: "Speed options")."""
     cuda = device.type == "cuda"
     bf16 = torch.cuda.is_bf16_supported() if cuda else fast_cpu_bf16()
     return {
@@ -108,7 +108,7 @@ class Trainer:
         if device.type == "cuda":
             # The batch shape is fixed: cuDNN picks the fastest convolution kernels once. They are
             # not deterministic, so a resumed GPU run matches an uninterrupted one closely, not
-            # bit for bit (README: "Interruption").
+            # bit for bit (docs/robustness.md: "Interruption").
             torch.backends.cudnn.benchmark = True
         # channels_last: faster convolutions on CPUs and on tensor-core GPUs alike.
         self.memory_format = torch.channels_last if self.speed["channels_last"] else torch.contiguous_format
@@ -368,7 +368,7 @@ class Trainer:
 
     def export(self, model: torch.nn.Module) -> None:
         """encoder.pt: the evaluated model with its normalisation (what index and query load)."""
-        export_encoder(model, self.out / "encoder.pt", self.mean, self.std)
+        save_encoder(model, self.out / "encoder.pt", self.mean, self.std)
 
     def monitor_due(self) -> bool:
         """Every epoch; under a time budget, where the monitor would take over a tenth of the

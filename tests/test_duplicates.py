@@ -15,6 +15,7 @@ from PIL import Image
 
 from instret.calibration import LEVELS, TAIL_LEVELS, score_for_unrelated_share, unrelated_share
 from instret.duplicates import KEEP_RULES, candidate_pairs, complete_linkage, find_duplicates, threshold_for_precision
+from instret.errors import InstretError
 from instret.index import SearchIndex
 from instret.indexer import build_index
 from tests.test_cli import run_cli
@@ -253,6 +254,24 @@ def test_move_then_undo_restores_every_byte_and_path(odd_collection, tmp_path, c
     assert code == 0 and "interrupted" not in err and "moved 3 file(s)" in err
 
 
+def test_the_library_moves_in_one_call_what_dups_move_to_moves(odd_collection, tmp_path):
+    from instret import moves
+
+    photos, ix = odd_collection
+    before = snapshot(photos)
+    listed = find_duplicates(ix, threshold=0.9999)
+    found = find_duplicates(ix, threshold=0.9999, move_to=tmp_path / "moved")
+    assert "moves" not in listed and found["groups"] == listed["groups"]  # listing moves nothing
+    done = found["moves"]
+    gone = {m["path"] for g in listed["groups"] for m in g["members"] if m["path"] != g["keep"]}
+    assert done["moved"] == len(gone) == 3 and done["finished"] == [] and Path(done["journal"]).is_file()
+    assert set(before) - set(snapshot(photos)) == {Path(p).relative_to(photos) for p in gone}
+    assert moves.undo(done["journal"])["restored"] == 3 and snapshot(photos) == before
+    with pytest.raises(InstretError, match="inside the indexed folder"):
+        find_duplicates(ix, threshold=0.9999, move_to=photos / "dups")
+    assert not (photos / "dups").exists()
+
+
 def instret_process(*args):
     # stdout lists the groups' names as their raw bytes, which need not be UTF-8
     done = subprocess.run([sys.executable, "-m", "instret", *args], capture_output=True)
@@ -288,7 +307,7 @@ def test_a_kill_mid_move_then_undo_or_rerun_loses_nothing(odd_collection, tmp_pa
 def test_moving_into_the_indexed_folder_is_refused(collection, capsys):
     photos, ix = collection
     code, _, err = run_cli(["dups", str(ix), "--threshold", "0.9999", "--move-to", str(photos / "dups")], capsys)
-    assert code == 2 and "inside the indexed folder" in err and not (photos / "dups").exists()
+    assert code == 1 and "inside the indexed folder" in err and not (photos / "dups").exists()
 
 
 def test_link_to_makes_review_links_and_touches_nothing(collection, tmp_path, capsys):

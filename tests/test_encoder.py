@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from instret.data import load_cifar10
-from instret.encoder import Encoder, embed_images, export_encoder, fingerprint, load_encoder, resolve_arch
+from instret.encoder import Encoder, embed_images, fingerprint, load_encoder, resolve_arch, save_encoder
 from instret.errors import InstretError
 
 
@@ -30,7 +30,7 @@ def test_export_then_load_gives_the_same_features(tmp_path):
     model = Encoder("small", 32, 16)
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    fp = export_encoder(model, tmp_path / "encoder.pt", mean, std)
+    fp = save_encoder(model, tmp_path / "encoder.pt", mean, std)
     loaded = load_encoder(tmp_path)  # a run folder works too
     assert loaded.fingerprint == fp and loaded.mean == mean and loaded.dim == 32 and loaded.image_size == 16
     assert torch.equal(embed_images(model, images, mean, std), embed_images(loaded.model, images, mean, std))

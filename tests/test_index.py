@@ -8,9 +8,10 @@ from PIL import Image, ImageEnhance
 
 from instret import indexer
 from instret.duplicates import find_duplicates
-from instret.encoder import Encoder, export_encoder
+from instret.encoder import Encoder, save_encoder
 from instret.errors import InstretError
-from instret.index import SearchIndex, make_faiss_index, writer_lock
+from instret.faiss_boundary import make_faiss_index
+from instret.index import SearchIndex, writer_lock
 from instret.indexer import build_index
 from instret.searcher import Searcher, query, retrieval_metrics
 from tests.conftest import make_photos
@@ -115,7 +116,7 @@ def test_interrupted_build_resumes_without_re_encoding(photos, trained_run, tmp_
 
 def test_other_encoder_is_refused(photos, trained_run, tmp_path):
     build_index(photos, trained_run, tmp_path / "ix", **QUIET)
-    export_encoder(Encoder("small", 128, 32), tmp_path / "other.pt", (0.5,) * 3, (0.25,) * 3)
+    save_encoder(Encoder("small", 128, 32), tmp_path / "other.pt", (0.5,) * 3, (0.25,) * 3)
     with pytest.raises(InstretError, match="--rebuild"):
         build_index(photos, tmp_path / "other.pt", tmp_path / "ix", **QUIET)
     with pytest.raises(InstretError, match="not the encoder"):
@@ -256,7 +257,9 @@ def test_merge_refuses_missing_or_foreign_shards(photos, trained_run, tmp_path):
 def test_search_breadth_reaches_the_layouts_inside_the_id_map():
     import faiss
 
-    from instret.index import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, set_search_breadth
+    from instret.defaults import EF_SEARCH as DEFAULT_EF_SEARCH
+    from instret.defaults import NPROBE as DEFAULT_NPROBE
+    from instret.faiss_boundary import set_search_breadth
 
     x = np.random.default_rng(0).normal(size=(2000, 8)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)  # inner product on unit vectors: each is its own best

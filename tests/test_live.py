@@ -1,9 +1,9 @@
-"""instret.live: the generation a server searches, switched between requests."""
+"""instret.live_index: the generation a server searches, switched between requests."""
 
 import faiss
 
 from instret.indexer import build_index
-from instret.live import LiveSearcher
+from instret.live_index import LiveSearcher
 
 
 def test_switches_when_a_new_generation_is_committed_and_not_before(indexed, trained_run):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from instret.errors import InstretError
-from instret.postprocess import Whitening, augment_database, expand_queries, fit_whitening, normalise
+from instret.postprocess import Whitening, expand_database, expand_queries, fit_whitening, normalise
 
 
 def _data(n=300, d=16, seed=0):
@@ -70,7 +70,7 @@ def test_alpha_query_expansion_matches_a_loop():
 
 def test_database_augmentation_matches_a_loop():
     db = _data(40)
-    got = augment_database(db, k=3, alpha=1.0, chunk=7)  # several blocks
+    got = expand_database(db, k=3, alpha=1.0, chunk=7)  # several blocks
     for i in range(len(db)):
         sims = db @ db[i]
         want = sum(max(sims[j], 0) * db[j].astype(np.float64) for j in np.argsort(-sims, kind="stable")[:3])

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from instret.errors import InstretError
-from instret.index import set_search_breadth
+from instret.faiss_boundary import set_search_breadth
 from instret.locations import index_folder, read_current
 from instret.searcher import Searcher
 

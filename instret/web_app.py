@@ -44,7 +44,7 @@ from instret.errors import InstretError
 from instret.images import thumbnail as make_thumbnail
 from instret.index import SearchIndex
 from instret.info import index_info
-from instret.live import LiveSearcher
+from instret.live_index import LiveSearcher
 from instret.searcher import Searcher
 
 API = "/api/v1"
