@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -53,25 +54,34 @@ class Searcher:
 
     def query(
         self,
-        items,
-        k: int = 10,
+        items=(),
+        k: int = QUERY_K,
         min_score: float | None = None,
         exclude_self: bool = False,
         existing_only: bool = False,
+        ids=(),
     ) -> list[dict]:
         """One {"query", "results": [{"rank", "id", "path", "score", "missing", ...}]} per query
         image (a file, a PIL image or an image tensor; "query" is the file's path or "<image
-        i>"), best first. "missing": the file is gone since it was indexed (existing_only leaves
-        such files out). With the index's score distributions, each result also says how
-        unusual its score is (instret.calibration.describe: "unrelated_above", "copies_below")."""
+        i>"), best first; or, with ids, per image already in the index (its stored vector is
+        searched: nothing is read or encoded). "missing": the file is gone since it was indexed
+        (existing_only leaves such files out). With the index's score distributions, each result
+        also says how unusual its score is (instret.calibration.describe: "unrelated_above",
+        "copies_below"). Raises InstretError for an id the index does not hold."""
         if k < 1:
             raise InstretError(f"-k must be at least 1, not {k}")
-        names, vectors = self.encoder.embed_named(items, self.max_pixels)
-        extra = 1 if exclude_self else 0
+        if len(ids):
+            names, vectors = self._stored(ids)
+            without_self = [lambda hits, i=int(i): [h for h in hits if h.id != i] for i in ids]
+        else:
+            names, vectors = self.encoder.embed_named(items, self.max_pixels)
+            # The same file, or the same bytes; an image handed in memory has neither.
+            without_self = [None if n.startswith("<image ") else functools.partial(_without_self, n) for n in names]
+        found = self._search(vectors, k + (1 if exclude_self else 0), existing_only)
         out = []
-        for name, hits in zip(names, self._search(vectors, k + extra, existing_only)):
-            if exclude_self and not name.startswith("<image "):
-                hits = _without_self(name, hits)
+        for name, hits, drop in zip(names, found, without_self):
+            if exclude_self and drop is not None:
+                hits = drop(hits)
             out.append(self._ranked(name, hits, k, min_score))
         return out
 
@@ -91,34 +101,26 @@ class Searcher:
         return names, torch.stack(pictures)
 
     def query_decoded(
-        self, names, pictures: torch.Tensor, k: int = 10, min_score: float | None = None, existing_only: bool = False
+        self,
+        names,
+        pictures: torch.Tensor,
+        k: int = QUERY_K,
+        min_score: float | None = None,
+        existing_only: bool = False,
     ) -> list[dict]:
         """As query(), for decode_uploads()' output."""
         hits = self._search(self.encoder.embed_inputs(pictures), k, existing_only)
         return [self._ranked(name, found, k, min_score) for name, found in zip(names, hits)]
 
-    def query_ids(
-        self,
-        ids,
-        k: int = 10,
-        min_score: float | None = None,
-        exclude_self: bool = False,
-        existing_only: bool = False,
-    ) -> list[dict]:
-        """As query(), for images already in the index, by id: their stored vectors are searched
-        (nothing is read or encoded). Raises InstretError for an id the index does not hold."""
+    def _stored(self, ids) -> tuple[list[str], np.ndarray]:
+        """(paths, stored vectors) of indexed images, by id."""
         vectors, stored = self.index.vectors()
         rows = np.searchsorted(stored, ids)  # ids.npy is ascending
         for i, r in zip(ids, rows):
             if r >= len(stored) or stored[r] != i:
                 raise InstretError(f"no image with id {i} in this index")
         paths = self.index.paths_of(int(i) for i in ids)
-        extra = 1 if exclude_self else 0
-        found = self._search(np.asarray(vectors[rows]), k + extra, existing_only)
-        return [
-            self._ranked(paths[int(i)], [h for h in hits if not (exclude_self and h.id == i)], k, min_score)
-            for i, hits in zip(ids, found)
-        ]
+        return [paths[int(i)] for i in ids], np.asarray(vectors[rows])
 
     def _search(self, vectors, k: int, existing_only: bool) -> list[list]:
         """The index's k best hits of each vector; existing_only: of files still there, the

@@ -114,7 +114,9 @@ def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
             if len(ids) > MAX_IMAGES:
                 raise RequestError(400, f"at most {MAX_IMAGES} images per request, not {len(ids)}")
             try:
-                return s.query_ids(ids, k, min_score, exclude_self, existing_only)
+                return s.query(
+                    k=k, min_score=min_score, exclude_self=exclude_self, existing_only=existing_only, ids=ids
+                )
             except InstretError as e:
                 raise RequestError(404, str(e)) from None
 

@@ -18,7 +18,7 @@ def test_switches_when_a_new_generation_is_committed_and_not_before(indexed, tra
     assert second is not first and second.index.generation == "gen-000002" and second.index.ntotal == 29
     assert live.current() is second and said == ["switched from gen-000001 to gen-000002"]
     # the Searcher a request took before the switch still answers, from its own generation
-    assert first.index.ntotal == 30 and len(first.query_ids([0], k=30)[0]["results"]) == 30
+    assert first.index.ntotal == 30 and len(first.query(ids=[0], k=30)[0]["results"]) == 30
 
 
 def test_a_damaged_new_generation_is_reported_once_and_the_old_one_serves_on(indexed):
