@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from instret import locations
+from instret import defaults, locations
 from instret.cli.options import checked, max_pixels_option
 from instret.config import (
     ARCHS,
@@ -110,7 +110,8 @@ from instret.config import (
 @click.option(
     "--image-size",
     type=int,
-    help="Side of the square training images [--data: 64 for photos, 32 for small images; 32 otherwise].",
+    help=f"Side of the square training images [{defaults.IMAGE_SIZE}; with --data on a GPU, "
+    f"{defaults.PHOTO_IMAGE_SIZE} when a quarter of the images are photos].",
 )
 @click.option("--device", type=str, help=f"auto, cpu, cuda or cuda:N [{default_text('device')}].")
 @click.option("--workers", type=int, help=f"Processes decoding image files [{default_text('workers')}].")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from instret.defaults import IMAGE_SIZE, PHOTO_IMAGE_SIZE
 from instret.distributed import SINGLE, World, broadcast_object, gather_lists
 from instret.errors import InstretError
 from instret.images import is_image_file, iter_decoded, list_image_files
@@ -212,14 +213,15 @@ def decode_files(
 
 
 def auto_image_size(root: str | Path, device_type: str = "cpu", sample: int = 200) -> int:
-    """The training size for a folder: 64 px on a GPU when at least a quarter of an evenly spaced
-    sample has a shorter side of 64 px or more (photos; only the headers are read), else 32 px.
+    """The training size for a folder: PHOTO_IMAGE_SIZE (64 px) on a GPU when at least a quarter
+    of an evenly spaced sample has a shorter side that long or longer (photos; only the headers
+    are read), else IMAGE_SIZE (32 px).
 
     On the CPU photos train at 32 px too: a step at 64 px costs four times as much, and within a
     CPU budget the steps count more than the pixels (copy detection, 15 minutes on 2 cores,
     benchmarks/retrieval_quality.py: 0.929 mAP at 32 px, 406 epochs; 0.822 at 64 px, 110)."""
     if device_type != "cuda":
-        return 32
+        return IMAGE_SIZE
     from PIL import Image
 
     root = Path(root)
@@ -233,7 +235,8 @@ def auto_image_size(root: str | Path, device_type: str = "cpu", sample: int = 20
                 sides.append(min(img.size))
         except (OSError, ValueError, Image.DecompressionBombError):
             continue  # a bad file is reported when the data is read
-    return 64 if sides and np.mean(np.array(sides) >= 64) >= 0.25 else 32
+    photos = sides and np.mean(np.array(sides) >= PHOTO_IMAGE_SIZE) >= 0.25
+    return PHOTO_IMAGE_SIZE if photos else IMAGE_SIZE
 
 
 def too_large_to_hold(n: int, size: int, share: float = 0.25) -> bool:

@@ -5,6 +5,8 @@ that run)."""
 
 from __future__ import annotations
 
+IMAGE_SIZE = 32  # training side in pixels: the built-in sets, and every folder on a CPU
+PHOTO_IMAGE_SIZE = 64  # a folder of photos trained on a GPU
 INDEX_TYPE = "Flat"  # exact inner-product search
 INDEX_BATCH = 64  # images per decoded batch: small batches keep decoding and encoding overlapped
 INDEX_WORKERS = 2  # decoding processes

@@ -15,6 +15,7 @@ import torch
 
 from instret.config import DEFAULT_EPOCHS, PAPER_EPOCHS, TrainConfig, multi_view_text, with_presets
 from instret.data import TrainData, auto_image_size, load_train_data
+from instret.defaults import IMAGE_SIZE
 from instret.demo import first_search, next_commands
 from instret.device import resolve_device
 from instret.distributed import World, broadcast_object, process_group, world_from_env
@@ -34,7 +35,7 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     if cfg.data is not None:
         d["dataset"] = None  # a folder: no built-in dataset is used
     if cfg.image_size is None:
-        d["image_size"] = auto_image_size(cfg.data, device.type) if cfg.data is not None else 32
+        d["image_size"] = auto_image_size(cfg.data, device.type) if cfg.data is not None else IMAGE_SIZE
     if cfg.epochs is None and cfg.time_budget is None:
         d["epochs"] = DEFAULT_EPOCHS.get(cfg.dataset if cfg.data is None else "", PAPER_EPOCHS)
     if cfg.out is None:

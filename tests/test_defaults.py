@@ -119,7 +119,7 @@ def test_the_defaults_the_library_reads_are_the_shared_ones():
 # written by hand in the help, for a value that depends on the machine or the data.
 TRAIN_BY_HAND = {
     "out": "runs/<timestamp>",
-    "image_size": "--data: 64 for photos",
+    "image_size": str(defaults.IMAGE_SIZE),  # and PHOTO_IMAGE_SIZE for photos on a GPU (instret.data)
     "stream": "when it would take over a quarter of the memory",
     "amp": "on a GPU with bf16",
     "fused_optimizer": "on on a GPU",
