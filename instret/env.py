@@ -28,14 +28,13 @@ def usable_cpus() -> int:
 
 def _faiss() -> tuple[str | None, str | None, int]:
     """(version, build: the package that installed it, GPUs it sees)."""
-    from instret.faiss_boundary import faiss_gpu_count
+    from instret.faiss_boundary import faiss_gpu_count, faiss_version
 
-    try:
-        import faiss
-    except ImportError:
+    version = faiss_version()
+    if version is None:
         return None, None, 0
     build = next((p for p in ("faiss-gpu-cuvs", "faiss-gpu-cu12", "faiss-gpu", "faiss-cpu") if _version(p)), None)
-    return faiss.__version__, build, faiss_gpu_count()
+    return version, build, faiss_gpu_count()
 
 
 def cuda_major(package: str | None) -> str | None:

@@ -41,6 +41,15 @@ def flat_index(rows: np.ndarray):
     return index
 
 
+def faiss_version() -> str | None:
+    """The installed FAISS's version; None without one."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss.__version__
+
+
 def faiss_gpu_count() -> int:
     """GPUs faiss can use; 0 for faiss-cpu (which has no get_num_gpus, or raises on cloning)."""
     try:
