@@ -159,6 +159,12 @@ KEEP_CHOICES = [
 )
 @click.option("--threshold", type=float, help="A raw cosine similarity instead of --precision.")
 @click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Check pairs below the calibrated threshold by aligning the two images (not with --threshold).",
+)
+@click.option(
     "--keep",
     type=click.Choice(KEEP_CHOICES),
     default=defaults.DUPS_KEEP,
@@ -196,7 +202,9 @@ KEEP_CHOICES = [
     is_flag=True,
     help="Leave out members whose file is gone since it was indexed (otherwise marked missing; never kept or moved).",
 )
-def dups_cmd(index_dir, precision, threshold, keep, as_json, html_file, move_to, link_to, undo_journal, existing_only):
+def dups_cmd(
+    index_dir, precision, threshold, verify, keep, as_json, html_file, move_to, link_to, undo_journal, existing_only
+):
     """Groups of duplicate images in an index: byte copies (exact), then edited copies (near).
 
     In a group every two members are within the threshold of each other, so groups never chain
@@ -215,7 +223,7 @@ def dups_cmd(index_dir, precision, threshold, keep, as_json, html_file, move_to,
         raise click.UsageError("give --move-to or --link-to, not both")
     from instret.duplicates import find_duplicates
 
-    found = find_duplicates(index_dir, threshold, precision, keep, existing_only, move_to)
+    found = find_duplicates(index_dir, threshold, precision, keep, existing_only, move_to, verify)
     groups = found["groups"]
     text = json.dumps(found) if as_json else report.dups_text(groups)
     if text:

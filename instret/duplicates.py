@@ -36,16 +36,18 @@ from pathlib import Path
 import numpy as np
 
 from instret import moves
-from instret.calibration import describe, score_for_unrelated_share, unrelated_share
+from instret.calibration import LEVELS, describe, score_for_unrelated_share, unrelated_share
 from instret.defaults import DUPS_KEEP
 from instret.defaults import DUPS_PRECISION as DEFAULT_PRECISION
 from instret.errors import InstretError
 from instret.index import SearchIndex
 from instret.metadata import content_representatives, file_rows
+from instret.verify import Verdict, Verifier
 
 FALLBACK_THRESHOLD = 0.95  # indexes without score distributions
 BLOCK = 4096  # query vectors per range search
 PER_IMAGE = 32  # candidate pairs kept per image (its best): more near copies of one photo is rare
+VERIFY_COPIES = 0.02  # pairs are verified down to the score all but this share of edited copies reach
 
 
 @dataclass
@@ -173,6 +175,26 @@ def _pairs(contents: int) -> float:
     return contents * (contents - 1) / 2
 
 
+# --- verification --------------------------------------------------------------------------
+
+
+def verify_floor(distributions: dict | None, floor: float) -> float | None:
+    """The lowest score a pair is verified at: where all but VERIFY_COPIES of the edited copies
+    of this index's own images score (instret.calibration), not below the search floor. None
+    without the copies' distribution (nothing then bounds how many pairs would be checked)."""
+    if not distributions or "copies" not in distributions:
+        return None
+    copies = np.asarray(distributions["copies"], dtype=np.float64)
+    return max(floor, float(np.interp(VERIFY_COPIES, LEVELS, copies)))
+
+
+def _verify_pairs(index: SearchIndex, ids: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict:
+    """{(row a, row b): Verdict} of each pair's two files, each file decoded once."""
+    paths = index.paths_of({int(ids[r]) for r in np.concatenate([a, b])})
+    check = Verifier()
+    return {(int(x), int(y)): check(paths[int(ids[x])], paths[int(ids[y])]) for x, y in zip(a, b)}
+
+
 # --- groups ------------------------------------------------------------------------------
 
 
@@ -203,6 +225,7 @@ def find_duplicates(
     keep: str = DUPS_KEEP,
     existing_only: bool = False,
     move_to: str | Path | None = None,
+    verify: bool = True,
 ) -> dict:
     """{"threshold", "reason", "keep_rule", "groups": [{"tier", "keep", "min_score", "members"}]}
     of an index (a folder, or one opened already: a server's generation): exact groups first,
@@ -210,6 +233,11 @@ def find_duplicates(
     calibrated for `precision`. A member whose file is gone since it was indexed is marked
     "missing" (never kept while another is there); existing_only leaves such files out, and a
     group left with one member with them.
+
+    verify: pairs that score below the calibrated threshold but within the range edited copies
+    of this index's own images reach are checked by aligning the two images (instret.verify)
+    and grouped when they align; each member then says what confirmed it ("confirmed"). A raw
+    threshold is taken as given.
 
     move_to: a folder outside the indexed one; every member but the kept one moves there (under
     its path below the indexed folder), a journal written first (instret.moves; `instret dups
@@ -229,14 +257,40 @@ def find_duplicates(
     floor = search_floor(distributions, contents, threshold)
     a, b, s = candidate_pairs(index.within, vectors, floor, rep_row, ids)
     choice = _threshold(s, contents, distributions, threshold, precision)
-    near = complete_linkage(a, b, s, choice["threshold"])
+    accepted = s >= choice["threshold"]
+    verdicts: dict[tuple[int, int], Verdict] = {}
+    low = verify_floor(distributions, floor) if verify and threshold is None else None
+    if low is not None:
+        band = np.flatnonzero(~accepted & (s >= low))
+        verdicts = _verify_pairs(index, ids, a[band], b[band])
+        confirmed = [k for k in band if verdicts[(int(a[k]), int(b[k]))].copy]
+        accepted[confirmed] = True
+        choice["reason"] += (
+            f"; below it, {len(confirmed)} of {len(band)} pair(s) scoring at least {low:.4f} (where "
+            f"{1 - VERIFY_COPIES:.0%} of edited copies score) were confirmed by aligning the two images"
+        )
+    near = complete_linkage(a[accepted], b[accepted], s[accepted], -np.inf)
     grouped = {r for g in near for r in g}
     exact = [[r] for r in np.unique(rep_row[rep_row != np.arange(len(ids))]).tolist() if r not in grouped]
     # The rows of each content, found by one sort rather than a scan of every row per group.
     by_content = np.argsort(rep_row, kind="stable")
     edges = np.searchsorted(rep_row[by_content], np.arange(len(ids) + 1))
     files_of = lambda reps: np.sort(np.concatenate([by_content[edges[r] : edges[r + 1]] for r in reps]))
-    groups = [_describe_group(index, vectors, ids, files_of(reps), keep, existing_only) for reps in exact + near]
+
+    def confirm(kept_row: int, row: int, score: float) -> dict:
+        """What makes a member a copy of the kept one (rows of the same content share a verdict)."""
+        pair = tuple(sorted((int(rep_row[kept_row]), int(rep_row[row]))))
+        if pair in verdicts and score < choice["threshold"]:
+            return verdicts[pair].as_json()
+        return {
+            "by": "similarity",
+            "score": round(score, 4),
+            "reason": f"similarity {score:.4f} >= {choice['threshold']:.4f}",
+        }
+
+    groups = [
+        _describe_group(index, vectors, ids, files_of(reps), keep, existing_only, confirm) for reps in exact + near
+    ]
     groups = [g for g in groups if g is not None]
     groups.sort(key=lambda g: (g["tier"] != "exact", -len(g["members"]), g["keep"]))
     if index is not index_dir:
@@ -270,9 +324,12 @@ def _threshold(s, contents, distributions, threshold, precision) -> dict:
     return {**found, "precision": precision, "reason": reason}
 
 
-def _describe_group(index: SearchIndex, vectors, ids, rows: np.ndarray, keep: str, existing_only: bool) -> dict | None:
+def _describe_group(
+    index: SearchIndex, vectors, ids, rows: np.ndarray, keep: str, existing_only: bool, confirm=None
+) -> dict | None:
     """The JSON of one group of files (rows, ascending: every byte copy of every content in it):
-    the kept one, and each member's score with the kept one. None when existing_only leaves
+    the kept one, and each member's score with the kept one and what confirmed it (confirm(kept
+    row, row, score); byte copies are confirmed by their bytes). None when existing_only leaves
     fewer than two."""
     members = _members(index, [int(ids[r]) for r in rows])
     if existing_only:
@@ -285,10 +342,17 @@ def _describe_group(index: SearchIndex, vectors, ids, rows: np.ndarray, keep: st
     searched = index.transform(np.asarray(vectors[rows]))
     position = {int(ids[r]): i for i, r in enumerate(rows)}  # id -> its row of `searched`
     kept_vec = searched[position[kept.id]]
+    row_of = {int(ids[r]): int(r) for r in rows}
     out = []
     for m in sorted(members, key=KEEP_RULES[keep]):
         identical = m.sha256 == kept.sha256
         score = 1.0 if identical else float(searched[position[m.id]] @ kept_vec)
+        if m is kept:
+            confirmed = None
+        elif identical:
+            confirmed = {"by": "bytes", "score": 1.0, "reason": "the same bytes (SHA-256)"}
+        else:
+            confirmed = confirm(row_of[kept.id], row_of[m.id], score) if confirm else None
         out.append(
             {
                 "id": m.id,
@@ -300,6 +364,7 @@ def _describe_group(index: SearchIndex, vectors, ids, rows: np.ndarray, keep: st
                 "height": m.height,
                 "bytes": m.bytes,
                 "modified": _iso(m.mtime_ns),
+                "confirmed": confirmed,
             }
         )
     pair_scores = searched @ searched.T

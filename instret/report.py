@@ -128,7 +128,7 @@ def query_html(results: list[dict]) -> str:
 
 def dups_html(groups: list[dict]) -> str:
     """One section per group (with an anchor, #group-N): its members side by side, the kept one
-    first, each with its score, pixel size, file size and date."""
+    first, each with its score, pixel size, file size, date and what confirmed it."""
     sections = []
     for n, g in enumerate(groups, 1):
         head = (
@@ -140,6 +140,8 @@ def dups_html(groups: list[dict]) -> str:
             caption = (
                 f"{role} · {m['width']}x{m['height']} · {m['bytes'] / 1024:.0f} KB · {m['modified'][:10]} · {m['path']}"
             )
+            if m.get("confirmed"):  # what makes it a copy of the kept one
+                caption += f" · {m['confirmed']['reason']}"
             cells.append(_figure(m["path"], caption, m.get("missing", False)))
         sections.append(head + '<div class="row">' + "".join(cells) + "</div>")
     return PAGE.format(title="instret duplicates", body="\n".join(sections))
