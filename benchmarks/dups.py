@@ -1,12 +1,13 @@
 """Near-duplicates: planted copies in Imagenette val, found by `instret dups` and by a perceptual hash.
 
     python benchmarks/dups.py [--photos 3925] [--planted 500] [--minutes 15 | --model RUN_DIR]
-                              [--precision 0.99] [--seed 0] [--keep DIR]
+                              [--precision 0.99] [--seed 0] [--edits basic|full] [--keep DIR]
 
 The collection: `--photos` Imagenette val photos in one flat folder under shuffled names, plus
 one planted copy of each of `--planted` of them, the kinds in turn: a byte copy, a JPEG
 re-encode (q 30-90), a resize (30-80 % of the side), a crop keeping 70-90 % of the area, a
-brightness shift (x0.6-0.85 or x1.15-1.4). A planted pair (photo, its copy) is a true pair;
+brightness shift (x0.6-0.85 or x1.15-1.4); `--edits full` adds a contrast shift, a rotation
+of 3-12 degrees, a border and a caption or logo overlay (instret/edits.py). A planted pair (photo, its copy) is a true pair;
 every other pair is not (Imagenette may hold a few real duplicates of its own: they count
 against every method alike and are listed).
 
@@ -15,8 +16,10 @@ given `--model`), the folder indexed with the defaults (and again with `--whiten
 `instret.find_duplicates` at its calibrated default: the pairs it reports are every two members
 of a group. The perceptual hash (imagehash.phash, 64 bits): a pair is reported when the
 Hamming distance is at most d, at the usual d = 10 and at the d that would have been best in
-hindsight (the most recall at precision >= 0.99, read off the answers). The last stdout line
-is one JSON object.
+hindsight (the most recall at precision >= 0.99, read off the answers). imagededup's PHash,
+DHash, WHash and AHash run at their own default threshold, when imagededup is installed (for
+the benchmark only: `pip install imagededup`). instret runs with and without its verification
+stage. The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -63,7 +66,27 @@ def brightness(img, rng):
     return ImageEnhance.Brightness(img).enhance(rng.choice([rng.uniform(0.6, 0.85), rng.uniform(1.15, 1.4)]))
 
 
-EDITS = {"byte copy": None, "re-encode": reencode, "resize": resize, "crop 70-90%": crop, "brightness": brightness}
+def contrast(img, rng):
+    return ImageEnhance.Contrast(img).enhance(rng.choice([rng.uniform(0.6, 0.8), rng.uniform(1.2, 1.5)]))
+
+
+def edit_of(name: str):
+    """An edit of instret/edits.py (small rotation, border, caption or logo overlay)."""
+    from instret import edits
+
+    return getattr(edits, name)
+
+
+BASIC = {"byte copy": None, "re-encode": reencode, "resize": resize, "crop 70-90%": crop, "brightness": brightness}
+# --edits full: the issue's list too: contrast, rotations of 3-12 degrees, borders, overlays.
+FULL = {
+    **BASIC,
+    "contrast": contrast,
+    "rotation": lambda img, rng: edit_of("rotate")(img, rng),
+    "border": lambda img, rng: edit_of("border")(img, rng),
+    "overlay": lambda img, rng: edit_of("overlay")(img, rng),
+}
+EDITS = dict(BASIC)  # what this run plants (main() sets it from --edits)
 
 
 def build_collection(shared: Path, folder: Path, photos: int, planted: int, seed: int):
@@ -157,6 +180,26 @@ def instret_rows(folder: Path, work: Path, model: str, precision: float, truth, 
             say(f"    not planted: {Path(pair[0]).name} ~ {Path(pair[1]).name}")
 
 
+def imagededup_rows(folder: Path, truth, kinds, results: dict) -> None:
+    """imagededup's four hashes at their own default threshold (Hamming distance 10 of 64 bits),
+    as its users run them; installed for the benchmark only (pip install imagededup)."""
+    try:
+        from imagededup.methods import AHash, DHash, PHash, WHash
+    except ImportError:
+        say("imagededup not installed (pip install imagededup): its rows are left out")
+        return
+    for method in (PHash, DHash, WHash, AHash):
+        start = time.perf_counter()
+        found = method(verbose=False).find_duplicates(image_dir=folder)
+        seconds = time.perf_counter() - start
+        pairs = {frozenset((str(folder / a), str(folder / b))) for a, dups in found.items() for b in dups}
+        row = score(pairs, truth, kinds)
+        row["seconds"] = round(seconds, 1)
+        label = f"imagededup {method.__name__}, default"
+        results[label] = row
+        report(label, row)
+
+
 def phash_rows(folder: Path, truth, kinds, results: dict) -> None:
     import imagehash
 
@@ -207,9 +250,14 @@ def main() -> None:
     ap.add_argument("--model", help="use this encoder (encoder.pt or a run folder) instead of training one")
     ap.add_argument("--precision", type=float, default=0.99)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--edits", choices=("basic", "full"), default="basic", help="full adds contrast, rotations, borders, overlays"
+    )
     ap.add_argument("--keep", help="build the collection here and keep it (default: a temporary folder)")
     ap.add_argument("--shared", default=str(SHARED), help="the datasets folder (imagenette2/val)")
     args = ap.parse_args()
+    EDITS.clear()
+    EDITS.update(FULL if args.edits == "full" else BASIC)
     shared = Path(args.shared)
     if not (shared / "imagenette2" / "val").is_dir():
         sys.exit(f"dups: {shared}/imagenette2/val not found (pass --shared)")
@@ -229,6 +277,7 @@ def main() -> None:
         model = str(work / "run")
     instret_rows(folder, work, model, args.precision, truth, kinds, results)
     phash_rows(folder, truth, kinds, results)
+    imagededup_rows(folder, truth, kinds, results)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     print(

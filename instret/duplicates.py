@@ -234,10 +234,10 @@ def find_duplicates(
     "missing" (never kept while another is there); existing_only leaves such files out, and a
     group left with one member with them.
 
-    verify: pairs that score below the calibrated threshold but within the range edited copies
-    of this index's own images reach are checked by aligning the two images (instret.verify)
-    and grouped when they align; each member then says what confirmed it ("confirmed"). A raw
-    threshold is taken as given.
+    verify: every candidate pair scoring within the range edited copies of this index's own
+    images reach, above the calibrated threshold or below it, is checked by aligning the two
+    images (instret.verify) and grouped only when they align; each member then says what
+    confirmed it ("confirmed"). A raw threshold is taken as given.
 
     move_to: a folder outside the indexed one; every member but the kept one moves there (under
     its path below the indexed folder), a journal written first (instret.moves; `instret dups
@@ -261,13 +261,17 @@ def find_duplicates(
     verdicts: dict[tuple[int, int], Verdict] = {}
     low = verify_floor(distributions, floor) if verify and threshold is None else None
     if low is not None:
-        band = np.flatnonzero(~accepted & (s >= low))
-        verdicts = _verify_pairs(index, ids, a[band], b[band])
-        confirmed = [k for k in band if verdicts[(int(a[k]), int(b[k]))].copy]
-        accepted[confirmed] = True
+        # Every pair from where edited copies stop scoring up is checked, those above the
+        # threshold too: an encoder after a short training also scores two photos of one sky high.
+        checked = np.flatnonzero(s >= low)
+        verdicts = _verify_pairs(index, ids, a[checked], b[checked])
+        above = accepted[checked]
+        confirmed = np.array([verdicts[(int(a[k]), int(b[k]))].copy for k in checked], dtype=bool)
+        accepted[checked] = confirmed
         choice["reason"] += (
-            f"; below it, {len(confirmed)} of {len(band)} pair(s) scoring at least {low:.4f} (where "
-            f"{1 - VERIFY_COPIES:.0%} of edited copies score) were confirmed by aligning the two images"
+            f"; every pair scoring at least {low:.4f} (where {1 - VERIFY_COPIES:.0%} of edited copies score) was "
+            f"checked by aligning the two images: {int(confirmed[above].sum())} of {int(above.sum())} at or above "
+            f"the threshold and {int(confirmed[~above].sum())} of {int((~above).sum())} below it were confirmed"
         )
     near = complete_linkage(a[accepted], b[accepted], s[accepted], -np.inf)
     grouped = {r for g in near for r in g}
@@ -280,7 +284,7 @@ def find_duplicates(
     def confirm(kept_row: int, row: int, score: float) -> dict:
         """What makes a member a copy of the kept one (rows of the same content share a verdict)."""
         pair = tuple(sorted((int(rep_row[kept_row]), int(rep_row[row]))))
-        if pair in verdicts and score < choice["threshold"]:
+        if pair in verdicts:
             return verdicts[pair].as_json()
         return {
             "by": "similarity",

@@ -121,5 +121,5 @@ def test_dups_groups_a_copy_below_the_threshold_once_the_images_align(trained_ru
     assert [sorted(Path(m["path"]).name for m in g["members"]) for g in groups] == [["001.jpg", "bright.jpg"]]
     copy = next(m for m in groups[0]["members"] if m["path"] != groups[0]["keep"])
     assert copy["confirmed"]["by"] == "alignment" and "aligned grey images correlate" in copy["confirmed"]["reason"]
-    assert "confirmed by aligning the two images" in found["reason"]
+    assert "checked by aligning the two images" in found["reason"]
     assert [g for g in duplicates.find_duplicates(tmp_path / "ix", verify=False)["groups"] if g["tier"] == "near"] == []
