@@ -48,6 +48,7 @@ FALLBACK_THRESHOLD = 0.95  # indexes without score distributions
 BLOCK = 4096  # query vectors per range search
 PER_IMAGE = 32  # candidate pairs kept per image (its best): more near copies of one photo is rare
 VERIFY_COPIES = 0.02  # pairs are verified down to the score all but this share of edited copies reach
+VERIFY_MAX_PAIRS = 20_000  # pairs verified at most (about 15 minutes on one core): the strongest
 
 
 @dataclass
@@ -264,6 +265,9 @@ def find_duplicates(
         # Every pair from where edited copies stop scoring up is checked, those above the
         # threshold too: an encoder after a short training also scores two photos of one sky high.
         checked = np.flatnonzero(s >= low)
+        capped = len(checked) > VERIFY_MAX_PAIRS
+        if capped:  # the strongest pairs; the rest keep the threshold's decision
+            checked = checked[np.argsort(-s[checked], kind="stable")[:VERIFY_MAX_PAIRS]]
         verdicts = _verify_pairs(index, ids, a[checked], b[checked])
         above = accepted[checked]
         confirmed = np.array([verdicts[(int(a[k]), int(b[k]))].copy for k in checked], dtype=bool)
@@ -272,6 +276,11 @@ def find_duplicates(
             f"; every pair scoring at least {low:.4f} (where {1 - VERIFY_COPIES:.0%} of edited copies score) was "
             f"checked by aligning the two images: {int(confirmed[above].sum())} of {int(above.sum())} at or above "
             f"the threshold and {int(confirmed[~above].sum())} of {int((~above).sum())} below it were confirmed"
+            + (
+                f" (the {VERIFY_MAX_PAIRS:,} strongest pairs; the others kept the threshold's decision)"
+                if capped
+                else ""
+            )
         )
     near = complete_linkage(a[accepted], b[accepted], s[accepted], -np.inf)
     grouped = {r for g in near for r in g}

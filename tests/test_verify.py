@@ -123,3 +123,6 @@ def test_dups_groups_a_copy_below_the_threshold_once_the_images_align(trained_ru
     assert copy["confirmed"]["by"] == "alignment" and "aligned grey images correlate" in copy["confirmed"]["reason"]
     assert "checked by aligning the two images" in found["reason"]
     assert [g for g in duplicates.find_duplicates(tmp_path / "ix", verify=False)["groups"] if g["tier"] == "near"] == []
+    monkeypatch.setattr(duplicates, "VERIFY_MAX_PAIRS", 0)  # past the cap, the threshold decides
+    capped = duplicates.find_duplicates(tmp_path / "ix")
+    assert [g for g in capped["groups"] if g["tier"] == "near"] == [] and "the others kept" in capped["reason"]
