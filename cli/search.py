@@ -162,7 +162,8 @@ KEEP_CHOICES = [
     "--verify/--no-verify",
     default=True,
     show_default=True,
-    help="Check pairs below the calibrated threshold by aligning the two images (not with --threshold).",
+    help="Check each likely pair by aligning the two images, above the calibrated threshold and below it "
+    "(not with --threshold).",
 )
 @click.option(
     "--keep",

@@ -355,7 +355,6 @@ def _describe_group(
     searched = index.transform(np.asarray(vectors[rows]))
     position = {int(ids[r]): i for i, r in enumerate(rows)}  # id -> its row of `searched`
     kept_vec = searched[position[kept.id]]
-    row_of = {int(ids[r]): int(r) for r in rows}
     out = []
     for m in sorted(members, key=KEEP_RULES[keep]):
         identical = m.sha256 == kept.sha256
@@ -365,7 +364,7 @@ def _describe_group(
         elif identical:
             confirmed = {"by": "bytes", "score": 1.0, "reason": "the same bytes (SHA-256)"}
         else:
-            confirmed = confirm(row_of[kept.id], row_of[m.id], score) if confirm else None
+            confirmed = confirm(int(rows[position[kept.id]]), int(rows[position[m.id]]), score) if confirm else None
         out.append(
             {
                 "id": m.id,

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from instret.defaults import QUERY_DEVICE
 from instret.errors import InstretError
 from instret.faiss_boundary import set_search_breadth
 from instret.locations import index_folder, read_current
@@ -23,7 +24,7 @@ class LiveSearcher:
     def __init__(
         self,
         index_dir: str | Path,
-        device: str = "cpu",
+        device: str = QUERY_DEVICE,
         max_pixels: int | None = None,
         nprobe: int | None = None,
         log: Callable[[str], None] = print,

@@ -10,7 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from instret.defaults import SERVE_HOST, SERVE_MAX_UPLOAD_MB, SERVE_PORT, SERVE_WORKERS
+from instret.defaults import QUERY_DEVICE, SERVE_HOST, SERVE_MAX_UPLOAD_MB, SERVE_PORT, SERVE_WORKERS
 from instret.errors import InstretError
 
 SETTINGS_VARIABLE = "INSTRET_SERVE_SETTINGS"  # how worker processes receive the settings
@@ -23,7 +23,7 @@ def serve(
     workers: int = SERVE_WORKERS,
     max_upload_mb: float = SERVE_MAX_UPLOAD_MB,
     max_pixels: int | None = None,
-    device: str = "cpu",
+    device: str = QUERY_DEVICE,
     nprobe: int | None = None,
 ) -> None:
     """Serve until interrupted. The index is opened here first, so a bad one fails at once."""

@@ -32,6 +32,7 @@ from instret.config import (
     TrainConfig,
 )
 from instret.data import ImageSet, TrainData
+from instret.defaults import IMAGE_SIZE
 from instret.device import fast_cpu_bf16
 from instret.discovery import NeighbourhoodDiscovery
 from instret.distributed import (
@@ -99,7 +100,7 @@ class Trainer:
     ):
         if cfg.image_size is None:  # data prepared by the caller: the size it was decoded at
             sample = data.train.images
-            cfg = dataclasses.replace(cfg, image_size=sample.shape[-1] if sample is not None else 32)
+            cfg = dataclasses.replace(cfg, image_size=sample.shape[-1] if sample is not None else IMAGE_SIZE)
         self.cfg, self.data, self.device, self.world = cfg, data, device, world
         self.deadline: float | None = None  # time.perf_counter() by which a time-budgeted run ends
         self.max_epochs: int | None = None  # the most epochs a time budget may plan

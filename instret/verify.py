@@ -32,7 +32,7 @@ MIDDLE_KEEP = 0.84  # share of the side an unturned middle keeps
 VIEWS = ((0.0, 1.0), (0.0, MIDDLE_KEEP), *((angle, TURNED_KEEP) for angle in (-6.0, 6.0, -11.0, 11.0)))
 ACCEPT = 0.55  # detail correlation of the aligned pictures that makes a copy (with ACCEPT_SHADING)
 ACCEPT_SHADING = 0.8  # and the pictures' own, shading included
-MIN_TEMPLATE = 12  # pixels: below this a template matches anything
+MIN_TEMPLATE = 6  # pixels of the picture compared (half size or full): a smaller template matches anything
 REFINED = 3  # best half-size alignments looked at again at full size
 BLOCKS = 4  # an aligned pair is scored by BLOCKS x BLOCKS blocks
 DETAIL_BLUR = 2.0  # pixels: what is finer than this blur is the detail blocks are scored on
@@ -40,7 +40,7 @@ FLAT_BLOCK = 2.0  # grey levels of spread below which a block has no detail
 MIN_BLOCKS = 8  # blocks with detail needed for a verdict: fewer, and a few edges would decide
 
 
-@dataclass
+@dataclass(frozen=True)
 class Verdict:
     score: float  # the aligned pictures' detail correlation (by blocks), -1 when unreadable
     scale: float  # the side of the matched part, over the whole
@@ -64,6 +64,9 @@ class Verdict:
 
     def as_json(self) -> dict:
         return {"by": "alignment", "score": round(self.score, 4), "reason": self.reason()}
+
+
+NO_VERDICT = Verdict(-1.0, 1.0, False, 0.0)  # nothing to compare: an image unreadable, or no alignment
 
 
 def grey_picture(path: str | Path) -> np.ndarray | None:
@@ -104,7 +107,7 @@ def compare(a: np.ndarray, b: np.ndarray) -> Verdict:
     # A cut template is only its middle, so it skips a caption or a logo near an edge and can
     # outscore the true alignment at half size: the best whole-template ones are refined too.
     whole = [c for c in ranked if c[4] == 1.0][:REFINED]
-    best = Verdict(-1.0, 1.0, False, 0.0)
+    best = NO_VERDICT
     for _, inner, mirrored, angle, keep, scale in dict.fromkeys(ranked[:REFINED] + whole):
         image, other = (b, a) if inner else (a, b)
         template = _view(other[:, ::-1] if mirrored else other, angle, keep)
@@ -143,7 +146,7 @@ def _best_window(image: np.ndarray, template: np.ndarray, scale: float):
     th, tw = template.shape
     f = min(scale * h / th, w / tw, h / th)
     size = (max(1, round(tw * f)), max(1, round(th * f)))
-    if min(size) < MIN_TEMPLATE // 2:
+    if min(size) < MIN_TEMPLATE:
         return -1.0, None
     t = np.asarray(Image.fromarray(template).resize(size, Image.BILINEAR), dtype=np.float32)
     centred_t = t - t.mean()
@@ -206,5 +209,5 @@ class Verifier:
     def __call__(self, path_a: str, path_b: str) -> Verdict:
         a, b = self.picture(path_a), self.picture(path_b)
         if a is None or b is None:
-            return Verdict(-1.0, 1.0, False, 0.0)
+            return NO_VERDICT
         return compare(a, b)

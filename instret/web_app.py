@@ -39,6 +39,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from instret.defaults import DUPS_KEEP
 from instret.duplicates import DEFAULT_PRECISION, find_duplicates
 from instret.errors import InstretError
 from instret.images import thumbnail as make_thumbnail
@@ -128,7 +129,7 @@ def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
         precision = _float(q["precision"], "precision") if "precision" in q else DEFAULT_PRECISION
         existing_only = _flag(request, "existing_only")
         found = duplicates.get(
-            live.dir, searcher.index.generation, threshold, precision, q.get("keep", "largest"), existing_only
+            live.dir, searcher.index.generation, threshold, precision, q.get("keep", DUPS_KEEP), existing_only
         )
         # Computed once per generation; whether each file is still there is asked anew (a stat).
         groups = [
