@@ -13,12 +13,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from pillow_heif import register_heif_opener
 
 from instret.borders import trim_borders
 from instret.defaults import MAX_IMAGE_PIXELS
 from instret.errors import InstretError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".heic", ".heif", ".avif"}
+)
+
+# Phones save HEIC: pillow-heif's opener lets Image.open read it (AVIF Pillow reads itself). It
+# opens lazily, as Pillow's own formats do: the pixel limits below are checked from the header.
+register_heif_opener()
 
 # Pillow's own limit (about 89 M pixels) only warns below twice that; instret refuses at it.
 # Every reader takes max_pixels (--max-image-pixels): None means this default, 0 no limit.
@@ -75,10 +82,16 @@ def open_rgb(path: str | Path | io.BytesIO, max_pixels: int | None = None, draft
         found = re.search(r"\((\d+) pixels\)", str(e))
         raise ImageReadError(_too_many_pixels(int(found.group(1)) if found else None, max_pixels)) from None
     except Image.UnidentifiedImageError:
-        raise ImageReadError("empty file" if _is_empty(path) else "not an image in any format Pillow reads") from None
+        if _is_empty(path):
+            raise ImageReadError("empty file") from None
+        kind = _heif_kind(path)
+        raise ImageReadError(
+            f"a damaged or truncated {kind} file" if kind else "not an image in any format Pillow reads"
+        ) from None
     except (OSError, ValueError, SyntaxError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageReadError(reason) from None
+        kind = _heif_kind(path)
+        raise ImageReadError(f"a damaged or truncated {kind} file ({reason})" if kind else reason) from None
 
 
 def thumbnail(path: str | Path, size: int) -> Image.Image | None:
@@ -104,6 +117,25 @@ def _is_empty(path) -> bool:
         return os.path.getsize(path) == 0
     except OSError:
         return False
+
+
+# The brands of an ISO media file's first box (ftyp) that say which picture format it holds.
+HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"heim": "HEIC", b"heis": "HEIC", b"mif1": "HEIF", b"avif": "AVIF"}
+
+
+def _heif_kind(path) -> str | None:
+    """The format ("HEIC", "HEIF" or "AVIF") a file starts as, so that the reason for a failed read
+    can name it; None for any other file."""
+    try:
+        if isinstance(path, io.BytesIO):
+            with path.getbuffer() as view:
+                head = bytes(view[:12])
+        else:
+            with open(path, "rb") as f:
+                head = f.read(12)
+    except OSError:
+        return None
+    return HEIF_BRANDS.get(head[8:12]) if head[4:8] == b"ftyp" else None
 
 
 def _sixteen_to_eight_bit(img: Image.Image) -> Image.Image:

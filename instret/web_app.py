@@ -54,6 +54,9 @@ MAX_K = 1000
 MAX_IMAGES = 32  # per request, uploaded or by id
 MAX_PAGE = 1000  # images listed per request
 THUMBNAIL_SIZES = (16, 512)
+# Originals a browser does not display (HEIC from phones) are sent as a full-size JPEG instead.
+BROWSERS_CANNOT_SHOW = frozenset({".heic", ".heif"})
+FULL_SIZE = 1 << 16  # a thumbnail this large is the whole picture
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
@@ -140,6 +143,11 @@ def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
 
     def image(request: Request, searcher: Searcher):
         path = _indexed_file(live, searcher, request.path_params["id"])
+        if Path(path).suffix.lower() in BROWSERS_CANNOT_SHOW:
+            picture = make_thumbnail(path, FULL_SIZE)
+            if picture is None:
+                raise RequestError(404, f"image {request.path_params['id']} is unreadable")
+            return _jpeg(picture, quality=92)
         return FileResponse(path, media_type=mimetypes.guess_type(path)[0] or "application/octet-stream")
 
     def thumbnail(request: Request, searcher: Searcher):
@@ -149,9 +157,7 @@ def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
         picture = make_thumbnail(_indexed_file(live, searcher, request.path_params["id"]), size)
         if picture is None:
             raise RequestError(404, f"image {request.path_params['id']} is unreadable")
-        buf = io.BytesIO()
-        picture.save(buf, format="JPEG", quality=85)
-        return Response(buf.getvalue(), media_type="image/jpeg", headers={"cache-control": "max-age=300"})
+        return _jpeg(picture, quality=85)
 
     async def page(request: Request):
         return FileResponse(WEB / "index.html", media_type="text/html")
@@ -276,6 +282,12 @@ async def _read_uploads(request: Request, limit: int) -> list[tuple[str, bytes]]
     return [
         (part.get_filename() or f"<upload {i}>", part.get_payload(decode=True) or b"") for i, part in enumerate(files)
     ]
+
+
+def _jpeg(picture, quality: int) -> Response:
+    buf = io.BytesIO()
+    picture.save(buf, format="JPEG", quality=quality)
+    return Response(buf.getvalue(), media_type="image/jpeg", headers={"cache-control": "max-age=300"})
 
 
 def _indexed_file(live: LiveSearcher, searcher: Searcher, id_: int) -> str:
