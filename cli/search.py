@@ -51,8 +51,29 @@ def _write_html(path: str, page: str) -> None:
     help="Search through whitening fitted on the collection (from 256 images) [off; an update keeps "
     "the index's choice].",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Encode on Ray (pip install 'instret[ray]'): a pool of encoder actors, one per GPU (else per "
+    "core); without ADDRESS a Ray started on this machine, else a running cluster's head (HOST:6379).",
+)
 def index_cmd(
-    images_dir, model, out, index_type, batch_size, workers, device, rebuild, max_image_pixels, shard, whiten
+    images_dir,
+    model,
+    out,
+    index_type,
+    batch_size,
+    workers,
+    device,
+    rebuild,
+    max_image_pixels,
+    shard,
+    whiten,
+    ray_address,
 ):
     """Build or update the search index of a folder of images."""
     from instret.indexer import build_index
@@ -70,6 +91,7 @@ def index_cmd(
         max_image_pixels,
         parse_shard(shard) if shard else None,
         whiten,
+        ray_address,
     )
     click.echo(json.dumps(summary))
 

@@ -110,6 +110,7 @@ def build_index(
     max_pixels: int | None = None,
     shard: tuple[int, int] | None = None,
     whiten: bool | None = None,
+    ray: str | None = None,
 ) -> dict:
     """Create or incrementally update the index of a folder; returns a summary of what was done.
 
@@ -120,8 +121,15 @@ def build_index(
     keeps the previous build's choice (a new index: postprocess.WHITEN_BY_DEFAULT, off).
 
     shard (i, n): index only every n-th file of the sorted listing, from the i-th (one part of a
-    large collection, built on its own machine; `merge_shards` joins the parts)."""
+    large collection, built on its own machine; `merge_shards` joins the parts).
+
+    ray: encode on Ray (instret.ray_encoding): "local" starts one on this machine, else the
+    address of a running cluster; everything else stays here."""
     root, out = image_folder(images_dir), index_output(out)
+    if ray is not None:
+        from instret.ray_encoding import check_address
+
+        check_address(ray)  # before anything is read or written: a wrong address is refused at once
     torch_device = resolve_device(device)
     encoder = load_encoder(model, torch_device)
     start = time.perf_counter()
@@ -171,7 +179,16 @@ def build_index(
             f"{len(to_encode)} to encode"
         )
         encode_start = time.perf_counter()
-        encoded, bad = encode_files(encoder, root, to_encode, staging, batch_size, workers, torch_device, max_pixels)
+        if ray is None:
+            encoded, bad = encode_files(
+                encoder, root, to_encode, staging, batch_size, workers, torch_device, max_pixels
+            )
+        else:
+            from instret.ray_encoding import encode_files_on_ray
+
+            encoded, bad = encode_files_on_ray(
+                encoder, encoder_file(model), root, to_encode, staging, batch_size, max_pixels, ray
+            )
         encode_seconds = time.perf_counter() - encode_start
         skipped += bad
         report_skipped(skipped)
