@@ -42,7 +42,7 @@ from instret.defaults import DUPS_PRECISION as DEFAULT_PRECISION
 from instret.errors import InstretError
 from instret.index import SearchIndex
 from instret.metadata import content_representatives, file_rows
-from instret.verify import Verdict, Verifier
+from instret.verify import Verdict, verify_pairs
 
 FALLBACK_THRESHOLD = 0.95  # indexes without score distributions
 BLOCK = 4096  # query vectors per range search
@@ -189,11 +189,13 @@ def verify_floor(distributions: dict | None, floor: float) -> float | None:
     return max(floor, float(np.interp(VERIFY_COPIES, LEVELS, copies)))
 
 
-def _verify_pairs(index: SearchIndex, ids: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict:
-    """{(row a, row b): Verdict} of each pair's two files, each file decoded once."""
+def _verify_pairs(index: SearchIndex, ids: np.ndarray, a: np.ndarray, b: np.ndarray, strict: np.ndarray) -> dict:
+    """{(row a, row b): Verdict} of each pair's two files (instret.verify.verify_pairs); a pair with
+    `strict` set (one the threshold alone would not group) is checked strictly (instret.verify)."""
     paths = index.paths_of({int(ids[r]) for r in np.concatenate([a, b])})
-    check = Verifier()
-    return {(int(x), int(y)): check(paths[int(ids[x])], paths[int(ids[y])]) for x, y in zip(a, b)}
+    order = np.lexsort((b, a))  # pairs of one file together: a worker then decodes it once
+    jobs = [(paths[int(ids[a[k]])], paths[int(ids[b[k]])], bool(strict[k])) for k in order]
+    return {(int(a[k]), int(b[k])): v for k, v in zip(order, verify_pairs(jobs))}
 
 
 # --- groups ------------------------------------------------------------------------------
@@ -268,14 +270,15 @@ def find_duplicates(
         capped = len(checked) > VERIFY_MAX_PAIRS
         if capped:  # the strongest pairs; the rest keep the threshold's decision
             checked = checked[np.argsort(-s[checked], kind="stable")[:VERIFY_MAX_PAIRS]]
-        verdicts = _verify_pairs(index, ids, a[checked], b[checked])
         above = accepted[checked]
+        verdicts = _verify_pairs(index, ids, a[checked], b[checked], strict=~above)
         confirmed = np.array([verdicts[(int(a[k]), int(b[k]))].copy for k in checked], dtype=bool)
         accepted[checked] = confirmed
         choice["reason"] += (
             f"; every pair scoring at least {low:.4f} (where {1 - VERIFY_COPIES:.0%} of edited copies score) was "
             f"checked by aligning the two images: {int(confirmed[above].sum())} of {int(above.sum())} at or above "
-            f"the threshold and {int(confirmed[~above].sum())} of {int((~above).sum())} below it were confirmed"
+            f"the threshold and {int(confirmed[~above].sum())} of {int((~above).sum())} below it (checked strictly) were "
+            "confirmed"
             + (
                 f" (the {VERIFY_MAX_PAIRS:,} strongest pairs; the others kept the threshold's decision)"
                 if capped
