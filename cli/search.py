@@ -58,7 +58,7 @@ def _write_html(path: str, page: str) -> None:
     flag_value="local",
     default=None,
     metavar="[ADDRESS]",
-    help="Encode on Ray (pip install 'instret[ray]'): a pool of encoder actors, one per GPU (else per "
+    help="Encode on Ray (installed with instret's ray extra): a pool of encoder actors, one per GPU (else per "
     "core); without ADDRESS a Ray started on this machine, else a running cluster's head (HOST:6379).",
 )
 def index_cmd(
