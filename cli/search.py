@@ -61,37 +61,17 @@ def _write_html(path: str, page: str) -> None:
     help="Encode on Ray (installed with instret's ray extra): a pool of encoder actors, one per GPU (else per "
     "core); without ADDRESS a Ray started on this machine, else a running cluster's head (HOST:6379).",
 )
-def index_cmd(
-    images_dir,
-    model,
-    out,
-    index_type,
-    batch_size,
-    workers,
-    device,
-    rebuild,
-    max_image_pixels,
-    shard,
-    whiten,
-    ray_address,
-):
+def index_cmd(index_type, max_image_pixels, shard, ray_address, **options):
     """Build or update the search index of a folder of images."""
     from instret.indexer import build_index
     from instret.shards import parse_shard
 
     summary = build_index(
-        images_dir,
-        model,
-        out,
-        index_type,
-        batch_size,
-        workers,
-        device,
-        rebuild,
-        max_image_pixels,
-        parse_shard(shard) if shard else None,
-        whiten,
-        ray_address,
+        factory=index_type,
+        max_pixels=max_image_pixels,
+        shard=parse_shard(shard) if shard else None,
+        ray=ray_address,
+        **options,
     )
     click.echo(json.dumps(summary))
 

@@ -88,14 +88,18 @@ def encode_files(
             skipped += [(files[i].rel, reason) for i, reason in bad]
             if images is not None:
                 vectors = as_float32(encoder.embed_inputs(images))
-                rows = [(files[i], h, v) for i, h, v in zip(positions, digests, vectors)]
-                staging.add([(f.rel, f.size, f.mtime_ns, h, v) for f, h, v in rows])
-                done.update({f.rel: (h, v) for f, h, v in rows})
+                stage_batch(staging, done, [(files[i], h, v) for i, h, v in zip(positions, digests, vectors)])
             progress.update(len(positions) + len(bad), "")
     finally:
         torch.set_num_threads(threads)
     progress.close()
     return done, skipped
+
+
+def stage_batch(staging: Staging, done: dict, rows: list[tuple[FileState, str, np.ndarray]]) -> None:
+    """Commit one encoded batch of (file, sha256, vector) to staging, and add it to done."""
+    staging.add([(f.rel, f.size, f.mtime_ns, h, v) for f, h, v in rows])
+    done.update({f.rel: (h, v) for f, h, v in rows})
 
 
 def build_index(

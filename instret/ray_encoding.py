@@ -35,7 +35,8 @@ FILES_PER_BLOCK = 256  # paths per block of the read (64: 0.69 of the plain buil
 
 
 def encode_files_on_ray(encoder, encoder_path: Path, root: Path, files, staging, batch_size: int, max_pixels, address):
-    """As instret.indexer.encode_files, on Ray: ({rel: (sha, vector)}, skipped)."""
+    """As instret.indexer.encode_files, on Ray: ({rel: (sha, vector)}, skipped). The address
+    has passed check_address."""
     ray = _connect(address)
     try:
         return _encode(ray, encoder, encoder_path, root, files, staging, batch_size, max_pixels)
@@ -56,8 +57,7 @@ def _connect(address: str):
     quiet = {"log_to_driver": False, "configure_logging": False, "logging_level": logging.ERROR}
     if address == LOCAL:
         ray.init(address="local", num_cpus=usable_cpus(), include_dashboard=False, **quiet)  # a new one, always
-    else:
-        check_address(address)
+    else:  # build_index has checked the address already
         try:
             ray.init(address=address, **quiet)
         except Exception as e:  # Ray raises several kinds (ConnectionError, RuntimeError, ...)
@@ -114,6 +114,8 @@ def _probe_join(address: str) -> None:
 
 
 def _encode(ray, encoder, encoder_path: Path, root: Path, files, staging, batch_size: int, max_pixels):
+    from instret.indexer import stage_batch
+
     done, skipped = {}, []
     if not files:
         return done, skipped
@@ -146,8 +148,7 @@ def _encode(ray, encoder, encoder_path: Path, root: Path, files, staging, batch_
             else:
                 rows.append((f, str(digest), np.asarray(vector, dtype=np.float32)))
         if rows:
-            staging.add([(f.rel, f.size, f.mtime_ns, h, v) for f, h, v in rows])
-            done.update({f.rel: (h, v) for f, h, v in rows})
+            stage_batch(staging, done, rows)
         progress.update(len(batch["position"]), "")
     progress.close()
     skipped.sort(key=lambda item: item[0])
@@ -156,20 +157,17 @@ def _encode(ray, encoder, encoder_path: Path, root: Path, files, staging, batch_
 
 def decode(batch: dict, image_size: int, max_pixels) -> dict:
     """A Ray Data task: a batch of paths -> the encoder's uint8 inputs, their sha256, or why not."""
-    from instret.images import ImageReadError, read_image_and_hash
+    from instret.images import DecodeDataset
 
-    images = np.zeros((len(batch["path"]), 3, image_size, image_size), dtype=np.uint8)
+    files = DecodeDataset([str(path) for path in batch["path"]], image_size, max_pixels, hashes=True)
+    images = np.zeros((len(files), 3, image_size, image_size), dtype=np.uint8)
     digests, errors = [], []
-    for k, path in enumerate(batch["path"]):
-        try:
-            picture, digest = read_image_and_hash(str(path), image_size, max_pixels)
-        except ImageReadError as e:
-            digests.append("")
-            errors.append(str(e) or "unreadable")
-            continue
-        images[k] = picture.numpy()
-        digests.append(digest)
-        errors.append("")
+    for k in range(len(files)):  # as the plain build decodes each file
+        _, picture, digest, reason = files[k]
+        if picture is not None:
+            images[k] = picture.numpy()
+        digests.append(digest or "")
+        errors.append("" if picture is not None else reason or "unreadable")
     return {"position": batch["position"], "image": images, "sha256": np.array(digests), "error": np.array(errors)}
 
 

@@ -122,7 +122,7 @@ def test_a_folder_mixing_every_format_trains_indexes_and_finds_a_heic_copy_first
     photos, converted, broken = mixed_folder(tmp_path / "photos")
     assert set(converted.values()) == {"PNG", "WEBP", "HEIF", "AVIF"}
     train({"data": str(photos), "out": str(tmp_path / "run"), "epochs": 1, "image_size": 32, "workers": 0})
-    bank = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["bank"]["features"]
+    bank = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["bank"]["features"]
     assert len(bank) == 24  # a row for every readable file, whatever its format; the broken one left out
     summary = build_index(photos, trained_run, tmp_path / "ix", workers=0, device="cpu")
     assert summary["vectors"] == 24 and summary["skipped"] == 1
