@@ -8,7 +8,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -65,23 +64,27 @@ def staged(index_dir) -> int:
         return 0
 
 
-def test_a_killed_encoder_actor_is_replaced_and_the_build_still_equals_the_plain_one(folder, trained_run, tmp_path):
-    photos, plain = folder
-    killed = []
+def test_a_killed_encoder_actor_is_replaced_and_the_build_still_equals_the_plain_one(
+    folder, trained_run, tmp_path, monkeypatch
+):
+    from instret import indexer
 
-    def kill_one_encoder():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not killed:
+    photos, plain = folder
+    killed, commit = [], indexer.stage_batch
+
+    def commit_then_kill_an_encoder(staging, done, rows):
+        # Midway, with the driver held here: a batch is committed, the others are not yet.
+        commit(staging, done, rows)
+        deadline = time.monotonic() + 60
+        while not killed and time.monotonic() < deadline:
             actors = encoder_actors()
-            if actors and staged(tmp_path / "ray") > 0:  # midway: a batch is back, others are not
+            if actors:
                 actors[0].send_signal(signal.SIGKILL)
                 killed.append(actors[0].pid)
-            time.sleep(0.02)
+            time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_one_encoder)
-    killer.start()
+    monkeypatch.setattr(indexer, "stage_batch", commit_then_kill_an_encoder)
     summary = build_index(photos, trained_run, tmp_path / "ray", batch_size=4, device="cpu", ray="local")
-    killer.join()
     assert killed, "no encoder actor was seen while the build ran"
     assert summary["encoded"] == 160
     assert_same_index(plain, tmp_path / "ray")
