@@ -25,7 +25,7 @@ from instret.index import SearchIndex
 from instret.indexer import build_index
 from instret.progress import log, plural
 from instret.storage import atomic_write_text, remove_stale_temps
-from instret.trainer import CHECKPOINT, SeveralViews, Trainer, load_checkpoint
+from instret.trainer import CHECKPOINT, SeveralViews, Trainer, load_checkpoint, views_text
 
 
 def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
@@ -120,8 +120,8 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, world: World, s
         final = trainer.fit()
     except SeveralViews as found:
         log(
-            f"multi-view check after epoch {found.epoch}: {found.share:.0%} of the images have a confident "
-            f"neighbour (cosine >= {found.threshold:.3f}): several views of each thing. Training starts again "
+            f"multi-view check after epoch {found.epoch}: {views_text(found.share, found.confident, found.threshold)}"
+            f": several views of each thing. Training starts again "
             f"to tell things apart across their views (--multi-view on: {multi_view_text()}; "
             f"--multi-view off keeps the recipe)"
         )

@@ -186,9 +186,10 @@ class Trainer:
         """The loss's temperature: MULTI_VIEW's once training turned to several views of a thing."""
         return MULTI_VIEW["tau"] if self.cfg.multi_view == "on" else self.cfg.tau
 
-    def confident_share(self, sims: torch.Tensor | None = None, ids: torch.Tensor | None = None):
-        """(share of rows with a confident neighbour, the cosine that makes one): the multi-view check."""
-        return self.discovery.confident_share(self.cfg, self.bank.features, sims, ids)
+    def views_share(self) -> tuple[float, float, float]:
+        """The multi-view check (NeighbourhoodDiscovery.views_share): (share of rows with a
+        confident neighbour that is not a copy, share with any, the cosine that makes one)."""
+        return self.discovery.views_share(self.cfg, self.bank.features, self.data.train.paths)
 
     def views_check_due(self) -> bool:
         """multi_view auto: at neighbours.views_check_epoch, if it falls early enough in the run
@@ -395,14 +396,14 @@ class Trainer:
         start, first = time.perf_counter(), self.epoch
         while self.epoch < self.cfg.epochs:
             if self.views_check_due():
-                share, threshold = self.confident_share()
+                share, confident, threshold = self.views_share()
                 if share >= neighbours.GROUPED:
-                    raise SeveralViews(share, threshold, self.epoch)
+                    raise SeveralViews(share, confident, threshold, self.epoch)
                 log(
-                    f"multi-view check after epoch {self.epoch}: {share:.0%} of the images have a confident "
-                    f"neighbour (cosine >= {threshold:.3f}), under {neighbours.GROUPED:.0%}: training goes on as it is"
+                    f"multi-view check after epoch {self.epoch}: {views_text(share, confident, threshold)}, "
+                    f"under {neighbours.GROUPED:.0%}: training goes on as it is"
                 )
-                self.round_row["views_confident"] = share
+                self.round_row.update(views_confident=share, views_confident_with_copies=confident)
             row = self.train_epoch()
             model = self.monitor() if self.world.main and self.monitor_due() else None
             # The mean over every epoch so far, monitors and saves included: the time left, and a
@@ -433,9 +434,17 @@ class SeveralViews(Exception):
     """The multi-view check found several views of each thing: the run starts again with
     multi_view on (raised by Trainer.fit, handled by train)."""
 
-    def __init__(self, share: float, threshold: float, epoch: int):
-        super().__init__(share, threshold, epoch)
-        self.share, self.threshold, self.epoch = share, threshold, epoch
+    def __init__(self, share: float, confident: float, threshold: float, epoch: int):
+        super().__init__(share, confident, threshold, epoch)
+        self.share, self.confident, self.threshold, self.epoch = share, confident, threshold, epoch
+
+
+def views_text(share: float, confident: float, threshold: float) -> str:
+    """What the multi-view check found, as its line says it."""
+    return (
+        f"{confident:.0%} of the images have a confident neighbour (cosine >= {threshold:.3f}), "
+        f"{share:.0%} one that is not a copy of the same picture"
+    )
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -151,3 +151,47 @@ def test_rounds_run_from_the_start_fraction_to_four_fifths_of_the_run():
     assert neighbours.round_epochs(100, 4, 0.3) == [30, 42, 55, 68]
     assert neighbours.round_epochs(30, 4, 0.3) == [20, 20, 20, 20]  # never before epoch 20
     assert neighbours.round_epochs(20, 4, 0.3) == []  # a short run has none
+
+
+def test_the_multi_view_check_does_not_count_neighbours_that_are_copies_of_one_picture(tmp_path):
+    """Rows 0-1 are a photo and its edited copy, 2-3 two different pictures, 4 has a copy (5)
+    and a different picture (2) among its confident neighbours: 2, 3 and 4 of the 6 rows have
+    a neighbour that is not a copy."""
+    import random
+
+    from instret.edits import edited_copy
+    from tests.test_verify import texture
+
+    pictures = [texture(s) for s in range(4)]
+    files = [
+        pictures[0],
+        edited_copy(pictures[0], "crop", random.Random(0)),
+        pictures[1],
+        pictures[2],
+        pictures[3],
+        edited_copy(pictures[3], "jpeg", random.Random(1)),
+    ]
+    paths = []
+    for n, img in enumerate(files):
+        paths.append(str(tmp_path / f"{n}.png"))
+        img.save(paths[-1])
+    confident = torch.tensor([[1, -1], [0, -1], [3, 4], [2, -1], [5, 2], [4, -1], [-1, -1]])
+    paths.append(str(tmp_path / "no neighbour.png"))
+    assert neighbours.beyond_copies(confident, paths, seed=0) == pytest.approx(3 / 6)
+    # A sample of two of the six rows: the share among them, the same for the same seed.
+    sampled = neighbours.beyond_copies(confident, paths, seed=3, rows=2)
+    assert sampled in (0.0, 0.5, 1.0) and sampled == neighbours.beyond_copies(confident, paths, seed=3, rows=2)
+    assert neighbours.beyond_copies(torch.full((3, 1), -1), paths[:3], seed=0) == 0.0
+
+
+def test_the_check_without_files_counts_every_confident_neighbour():
+    from instret.config import TrainConfig
+    from instret.discovery import NeighbourhoodDiscovery
+
+    torch.manual_seed(0)
+    bank = F.normalize(torch.randn(6, 8), dim=1)
+    bank[1] = F.normalize(bank[0] + 0.01 * torch.randn(8), dim=0)  # 0 and 1 nearly the same
+    found = NeighbourhoodDiscovery(6, torch.device("cpu"))
+    found.view_cosine.fill_(0.95)
+    cfg = TrainConfig(neighbour_k=1)
+    assert found.views_share(cfg, bank, None) == (pytest.approx(2 / 6), pytest.approx(2 / 6), pytest.approx(0.95))

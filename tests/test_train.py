@@ -213,11 +213,11 @@ def test_multi_view_auto_starts_again_when_the_check_finds_several_views_of_thin
     monkeypatch.setattr(neighbours, "views_check_epoch", lambda rows: 1)
     checks = []
 
-    def confident_share(self, sims=None, ids=None):
+    def views_share(self):
         checks.append(self.epoch)
-        return confident, 0.5
+        return confident, confident + 0.1, 0.5
 
-    monkeypatch.setattr(Trainer, "confident_share", confident_share)
+    monkeypatch.setattr(Trainer, "views_share", views_share)
     seen = []
     real_init = Trainer.__init__
 
@@ -239,6 +239,7 @@ def test_multi_view_auto_starts_again_when_the_check_finds_several_views_of_thin
     else:
         assert seen == [paper] and checks == [1] and saved["multi_view"] == "auto"
         assert "training goes on as it is" in err and history[1]["views_confident"] == confident
+        assert history[1]["views_confident_with_copies"] == confident + 0.1
 
 
 def test_the_multi_view_check_waits_for_20_epochs_and_60000_images():
