@@ -23,21 +23,21 @@ class NeighbourhoodDiscovery:
         self.stopped = False
         self.view_cosine = torch.zeros(rows, device=device)
 
-    def confident(self, cfg: TrainConfig, bank: torch.Tensor, sims=None, ids=None) -> tuple[torch.Tensor, float]:
-        """(each row's confident neighbours, n x K ids, -1 unused; the cosine that makes one):
-        mutual among their neighbour_k nearest rows and as close as two views of one image reach
-        half the time."""
+    def confident(self, cfg: TrainConfig, bank: torch.Tensor, sims=None, ids=None) -> tuple[torch.Tensor, float, float]:
+        """(each row's confident neighbours, n x K ids, -1 unused; the share of rows with one; the
+        cosine that makes one): mutual among their neighbour_k nearest rows and as close as two
+        views of one image reach half the time."""
         if sims is None:
             sims, ids = neighbours.nearest_rows(bank, max(cfg.neighbour_k, 10))
         threshold = float(self.view_cosine.quantile(1 - cfg.neighbour_quantile))
-        return neighbours.mutual_neighbourhoods(sims, ids, cfg.neighbour_k, threshold), threshold
+        confident = neighbours.mutual_neighbourhoods(sims, ids, cfg.neighbour_k, threshold)
+        return confident, float((confident >= 0).any(dim=1).float().mean()), threshold
 
     def views_share(self, cfg: TrainConfig, bank: torch.Tensor, paths: list[str] | None) -> tuple[float, float, float]:
         """The multi-view check's figures: (share of rows with a confident neighbour that is not a
         copy of the same picture, share with any confident neighbour, the cosine that makes one).
         Without files to compare (an embedded dataset) the two shares are the same."""
-        confident, threshold = self.confident(cfg, bank)
-        share = float((confident >= 0).any(dim=1).float().mean())
+        confident, share, threshold = self.confident(cfg, bank)
         if paths is None or share == 0:
             return share, share, threshold
         return share * neighbours.beyond_copies(confident, paths, cfg.seed), share, threshold
@@ -56,8 +56,7 @@ class NeighbourhoodDiscovery:
         self.rounds += 1
         share = neighbours.curriculum_share(self.rounds, cfg.neighbour_rounds)
         sims, ids = neighbours.nearest_rows(bank, max(cfg.neighbour_k, 10))
-        confident, threshold = self.confident(cfg, bank, sims, ids)
-        grouped = float((confident >= 0).any(dim=1).float().mean())
+        _, grouped, threshold = self.confident(cfg, bank, sims, ids)
         if cfg.neighbourhoods == "anchors":
             found = neighbours.anchor_neighbourhoods(sims, ids, share, cfg.neighbour_k, tau)
         else:
