@@ -81,7 +81,12 @@ def index_cmd(index_type, max_image_pixels, shard, ray_address, **options):
 @click.option(
     "--out", required=True, callback=checked(locations.index_output), help="Index folder to create or update."
 )
-@click.option("--index-type", default=None, help="FAISS factory string [the shards'].")
+@click.option(
+    "--index-type",
+    default=None,
+    help="FAISS factory string [the shards']; an IVF layout (IVF4096,Flat, IVF4096,PQ32, ...) is filled shard by "
+    "shard with its inverted lists on disk, so the merge never holds every vector in memory.",
+)
 def merge_index_cmd(shard_dirs, out, index_type):
     """Join the shard indexes of one folder (built with index --shard I/N) into one index."""
     from instret.shards import merge_shards

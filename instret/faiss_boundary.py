@@ -10,6 +10,10 @@ without it. FAISS's GPU kernels refuse k (and nprobe) above GPU_MAX_K.
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -114,12 +118,18 @@ def make_faiss_index(vectors: np.ndarray, ids: np.ndarray, factory: str, seed: i
     """A FAISS index of `factory` layout over the vectors, with the given ids."""
     import faiss
 
+    index = faiss.IndexIDMap2(trained_layout(factory, vectors, seed))
+    if len(vectors):
+        index.add_with_ids(vectors, ids.astype(np.int64))
+    return index
+
+
+def trained_layout(factory: str, vectors: np.ndarray, seed: int = 0):
+    """The empty `factory` layout, trained (where it needs training) on a seeded sample of up to
+    TRAIN_SAMPLE of the vectors (an array or a memory map)."""
     index = _layout(factory, vectors.shape[1] if vectors.ndim == 2 else 0)
     if not index.is_trained:
         _train(index, vectors, factory, seed)
-    index = faiss.IndexIDMap2(index)
-    if len(vectors):
-        index.add_with_ids(vectors, ids.astype(np.int64))
     return index
 
 
@@ -161,10 +171,66 @@ def set_search_breadth(index, nprobe: int | None = None, ef_search: int | None =
             pass  # not a parameter of this layout (Flat has neither)
 
 
-def read_index(path: Path):
-    """A generation's index.faiss, memory-mapped where the layout allows."""
+# --- inverted lists on disk (instret.ondisk) --------------------------------------------
+
+LISTS = "lists.ivfdata"  # the on-disk inverted lists, beside the index.faiss that points to them
+
+
+def fills_lists_on_disk(factory: str, dim: int) -> bool:
+    """Whether the layout has inverted lists FAISS can keep on disk (IVF, but not IVFPQR)."""
     import faiss
 
+    try:
+        faiss.extract_index_ivf(_layout(factory, dim))
+    except (RuntimeError, InstretError):
+        return False
+    return "IVFPQR" not in factory.upper()
+
+
+def merge_lists_on_disk(trained, part_files: list[Path], index_file: Path) -> None:
+    """Write index_file: the empty trained layout holding the inverted lists of every part (the
+    same layout, each filled with other vectors), merged into LISTS beside it. Only one list of
+    one part at a time is read: the parts are memory-mapped."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    with native_stdout_silenced():
+        merge_ondisk(trained, [str(p) for p in part_files], str(index_file.parent / LISTS))
+        write_index(trained, index_file)
+
+
+@contextmanager
+def native_stdout_silenced():
+    """FAISS's on-disk lists print to the C stdout, which carries instret's JSON: point the
+    process's descriptor 1 at /dev/null for the call (C buffers flushed before it comes back)."""
+    import ctypes
+
+    with _STDOUT_SWAP:
+        sys.stdout.flush()
+        saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 1)
+            yield
+        finally:
+            ctypes.CDLL(None).fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(null)
+
+
+_STDOUT_SWAP = threading.Lock()
+
+
+def read_index(path: Path):
+    """A generation's index.faiss, memory-mapped where the layout allows; with LISTS beside it,
+    the lists it names are read from there (the folder may have moved since it was written)."""
+    import faiss
+
+    if (path.parent / LISTS).exists():
+        try:
+            with native_stdout_silenced():
+                return faiss.read_index(str(path), faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_ONDISK_SAME_DIR)
+        except RuntimeError:
+            raise InstretError(f"{path}: FAISS index or its {LISTS} unreadable (truncated or corrupted?)") from None
     try:
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:

@@ -9,6 +9,7 @@
                            post-processing, the score distributions (instret.calibration)
         whitening.npz      the whitening fitted on these vectors (instret.postprocess), if any
         index.faiss        inner product on the L2-normalised, post-processed vectors, ids = metadata ids
+        lists.ivfdata      its inverted lists, when merge-index filled them on disk (instret.ondisk)
         vectors.npy        float32 n x dim encoder vectors, rows in id order (rebuilds need no re-encoding)
         ids.npy            int64 n, ascending
         meta.sqlite        files(id, path, size, mtime_ns, sha256), skipped(path, reason)
@@ -146,15 +147,16 @@ class SearchIndex:
 
     def _search_engine(self, k: int):
         """The FAISS index to search with k neighbours: a GPU copy when one was asked for, the
-        layout runs on FAISS's GPUs (Flat, IVF...,Flat) and k and nprobe are within their 2,048;
-        the CPU index otherwise."""
+        layout runs on FAISS's GPUs (Flat, IVF...,Flat, its lists in memory) and k and nprobe are
+        within their 2,048; the CPU index otherwise."""
         index = self.faiss_index()
         if not self.gpu or k > GPU_MAX_K or (self.breadth[0] or DEFAULT_NPROBE) > GPU_MAX_K:
             return index
         if self._faiss_gpu is None:
             factory = self.manifest["factory"]
             gpus = faiss_gpu_count()
-            if gpus == 0 or not (factory == "Flat" or (factory.startswith("IVF") and factory.endswith(",Flat"))):
+            gpu_layout = factory == "Flat" or (factory.startswith("IVF") and factory.endswith(",Flat"))
+            if gpus == 0 or not gpu_layout or self.manifest.get("lists") == "on-disk":
                 self._faiss_gpu = index
             else:
                 self._faiss_gpu = to_gpus(index)
@@ -252,6 +254,20 @@ def make_manifest(
     return manifest
 
 
+def merged_manifest(shard: dict, vectors: np.ndarray, factory: str, skipped: int, extra: dict) -> dict:
+    """The manifest of an index joined from shards (instret.shards), one of which has manifest `shard`."""
+    return make_manifest(
+        vectors,
+        factory,
+        shard["encoder_fingerprint"],
+        shard.get("encoder_arch"),
+        shard.get("image_size"),
+        Path(shard["root"]),
+        skipped,
+        extra=extra,
+    )
+
+
 def read_manifest(gen_dir: Path) -> dict:
     path = gen_dir / "manifest.json"
     try:
@@ -301,11 +317,14 @@ def write_generation(
     encoder_file: Path,
     whitening: Whitening | None = None,
     searched: np.ndarray | None = None,
+    prebuilt: Path | None = None,
 ) -> str:
     """Write a complete generation folder, then make it current (the atomic step).
 
     whitening: saved with the generation; searched: the vectors as the index searches them
-    (whitening(vectors), computed once by the caller); without whitening, the vectors."""
+    (whitening(vectors), computed once by the caller); without whitening, the vectors.
+    prebuilt: a folder on the same file system whose files (index.faiss, vectors.npy and the
+    lists they need; instret.ondisk) are moved in instead of being built from the vectors."""
 
     name = f"gen-{generation:06d}"
     gen_dir = index_dir / name
@@ -315,11 +334,15 @@ def write_generation(
     try:
         if whitening is not None:
             whitening.save(gen_dir / WHITENING)
-        searched = vectors if searched is None else searched
-        faiss_boundary.write_index(
-            faiss_boundary.make_faiss_index(searched, ids, manifest["factory"]), gen_dir / "index.faiss"
-        )
-        np.save(gen_dir / "vectors.npy", vectors)
+        if prebuilt is None:
+            searched = vectors if searched is None else searched
+            faiss_boundary.write_index(
+                faiss_boundary.make_faiss_index(searched, ids, manifest["factory"]), gen_dir / "index.faiss"
+            )
+            np.save(gen_dir / "vectors.npy", vectors)
+        else:
+            for built in prebuilt.iterdir():
+                os.replace(built, gen_dir / built.name)
         np.save(gen_dir / "ids.npy", ids)
         con = metadata.open_metadata(gen_dir / "meta.sqlite")
         metadata.write_files(con, files, skipped)

@@ -4,8 +4,10 @@ committed). Paths are stored as text, or as raw bytes when a name is not valid U
 
 from __future__ import annotations
 
+import heapq
 import os
 import sqlite3
+from collections.abc import Iterable, Iterator
 from itertools import chain
 from pathlib import Path
 
@@ -53,10 +55,11 @@ def open_metadata(path: Path, readonly: bool = False) -> sqlite3.Connection:
     return con
 
 
-def write_files(con: sqlite3.Connection, files: list[tuple], skipped: list[tuple[str, str]]) -> None:
-    """A new generation's rows: (id, path, size, mtime_ns, sha256) and (path, reason)."""
+def write_files(con: sqlite3.Connection, files: Iterable[tuple], skipped: list[tuple[str, str]]) -> None:
+    """A new generation's rows: (id, path, size, mtime_ns, sha256), in any order and read once
+    (a generator keeps a million of them out of memory), and (path, reason)."""
     with con:
-        con.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?)", [(i, to_db(p), *r) for i, p, *r in files])
+        con.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?)", ((i, to_db(p), *r) for i, p, *r in files))
         con.executemany("INSERT INTO skipped VALUES (?, ?)", [(to_db(p), r) for p, r in skipped])
 
 
@@ -79,6 +82,16 @@ def files_page(con: sqlite3.Connection, offset: int = 0, limit: int = -1) -> lis
     """(id, path, size, mtime_ns, sha256) in id order: all, or a page."""
     rows = con.execute(f"SELECT {FILE_COLUMNS} FROM files ORDER BY id LIMIT ? OFFSET ?", (limit, offset))
     return [(i, from_db(p), *rest) for i, p, *rest in rows]
+
+
+def files_in_path_order(con: sqlite3.Connection) -> Iterator[tuple[int, str, int, int, str]]:
+    """(id, path, size, mtime_ns, sha256) in the order Python sorts the paths, streamed. SQLite
+    orders text by its UTF-8 bytes, which is code point order; names kept as raw bytes (not
+    valid UTF-8, few) come after all text there, so they are merged in by Python's order."""
+    text = con.execute(f"SELECT {FILE_COLUMNS} FROM files WHERE typeof(path) = 'text' ORDER BY path")
+    raw = con.execute(f"SELECT {FILE_COLUMNS} FROM files WHERE typeof(path) != 'text'")
+    raw = sorted(((i, from_db(p), *rest) for i, p, *rest in raw), key=lambda r: r[1])
+    return heapq.merge(text, raw, key=lambda r: r[1])
 
 
 def skipped_files(con: sqlite3.Connection) -> list[tuple[str, str]]:

@@ -69,12 +69,34 @@ class Whitening:
 
 def fit_whitening(x: np.ndarray, shrinkage: float = DEFAULT_SHRINKAGE) -> Whitening:
     """Whitening fitted on the rows of x (n x D), with the eigenvalues shrunk towards their mean."""
-    if not 0.0 <= shrinkage <= 1.0:
-        raise InstretError(f"whitening shrinkage must be in [0, 1], not {shrinkage}")
     x = np.asarray(x, dtype=np.float64)
     mean = x.mean(axis=0)
     centred = x - mean
-    cov = centred.T @ centred / max(1, len(x) - 1)  # D x D
+    return _whitening(mean, centred.T @ centred / max(1, len(x) - 1), shrinkage)  # D x D covariance
+
+
+class Moments:
+    """The count, sum and sum of outer products of rows added block by block: the whitening of
+    a collection whose vectors are never in memory together (instret.ondisk)."""
+
+    def __init__(self, dim: int):
+        self.count, self.total, self.outer = 0, np.zeros(dim), np.zeros((dim, dim))
+
+    def add(self, block: np.ndarray) -> None:
+        block = np.asarray(block, dtype=np.float64)
+        self.count += len(block)
+        self.total += block.sum(axis=0)
+        self.outer += block.T @ block
+
+    def whitening(self, shrinkage: float = DEFAULT_SHRINKAGE) -> Whitening:
+        mean = self.total / self.count
+        cov = (self.outer - self.count * np.outer(mean, mean)) / max(1, self.count - 1)
+        return _whitening(mean, cov, shrinkage)
+
+
+def _whitening(mean: np.ndarray, cov: np.ndarray, shrinkage: float) -> Whitening:
+    if not 0.0 <= shrinkage <= 1.0:
+        raise InstretError(f"whitening shrinkage must be in [0, 1], not {shrinkage}")
     eigvals, eigvecs = np.linalg.eigh(cov)
     eigvals = np.clip(eigvals, 0.0, None)
     shrunk = (1 - shrinkage) * eigvals + shrinkage * eigvals.mean()
@@ -86,13 +108,17 @@ def fit_whitening(x: np.ndarray, shrinkage: float = DEFAULT_SHRINKAGE) -> Whiten
 
 def fit_for_index(vectors: np.ndarray, whiten: bool) -> tuple[Whitening | None, dict]:
     """The whitening an index of these vectors uses (None: not asked for, or too few vectors to
-    fit one) and its manifest entry, which also keeps what was asked for the next build."""
+    fit one) and its manifest entry (whitening_entry)."""
+    whitening = fit_whitening(vectors) if whiten and len(vectors) >= MIN_VECTORS else None
+    return whitening, whitening_entry(whitening, whiten, len(vectors))
+
+
+def whitening_entry(whitening: Whitening | None, whiten: bool, count: int) -> dict:
+    """The manifest's "postprocess": what was fitted, and what was asked for (the next build's default)."""
     entry: dict = {"whiten": bool(whiten)}
-    if not whiten or len(vectors) < MIN_VECTORS:
-        return None, entry
-    whitening = fit_whitening(vectors)
-    entry["whitening"] = {"shrinkage": whitening.shrinkage, "fitted_on": len(vectors)}
-    return whitening, entry
+    if whitening is not None:
+        entry["whitening"] = {"shrinkage": whitening.shrinkage, "fitted_on": count}
+    return entry
 
 
 def weighted_expansion(x: np.ndarray, neighbours: np.ndarray, scores: np.ndarray, alpha: float) -> np.ndarray:

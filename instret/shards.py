@@ -3,7 +3,10 @@
 joins the shards into one index (`instret merge-index SHARD... --out INDEX_DIR`).
 
 The merged index equals an index built in one go: the same files, the same vectors, ids in
-path order (or, when INDEX_DIR already holds a merged index, the ids it gave each path).
+path order (or, when INDEX_DIR already holds a merged index, the ids it gave each path). With
+an IVF layout (`--index-type IVF4096,Flat`, ...) the shards are merged without ever holding
+every vector: the lists are filled shard by shard on disk (instret.ondisk); other layouts
+are built in memory from all the vectors.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from pathlib import Path
 
 from instret.encoder import load_encoder
 from instret.errors import InstretError
-from instret.index import SearchIndex, make_manifest, write_generation, writer_lock
+from instret.faiss_boundary import fills_lists_on_disk
+from instret.index import SearchIndex, merged_manifest, write_generation, writer_lock
 from instret.indexer import next_generation, searched_space, with_stable_ids
 from instret.locations import index_output, read_current
+from instret.ondisk import merge_on_disk
 from instret.postprocess import WHITEN_BY_DEFAULT
 from instret.progress import log
 
@@ -50,52 +55,56 @@ def merge_shards(shard_dirs: list[str | Path], out: str | Path, factory: str | N
     got = sorted(s.manifest["shard"][0] for s in shards)
     if any(s.manifest["shard"][1] != n for s in shards) or got != list(range(n)):
         raise InstretError(f"shards {got} of {n}: give each of the {n} shards exactly once")
-    entries = sorted((e[1:] for s in shards for e in s.entries()), key=lambda e: e[0])  # the one-machine listing order
-    skipped = sorted(p for s in shards for p in s.skipped())
+    factory = factory or first["factory"]
+    on_disk = fills_lists_on_disk(factory, first["dim"])
     out = index_output(out)
     with writer_lock(out):
-        old_ids = {}
-        if read_current(out):
-            previous = SearchIndex(out)
-            if previous.manifest["encoder_fingerprint"] == first["encoder_fingerprint"]:
-                old_ids = {rel: i for i, rel, *_ in previous.files()}
+        previous = SearchIndex(out) if read_current(out) else None
+        if previous is not None and previous.manifest["encoder_fingerprint"] != first["encoder_fingerprint"]:
             previous.close()
-        rows, vectors, ids = with_stable_ids(entries, old_ids)
+            previous = None  # another encoder's index is replaced whole: ids start again
         encoder = load_encoder(shards[0].gen_dir / "encoder.pt")
-        whitening, searched, extra = searched_space(
-            encoder, Path(first["root"]), rows, vectors, shards[0].postprocess.get("whiten", WHITEN_BY_DEFAULT)
-        )
-        manifest = make_manifest(
-            vectors,
-            factory or first["factory"],
-            first["encoder_fingerprint"],
-            first.get("encoder_arch"),
-            first.get("image_size"),
-            Path(first["root"]),
-            len(skipped),
-            extra=extra,
-        )
-        name = write_generation(
-            out,
-            next_generation(out),
-            manifest,
-            vectors,
-            ids,
-            rows,
-            skipped,
-            shards[0].gen_dir / "encoder.pt",
-            whitening,
-            searched,
-        )
+        whiten = shards[0].postprocess.get("whiten", WHITEN_BY_DEFAULT)
+        merge = merge_on_disk if on_disk else _merge_in_memory
+        try:
+            name, count, skipped = merge(shards, out, factory, previous, whiten, encoder)
+        finally:
+            if previous is not None:
+                previous.close()
     for s in shards:
         s.close()
     seconds = time.perf_counter() - start
-    log(f"merged {len(shards)} shards into {out}: {len(rows)} vectors in {seconds:.1f} s")
+    lists = " (inverted lists on disk)" if on_disk else ""
+    log(f"merged {len(shards)} shards into {out}{lists}: {count} vectors in {seconds:.1f} s")
     return {
         "index": str(out),
         "generation": name,
         "shards": len(shards),
-        "vectors": len(rows),
-        "skipped": len(skipped),
+        "vectors": count,
+        "skipped": skipped,
         "seconds": round(seconds, 3),
     }
+
+
+def _merge_in_memory(shards, out, factory, previous, whiten, encoder) -> tuple[str, int, int]:
+    """Every shard's vectors read into memory, then one generation built from them."""
+    first = shards[0].manifest
+    old_ids = {rel: i for i, rel, *_ in previous.files()} if previous is not None else {}
+    entries = sorted((e[1:] for s in shards for e in s.entries()), key=lambda e: e[0])  # the one-machine listing order
+    skipped = sorted(p for s in shards for p in s.skipped())
+    rows, vectors, ids = with_stable_ids(entries, old_ids)
+    whitening, searched, extra = searched_space(encoder, Path(first["root"]), rows, vectors, whiten)
+    manifest = merged_manifest(first, vectors, factory, len(skipped), extra)
+    name = write_generation(
+        out,
+        next_generation(out),
+        manifest,
+        vectors,
+        ids,
+        rows,
+        skipped,
+        shards[0].gen_dir / "encoder.pt",
+        whitening,
+        searched,
+    )
+    return name, len(rows), len(skipped)

@@ -170,6 +170,19 @@ def test_dups_scale_script_reports_time_and_memory():
 
 
 @pytest.mark.slow
+def test_merge_on_disk_script_compares_both_merges_on_the_same_shards():
+    proc = subprocess.run(
+        [sys.executable, BENCH / "merge_on_disk.py", *"--rows 6000 --shards 3 --layout IVF16,Flat".split()],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = last_json_line(proc.stdout)
+    assert result["same_top10"] > 0.9 and result["on-disk"]["recall@10"] == result["in-memory"]["recall@10"]
+    assert result["on-disk"]["peak_anon_mb"] > 0 and result["added_memory_ratio"] > 0
+
+
 def test_serve_script_measures_uploads_to_a_real_server(tmp_path):
     from tests.conftest import make_photos
 

@@ -14,6 +14,7 @@ from instret.faiss_boundary import make_faiss_index
 from instret.index import SearchIndex, writer_lock
 from instret.indexer import build_index
 from instret.searcher import Searcher, query, retrieval_metrics
+from instret.shards import merge_shards
 from tests.conftest import make_photos
 
 QUIET = dict(workers=0, device="cpu")
@@ -237,7 +238,7 @@ def test_sharded_build_then_merge_equals_a_single_build(photos, trained_run, tmp
 
 
 def test_merge_refuses_missing_or_foreign_shards(photos, trained_run, tmp_path):
-    from instret.shards import merge_shards, parse_shard
+    from instret.shards import parse_shard
 
     for i in range(2):
         build_index(photos, trained_run, tmp_path / f"s{i}", shard=(i, 2), **QUIET)
@@ -296,6 +297,10 @@ def test_the_gpu_copy_is_made_only_when_asked_and_where_faiss_gpu_serves_it(phot
     assert len(cloned) == 1  # made once, then kept
     on_gpu.search(v, 4096)  # above FAISS GPU's k limit: the CPU index answers
     SearchIndex(tmp_path / "hnsw", gpu=True).search(v, 3)  # HNSW does not run on FAISS's GPUs
+    for i in range(2):
+        build_index(photos, trained_run, tmp_path / f"s{i}", shard=(i, 2), **QUIET)
+    merge_shards([tmp_path / "s0", tmp_path / "s1"], tmp_path / "ivf-on-disk", "IVF2,Flat")
+    SearchIndex(tmp_path / "ivf-on-disk", gpu=True).search(v, 3)  # lists on disk stay there
     assert len(cloned) == 1
     assert Searcher(tmp_path / "flat", device="cpu").index.gpu is False
 
