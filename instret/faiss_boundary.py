@@ -225,12 +225,17 @@ def read_index(path: Path):
     the lists it names are read from there (the folder may have moved since it was written)."""
     import faiss
 
-    if (path.parent / LISTS).exists():
+    lists = path.parent / LISTS
+    if lists.exists():
         try:
             with native_stdout_silenced():
-                return faiss.read_index(str(path), faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_ONDISK_SAME_DIR)
+                index = faiss.read_index(str(path), faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_ONDISK_SAME_DIR)
         except RuntimeError:
             raise InstretError(f"{path}: FAISS index or its {LISTS} unreadable (truncated or corrupted?)") from None
+        # A search reading past the end of a short file would kill the process (SIGBUS).
+        if faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).totsize > lists.stat().st_size:
+            raise InstretError(f"{lists}: shorter than its index says (truncated?); the index is damaged, rebuild it")
+        return index
     try:
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:

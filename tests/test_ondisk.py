@@ -84,6 +84,13 @@ def test_on_disk_merge_equals_a_one_machine_build_and_survives_a_move(trained_ru
     assert hits[0]["path"].endswith("b/003.jpg") and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
     groups = [sorted(m["path"] for m in g["members"]) for g in find_duplicates(tmp_path / "moved")["groups"]]
     assert groups == [[str(photos / "a" / "002.jpg"), str(photos / "c" / "copy_of_a2.jpg")]]
+    # Damaged lists are one clear error, not a crash when a search reaches the missing part.
+    lists = SearchIndex(tmp_path / "moved").gen_dir / LISTS
+    whole_lists = lists.read_bytes()
+    lists.write_bytes(whole_lists[: len(whole_lists) // 2])
+    with pytest.raises(InstretError, match="truncated"):
+        Searcher(tmp_path / "moved").query([photos / "b" / "003.jpg"], k=2)
+    lists.write_bytes(whole_lists)
     # A later plain update of the merged index rebuilds in memory, keeping every id.
     (photos / "a" / "000.jpg").unlink()
     build_index(photos, trained_run, tmp_path / "moved", **QUIET)
