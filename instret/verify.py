@@ -6,7 +6,10 @@ on the long side. Each picture is then searched for inside the other: at every s
 (a copy cropped to 40 % of the area has 63 % of the side), at every offset, mirrored or not,
 whole or cut to its middle, turned or not (VIEWS; a turned copy has lost its corners), by
 normalised correlation, which ignores brightness and contrast; on half-size pictures first,
-the best few alignments then again at full size. The aligned pair is scored by blocks: the
+the best few alignments then again at full size, together with the pictures as they are (a
+caption bar or a badge can outweigh the rest of a soft photo and win the coarse search for
+another window) and, when the best is turned, the angles ANGLE_STEP either side of it (a copy
+turned 8.5 degrees lies between the views). The aligned pair is scored by blocks: the
 median correlation of its detail (each picture less its blur) over the blocks that have any,
 so that a caption or a logo over part of it does not decide, and a shared sky or shading does
 not make two photos alike. ACCEPT or more, with the pictures themselves correlating
@@ -38,6 +41,8 @@ TURNED_KEEP = 0.72  # share of a turned template's side kept (its corners are no
 MIDDLE_KEEP = 0.84  # share of the side an unturned middle keeps
 # (degrees turned, share of the side kept) of each template tried.
 VIEWS = ((0.0, 1.0), (0.0, MIDDLE_KEEP), *((angle, TURNED_KEEP) for angle in (-6.0, 6.0, -11.0, 11.0)))
+ANGLE_STEP = 2.5  # degrees either side of the best turned view, tried at full size
+ANGLE_FROM = 0.35  # when that view scores this or more (unrelated photos mostly score less)
 ACCEPT = 0.55  # detail correlation of the aligned pictures that makes a copy (with ACCEPT_SHADING)
 ACCEPT_SHADING = 0.8  # and the pictures' own, shading included
 MIN_TEMPLATE = 6  # pixels of the picture compared (half size or full): a smaller template matches anything
@@ -69,7 +74,7 @@ class Verdict:
 
     def reason(self) -> str:
         if self.score < -0.5:
-            return "an image could not be read"
+            return "an image could not be read, or has too little detail to compare"
         how = [f"{self.scale:.0%} of the side" if self.scale < 0.99 else "the whole image"]
         if self.mirrored:
             how.append("mirrored")
@@ -123,18 +128,35 @@ def compare(a: np.ndarray, b: np.ndarray) -> Verdict:
     ranked = sorted(coarse, reverse=True)
     # A cut template is only its middle, so it skips a caption or a logo near an edge and can
     # outscore the true alignment at half size: the best whole-template ones are refined too.
+    # So is the picture as it is, at full scale: a caption bar or a badge can outweigh the rest of
+    # a soft photo in a whole-picture correlation and win the coarse search for another window.
     whole = [c for c in ranked if c[4] == 1.0][:REFINED]
-    best = NO_VERDICT
-    for _, inner, mirrored, angle, keep, scale in dict.fromkeys(ranked[:REFINED] + whole):
-        image, other = (b, a) if inner else (a, b)
-        template = _view(other[:, ::-1] if mirrored else other, angle, keep)
-        _, found = _best_window(image, template, scale * keep)
-        if found is None:
-            continue
-        score = _block_score(*(_detail(x) for x in found))
-        if score > best.score:
-            best = Verdict(score, scale, mirrored, angle, _block_score(*found), min(found[1].shape))
+    as_is = [(inner, False, 0.0, 1.0, 1.0) for inner in (False, True)]
+    best, at = NO_VERDICT, None
+    for alignment in dict.fromkeys([c[1:] for c in ranked[:REFINED] + whole] + as_is):
+        verdict = _aligned(a, b, *alignment)
+        if verdict.score > best.score:
+            best, at = verdict, alignment
+    if at is not None and at[2] and best.score >= ANGLE_FROM:
+        # Turned: the copy's angle lies anywhere between the views' (3-12 degrees), so the
+        # angles half a view's step either side are tried too.
+        inner, mirrored, angle, keep, scale = at
+        for turn in (angle - ANGLE_STEP, angle + ANGLE_STEP):
+            verdict = _aligned(a, b, inner, mirrored, turn, keep, scale)
+            best = verdict if verdict.score > best.score else best
     return best
+
+
+def _aligned(a, b, inner: bool, mirrored: bool, angle: float, keep: float, scale: float) -> Verdict:
+    """The Verdict of one alignment, searched at full size: a's view (b's when inner) matched
+    at its best offset in the other picture; NO_VERDICT when it has too little to compare."""
+    image, other = (b, a) if inner else (a, b)
+    template = _view(other[:, ::-1] if mirrored else other, angle, keep)
+    _, found = _best_window(image, template, scale * keep)
+    if found is None:
+        return NO_VERDICT
+    score = _block_score(*(_detail(x) for x in found))
+    return Verdict(score, scale, mirrored, angle, _block_score(*found), min(found[1].shape))
 
 
 def strictly(verdict: Verdict, fine_a: np.ndarray | None, fine_b: np.ndarray | None) -> Verdict:

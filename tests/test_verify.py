@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageDraw, ImageEnhance
 
 from instret import verify
 from instret.borders import trim_borders
@@ -67,7 +67,9 @@ def test_files_are_read_once_and_an_unreadable_one_is_no_copy(tmp_path):
     (tmp_path / "a.png").unlink()  # decoded already: the cache answers
     assert check(str(tmp_path / "a.png"), str(tmp_path / "a.png")).copy
     unreadable = check(str(tmp_path / "a.png"), str(tmp_path / "bad.jpg"))
-    assert not unreadable.copy and unreadable.reason() == "an image could not be read"
+    assert (
+        not unreadable.copy and unreadable.reason() == "an image could not be read, or has too little detail to compare"
+    )
 
 
 @needs_photos
@@ -187,3 +189,57 @@ def test_the_strict_check_keeps_most_edited_copies_of_real_photos(tmp_path):
             edited_copy(open_rgb(path), name, rng).save(copy, quality=95)
             passed += check(str(path), str(copy), strict=True).copy
     assert passed >= 0.9 * 3 * len(EDITS), passed
+
+
+# Soft photos whose edited copies the coarse search once aligned wrongly (found on the
+# 4,425-image planted benchmark: a caption bar or a badge outweighed the rest of the picture).
+SOFT_PHOTOS = ("n03000684/n03000684_20250.JPEG", "n03394916/n03394916_24532.JPEG", "n03417042/n03417042_27680.JPEG")
+
+
+def badge(img: Image.Image, corner: tuple[int, int], colour) -> Image.Image:
+    img = img.copy()
+    w, h = img.size
+    r = round(min(w, h) * 0.25)
+    x, y = (r if corner[0] == 0 else w - r), (r if corner[1] == 0 else h - r)
+    ImageDraw.Draw(img).ellipse((x - r, y - r, x + r, y + r), fill=colour, outline=(255, 255, 255), width=r // 8)
+    return img
+
+
+def caption(img: Image.Image, top: bool) -> Image.Image:
+    img = img.copy()
+    w, h = img.size
+    bar = round(h * 0.2)
+    y = 0 if top else h - bar
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, y, w, y + bar), fill=(0, 0, 0))
+    draw.text((w * 0.05, y + bar * 0.25), "Holiday 2024", fill=(255, 255, 255))
+    return img
+
+
+@needs_photos
+@pytest.mark.parametrize("name", SOFT_PHOTOS)
+def test_a_caption_or_a_badge_over_a_soft_photo_is_aligned_where_it_lies(name):
+    img = open_rgb(IMAGENETTE / name)
+    for copy in (
+        badge(img, (1, 1), (200, 30, 30)),
+        badge(img, (0, 0), (30, 30, 200)),
+        caption(img, True),
+        caption(img, False),
+    ):
+        verdict = verify.compare(picture(img), picture(copy))
+        assert verdict.copy and verdict.scale == 1.0 and verdict.angle == 0.0, verdict
+
+
+@needs_photos
+@pytest.mark.parametrize("angle", [8.5, -8.5, 3.5])
+def test_a_turn_between_the_views_angles_passes_the_strict_check(angle, tmp_path):
+    rng = random.Random(0)
+    for k, name in enumerate(("n03445777/n03445777_9572.JPEG", "n03417042/n03417042_27680.JPEG", *SOFT_PHOTOS[:2])):
+        img = open_rgb(IMAGENETTE / name)
+        m = round(min(img.size) * 0.12)  # as instret.edits.rotate crops it
+        turned = img.rotate(angle, Image.BILINEAR).crop((m, m, img.width - m, img.height - m))
+        copy = tmp_path / f"{k}.jpg"
+        turned.save(copy, quality=int(rng.uniform(80, 95)))
+        verdict = verify.Verifier()(str(IMAGENETTE / name), str(copy), strict=True)
+        # The turn is the template's (either picture's), so only its size is the copy's.
+        assert verdict.copy and abs(abs(verdict.angle) - abs(angle)) <= 3.5, (name, verdict)
