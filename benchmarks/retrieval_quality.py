@@ -48,6 +48,7 @@ import torch
 from PIL import Image
 
 from instret.borders import trim_borders
+from instret.colour import colour_signature
 from instret.edits import EDITS, edited_copy
 from instret.encoder import Encoder, calibrated_copy, embed_images, load_encoder
 from instret.images import encoder_inputs, list_image_files, open_rgb
@@ -156,7 +157,9 @@ def train_encoder(collection: Path, work: Path, minutes: float, overrides: dict,
     seconds = time.perf_counter() - start
     enc = load_encoder(work / "run")
     cfg = json.loads((work / "run" / "config.json").read_text())
-    return (lambda paths: encoder_vectors(enc.model, enc.mean, enc.std, enc.image_size, paths)), seconds, cfg
+    # As `instret index` encodes (LoadedEncoder.embed_inputs: with the colour signature of an
+    # encoder trained for several views).
+    return (lambda paths: enc.embed_inputs(encoder_inputs(paths, enc.image_size)[1])), seconds, cfg
 
 
 # --- scoring -----------------------------------------------------------------------------
@@ -254,6 +257,8 @@ def multiview(shared: Path, work: Path, args, results: dict) -> None:
 
     score("pixels", pixels(paths))
     score("colour_hist", colour_histogram(paths))
+    # The colour signature an encoder trained for views searches beside its features, alone.
+    score("colour_signature", colour_signature(encoder_inputs(paths, 32)[1]).numpy())
     overrides = json.loads(args.set)
     size = 32
     variants = {
@@ -261,11 +266,15 @@ def multiview(shared: Path, work: Path, args, results: dict) -> None:
         "instret, neighbourhoods off": {"neighbourhoods": "off"},
         "instret (defaults)": {},
     }
-    for name, change in variants.items() if args.minutes > 0 else ():
+    chosen = {name: variants[name] for name in args.variants.split(",")} if args.variants else variants
+    for name, change in chosen.items() if args.minutes > 0 else ():
         run = work / f"multiview-{len(part)}"
         trained, seconds, cfg = train_encoder(work / "multiview", run, args.minutes, {**overrides, **change}, args.seed)
         size = cfg["image_size"]
         score(name, trained(paths))
+        enc = load_encoder(run / "run")
+        if enc.colour_weight:  # what the colour signature adds: the learned features alone
+            score(f"{name}, features alone", encoder_vectors(enc.model, enc.mean, enc.std, size, paths))
         rows = [json.loads(line) for line in (run / "run" / "metrics.jsonl").open()]
         part[name].update(
             seconds=round(seconds, 1),
@@ -285,6 +294,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="copy,multiview", help="copy, multiview or both (comma-separated)")
     ap.add_argument("--views", type=int, default=0, help="multi-view: views kept per object (0: all 41)")
+    ap.add_argument(
+        "--variants",
+        default="",
+        help="multi-view: the trained variants to run, comma-separated (default: all; e.g. 'instret (defaults)')",
+    )
     ap.add_argument("--originals", type=int, default=500)
     ap.add_argument("--copies", type=int, default=2)
     ap.add_argument("--distractors", type=int, default=1000)

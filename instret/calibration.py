@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from instret.edits import EDITS, edited_copy
-from instret.encoder import LoadedEncoder, embed_images
+from instret.encoder import LoadedEncoder
 from instret.images import ImageReadError, open_rgb, square_tensor
 
 PAIRS = 20_000  # random unrelated pairs measured
@@ -96,9 +96,8 @@ def copy_scores(
         rows.append(r)
     if not images:
         return np.empty(0, dtype=np.float32)
-    device = next(encoder.model.parameters()).device
-    copies = embed_images(encoder.model, torch.stack(images).to(device), encoder.mean, encoder.std)
-    return np.einsum("pd,pd->p", transform(copies.cpu().numpy()), searched[rows])
+    copies = encoder.embed_inputs(torch.stack(images))
+    return np.einsum("pd,pd->p", transform(copies), searched[rows])
 
 
 def score_distributions(

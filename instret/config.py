@@ -20,8 +20,9 @@ MULTI_VIEW_MODES = ("auto", "on", "off")
 # kept (it tells one object from its look-alikes), a softer temperature (other views of an
 # object are not pushed as far away as other objects) and crops down to 20 % (a part stands for
 # the whole). Each costs copy detection, hence only where views are found; the runs that chose
-# them are in docs/neighbourhoods.md.
-MULTI_VIEW = {"hue": 0.0, "grayscale_p": 0.0, "tau": 0.2, "crop_scale": (0.2, 1.0)}
+# them are in docs/neighbourhoods.md. The encoder it saves also searches a colour signature
+# beside its features, at colour_weight (instret.colour).
+MULTI_VIEW = {"hue": 0.0, "grayscale_p": 0.0, "tau": 0.2, "crop_scale": (0.2, 1.0), "colour_weight": 1.0}
 BANK_INITS = ("random", "features")
 SCHEDULES = ("step", "cosine")
 DATASETS = ("digits", "cifar10")
@@ -237,7 +238,7 @@ def multi_view_text() -> str:
     """MULTI_VIEW as help text shows it (so it cannot drift)."""
     return (
         f"colour kept (hue {MULTI_VIEW['hue']:g}, greyscale {MULTI_VIEW['grayscale_p']:g}), tau {MULTI_VIEW['tau']:g}, "
-        f"crops from {MULTI_VIEW['crop_scale'][0]:.0%}"
+        f"crops from {MULTI_VIEW['crop_scale'][0]:.0%}; searched with a colour signature beside the features"
     )
 
 

@@ -102,9 +102,10 @@ def fingerprint(state_dict: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def save_encoder(model: Encoder, path: str | Path, mean, std) -> str:
+def save_encoder(model: Encoder, path: str | Path, mean, std, colour_weight: float = 0.0) -> str:
+    """encoder.pt; colour_weight > 0: its vectors carry a colour signature (instret.colour)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    fp = fingerprint(state)
+    fp = with_colour_mark(fingerprint(state), colour_weight)
     atomic_torch_save(
         {
             "format_version": ENCODER_FORMAT_VERSION,
@@ -114,6 +115,7 @@ def save_encoder(model: Encoder, path: str | Path, mean, std) -> str:
             "mean": list(mean),
             "std": list(std),
             "fingerprint": fp,
+            "colour_weight": float(colour_weight),
             "state_dict": state,
         },
         path,
@@ -121,11 +123,18 @@ def save_encoder(model: Encoder, path: str | Path, mean, std) -> str:
     return fp
 
 
+def with_colour_mark(fp: str, colour_weight: float) -> str:
+    """The weights' fingerprint, marked when a colour signature joins the features: the same
+    weights then give other vectors, so an index of one is not updated with the other."""
+    return f"{fp}+colour{colour_weight:g}" if colour_weight else fp
+
+
 class LoadedEncoder:
     """An exported encoder ready for inference: model in eval mode plus its preprocessing."""
 
-    def __init__(self, model: Encoder, mean, std, fingerprint: str):
+    def __init__(self, model: Encoder, mean, std, fingerprint: str, colour_weight: float = 0.0):
         self.model, self.mean, self.std, self.fingerprint = model, tuple(mean), tuple(std), fingerprint
+        self.colour_weight = colour_weight
 
     @property
     def image_size(self) -> int:
@@ -133,7 +142,9 @@ class LoadedEncoder:
 
     @property
     def dim(self) -> int:
-        return self.model.low_dim
+        from instret.colour import DIM
+
+        return self.model.low_dim + (DIM if self.colour_weight else 0)
 
     def embed(self, items, max_pixels: int | None = None) -> np.ndarray:
         """Feature rows (float32, L2-normalised; before an index's whitening) of image files, PIL
@@ -150,7 +161,12 @@ class LoadedEncoder:
     def embed_inputs(self, images: torch.Tensor) -> np.ndarray:
         """Feature rows of images already in the encoder's input form (uint8 N x 3 x size x size)."""
         device = next(self.model.parameters()).device
-        return embed_images(self.model, images.to(device), self.mean, self.std).float().cpu().numpy()
+        features = embed_images(self.model, images.to(device), self.mean, self.std).float()
+        if self.colour_weight:
+            from instret.colour import with_colour
+
+            features = with_colour(features, images.to(device), self.colour_weight)
+        return features.cpu().numpy()
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> LoadedEncoder:
@@ -164,7 +180,9 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Loaded
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError):
         raise InstretError(f"{path}: weights do not fit a {blob['arch']!r} encoder; the file is damaged") from None
     model.to(device).eval()
-    return LoadedEncoder(model, mean, std, blob.get("fingerprint") or fingerprint(blob["state_dict"]))
+    colour = float(blob.get("colour_weight", 0.0))
+    fp = blob.get("fingerprint") or with_colour_mark(fingerprint(blob["state_dict"]), colour)
+    return LoadedEncoder(model, mean, std, fp, colour)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from instret.borders import MAX_SIDE, TOLERANCE
+from instret.colour import with_colour
 from instret.encoder import load_encoder
 from instret.errors import InstretError
 from instret.storage import atomic_write_bytes
@@ -25,16 +26,18 @@ FORMATS = ("torchscript", "onnx")
 
 
 class WithPreprocessing(nn.Module):
-    """uint8 images -> [0, 1] -> normalised -> encoder -> L2-normalised features."""
+    """uint8 images -> [0, 1] -> normalised -> encoder -> L2-normalised features (joined with
+    the images' colour signature for an encoder trained for several views)."""
 
-    def __init__(self, model: nn.Module, mean, std):
+    def __init__(self, model: nn.Module, mean, std, colour_weight: float = 0.0):
         super().__init__()
-        self.model = model
+        self.model, self.colour_weight = model, colour_weight
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model((images.float() / 255 - self.mean) / self.std)
+        features = self.model((images.float() / 255 - self.mean) / self.std)
+        return with_colour(features, images, self.colour_weight) if self.colour_weight else features
 
 
 def metadata(enc, fmt: str) -> dict:
@@ -56,7 +59,12 @@ def metadata(enc, fmt: str) -> dict:
             f"at most {MAX_SIDE:.0%} of a side per edge (instret.borders)",
             f"resize the shorter side to {size} px (bilinear), centre-crop {size} x {size}",
             "in the graph: divide by 255, subtract mean, divide by std (per channel, as given)",
-        ],
+        ]
+        + (
+            [f"in the graph: the colour signature joined at weight {enc.colour_weight:g} (instret.colour)"]
+            if enc.colour_weight
+            else []
+        ),
     }
 
 
@@ -65,7 +73,7 @@ def export_encoder(model_path: str | Path, fmt: str, out: str | Path) -> dict:
     if fmt not in FORMATS:
         raise InstretError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     enc = load_encoder(model_path)
-    wrapped = WithPreprocessing(enc.model, enc.mean, enc.std).eval().requires_grad_(False)  # inference only
+    wrapped = WithPreprocessing(enc.model, enc.mean, enc.std, enc.colour_weight).eval().requires_grad_(False)
     example = torch.zeros(2, 3, enc.image_size, enc.image_size, dtype=torch.uint8)
     meta = metadata(enc, fmt)
     out = Path(out)

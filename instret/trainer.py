@@ -369,8 +369,10 @@ class Trainer:
         atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
 
     def export(self, model: torch.nn.Module) -> None:
-        """encoder.pt: the evaluated model with its normalisation (what index and query load)."""
-        save_encoder(model, self.out / "encoder.pt", self.mean, self.std)
+        """encoder.pt: the evaluated model with its normalisation (what index and query load) and,
+        trained for several views, the weight of the colour signature searched beside it."""
+        colour = MULTI_VIEW["colour_weight"] if self.cfg.multi_view == "on" else 0.0
+        save_encoder(model, self.out / "encoder.pt", self.mean, self.std, colour)
 
     def monitor_due(self) -> bool:
         """Every epoch; under a time budget, where the monitor would take over a tenth of the

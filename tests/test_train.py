@@ -8,6 +8,7 @@ import torch
 
 from instret import evaluation
 from instret.config import TrainConfig
+from instret.encoder import load_encoder
 from instret.errors import InstretError
 from instret.run import train
 from instret.trainer import Trainer, batches, load_checkpoint, lr_at
@@ -233,11 +234,13 @@ def test_multi_view_auto_starts_again_when_the_check_finds_several_views_of_thin
     history = load_checkpoint(out / "checkpoint.pt")["history"]
     paper = ("auto", 0.1, None, 0.2, (0.2, 1.0))
     several = ("on", MULTI_VIEW["tau"], MULTI_VIEW["hue"], MULTI_VIEW["grayscale_p"], MULTI_VIEW["crop_scale"])
+    colour = load_encoder(out).colour_weight  # the colour signature joins what the encoder searches
     if confident >= neighbours.GROUPED:
         assert seen == [paper, several] and checks == [1] and saved["multi_view"] == "on"
         assert "Training starts again" in err and [r["epoch"] for r in history] == [1, 2, 3, 4]
+        assert colour == MULTI_VIEW["colour_weight"] > 0
     else:
-        assert seen == [paper] and checks == [1] and saved["multi_view"] == "auto"
+        assert seen == [paper] and checks == [1] and saved["multi_view"] == "auto" and colour == 0
         assert "training goes on as it is" in err and history[1]["views_confident"] == confident
         assert history[1]["views_confident_with_copies"] == confident + 0.1
 
