@@ -35,6 +35,7 @@ The last stdout line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import shutil
@@ -155,11 +156,13 @@ def train_encoder(collection: Path, work: Path, minutes: float, overrides: dict,
     start = time.perf_counter()
     train(options)
     seconds = time.perf_counter() - start
-    enc = load_encoder(work / "run")
-    cfg = json.loads((work / "run" / "config.json").read_text())
-    # As `instret index` encodes (LoadedEncoder.embed_inputs: with the colour signature of an
-    # encoder trained for several views).
-    return (lambda paths: enc.embed_inputs(encoder_inputs(paths, enc.image_size)[1])), seconds, cfg
+    return load_encoder(work / "run"), seconds, json.loads((work / "run" / "config.json").read_text())
+
+
+def indexed_vectors(enc, paths) -> np.ndarray:
+    """As `instret index` encodes (LoadedEncoder.embed_inputs: with the colour signature of an
+    encoder trained for several views)."""
+    return enc.embed_inputs(encoder_inputs(paths, enc.image_size)[1])
 
 
 # --- scoring -----------------------------------------------------------------------------
@@ -269,12 +272,12 @@ def multiview(shared: Path, work: Path, args, results: dict) -> None:
     chosen = {name: variants[name] for name in args.variants.split(",")} if args.variants else variants
     for name, change in chosen.items() if args.minutes > 0 else ():
         run = work / f"multiview-{len(part)}"
-        trained, seconds, cfg = train_encoder(work / "multiview", run, args.minutes, {**overrides, **change}, args.seed)
+        enc, seconds, cfg = train_encoder(work / "multiview", run, args.minutes, {**overrides, **change}, args.seed)
         size = cfg["image_size"]
-        score(name, trained(paths))
-        enc = load_encoder(run / "run")
+        inputs = encoder_inputs(paths, size)[1]  # decoded once for both rows
+        score(name, enc.embed_inputs(inputs))
         if enc.colour_weight:  # what the colour signature adds: the learned features alone
-            score(f"{name}, features alone", encoder_vectors(enc.model, enc.mean, enc.std, size, paths))
+            score(f"{name}, features alone", embed_images(enc.model, inputs, enc.mean, enc.std, batch_size=256).numpy())
         rows = [json.loads(line) for line in (run / "run" / "metrics.jsonl").open()]
         part[name].update(
             seconds=round(seconds, 1),
@@ -342,7 +345,8 @@ def copy_part(shared: Path, work: Path, args, results: dict) -> None:
         evaluate(name, fn(db_paths), fn(q_paths), *common)
     trained = None
     if args.minutes > 0:
-        trained, seconds, cfg = train_encoder(work / "collection", work, args.minutes, json.loads(args.set), args.seed)
+        enc, seconds, cfg = train_encoder(work / "collection", work, args.minutes, json.loads(args.set), args.seed)
+        trained = functools.partial(indexed_vectors, enc)
         results["training"] = {
             "seconds": round(seconds, 1),
             "epochs": cfg["epochs"],

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from instret.colour import DIM as COLOUR_DIM
+from instret.colour import with_colour
 from instret.errors import InstretError
 from instret.locations import encoder_file
 from instret.storage import atomic_torch_save, load_torch_file
@@ -142,9 +144,7 @@ class LoadedEncoder:
 
     @property
     def dim(self) -> int:
-        from instret.colour import DIM
-
-        return self.model.low_dim + (DIM if self.colour_weight else 0)
+        return self.model.low_dim + (COLOUR_DIM if self.colour_weight else 0)
 
     def embed(self, items, max_pixels: int | None = None) -> np.ndarray:
         """Feature rows (float32, L2-normalised; before an index's whitening) of image files, PIL
@@ -160,12 +160,10 @@ class LoadedEncoder:
 
     def embed_inputs(self, images: torch.Tensor) -> np.ndarray:
         """Feature rows of images already in the encoder's input form (uint8 N x 3 x size x size)."""
-        device = next(self.model.parameters()).device
-        features = embed_images(self.model, images.to(device), self.mean, self.std).float()
+        images = images.to(next(self.model.parameters()).device)
+        features = embed_images(self.model, images, self.mean, self.std).float()
         if self.colour_weight:
-            from instret.colour import with_colour
-
-            features = with_colour(features, images.to(device), self.colour_weight)
+            features = with_colour(features, images, self.colour_weight)
         return features.cpu().numpy()
 
 

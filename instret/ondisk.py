@@ -3,7 +3,7 @@ IVF layout trained once on a sample, its inverted lists filled shard by shard an
 disk (FAISS's OnDiskInvertedLists: `lists.ivfdata` beside the generation's `index.faiss`).
 
 Memory holds one shard's lists at a time, one block of its vectors, the layout's training
-sample and 24 bytes a file, never the collection: the file listing is streamed from the
+sample and 32 bytes a file, never the collection: the file listing is streamed from the
 shards' meta.sqlite in path order (twice: for the ids, then into the new meta.sqlite), the
 vectors go into the generation's vectors.npy through a memory map, a whitening is fitted from
 moments summed block by block, and each shard's lists are written to disk before the next.
@@ -80,7 +80,7 @@ def merge_on_disk(
             manifest,
             None,
             rows.ids,
-            (entry[:5] for entry in _listing(shards, previous)),  # streamed into meta.sqlite
+            rows.files(shards),  # streamed into meta.sqlite
             skipped,
             shards[0].gen_dir / "encoder.pt",
             whitening,
@@ -94,19 +94,11 @@ def merge_on_disk(
     return name, len(rows), len(skipped)
 
 
-def _listing(shards: list[SearchIndex], previous: SearchIndex | None):
-    """(id, path, size, mtime_ns, sha256, shard, id in the shard) of every file, streamed in
-    the one-machine listing's order (path order): a path `previous` holds keeps its id, a new
-    one gets the next free id (as instret.indexer.with_stable_ids, without a dict of every path)."""
-    next_id = 0
-    if previous is not None and previous.ntotal:
-        next_id = int(previous.vectors()[1][-1]) + 1  # ids.npy is ascending
+def _listing(shards: list[SearchIndex]):
+    """(id in the shard, path, size, mtime_ns, sha256, shard) of every file, streamed from the
+    shards' meta.sqlite in the one-machine listing's order (path order)."""
     streams = [_tagged(metadata.files_in_path_order(s.meta), number) for number, s in enumerate(shards)]
-    for fid, rel, size, mtime, sha, number in heapq.merge(*streams, key=lambda r: r[1]):
-        i = metadata.id_of(previous.meta, rel) if previous is not None else None
-        if i is None:
-            i, next_id = next_id, next_id + 1
-        yield i, rel, size, mtime, sha, number, fid
+    return heapq.merge(*streams, key=lambda r: r[1])
 
 
 def _tagged(rows, number: int):
@@ -115,27 +107,39 @@ def _tagged(rows, number: int):
 
 
 class _Rows:
-    """The merged index's rows in id order, as arrays (24 bytes a file): id, the shard holding
-    the file, and its row in that shard's vectors.npy."""
+    """The merged index's ids as arrays (32 bytes a file): in listing order, and in id order
+    with the shard holding each file and its row in that shard's vectors.npy. A
+    path `previous` holds keeps its id, a new one gets the next free id (as
+    instret.indexer.with_stable_ids, without a dict of every path)."""
 
     def __init__(self, shards: list[SearchIndex], previous: SearchIndex | None):
         total = sum(s.ntotal for s in shards)
         ids, shard, shard_id = (np.empty(total, dtype=np.int64) for _ in range(3))
+        next_id = int(previous.vectors()[1][-1]) + 1 if previous is not None and previous.ntotal else 0
         k = -1
-        for k, (i, *_, number, fid) in enumerate(_listing(shards, previous)):
+        for k, (fid, rel, *_, number) in enumerate(_listing(shards)):
+            i = metadata.id_of(previous.meta, rel) if previous is not None else None
+            if i is None:
+                i, next_id = next_id, next_id + 1
             ids[k], shard[k], shard_id[k] = i, number, fid
         if k + 1 != total:
             raise InstretError("a shard's metadata and vectors list different files; rebuild that shard")
+        self.listed = ids
         order = np.argsort(ids, kind="stable")
-        self.ids, self.shard = ids[order], shard[order]
+        self.ids, self.shard, shard_id = ids[order], shard[order], shard_id[order]
         self.shard_row = np.empty(total, dtype=np.int64)
-        self.shard_id = shard_id[order]
         for number, s in enumerate(shards):
             mine = self.shard == number
-            self.shard_row[mine] = np.searchsorted(s.vectors()[1], self.shard_id[mine])
+            self.shard_row[mine] = np.searchsorted(s.vectors()[1], shard_id[mine])  # ids.npy is ascending
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def files(self, shards: list[SearchIndex]):
+        """(id, path, size, mtime_ns, sha256) of every file, streamed again in listing order with
+        the ids given above (the previous index is not asked twice)."""
+        for i, (_, rel, size, mtime, sha, _) in zip(map(int, self.listed), _listing(shards)):
+            yield i, rel, size, mtime, sha
 
 
 class _RowPaths:
@@ -149,7 +153,7 @@ class _RowPaths:
 
     def __getitem__(self, row: int) -> Path:
         shard = self.shards[self.rows.shard[row]]
-        ((_, rel, *_),) = metadata.file_rows(shard.meta, [int(self.rows.shard_id[row])])
+        ((_, rel, *_),) = metadata.file_rows(shard.meta, [int(shard.vectors()[1][self.rows.shard_row[row]])])
         return self.root / rel
 
 
