@@ -243,3 +243,19 @@ def test_a_turn_between_the_views_angles_passes_the_strict_check(angle, tmp_path
         verdict = verify.Verifier()(str(IMAGENETTE / name), str(copy), strict=True)
         # The turn is the template's (either picture's), so only its size is the copy's.
         assert verdict.copy and abs(abs(verdict.angle) - abs(angle)) <= 3.5, (name, verdict)
+
+
+@needs_photos
+@pytest.mark.parametrize("corner", [(0, 0), (1, 1), (0.5, 0.5)])
+def test_a_crop_between_the_grid_s_scales_passes_the_strict_check(corner, tmp_path):
+    """Crops keeping 79 % of the area (89 % of the side, between SCALES' 0.84 and 0.92): at 96
+    px the nearer grid scale misaligns their edges by 3 pixels. The first photo's crop was the
+    one the 380-image benchmark missed (seed 0)."""
+    for k, name in enumerate(("n02102040/n02102040_970.JPEG", *SOFT_PHOTOS[:2], "n03445777/n03445777_9572.JPEG")):
+        img = open_rgb(IMAGENETTE / name)
+        w, h = round(img.width * 0.888), round(img.height * 0.888)
+        left, top = round((img.width - w) * corner[0]), round((img.height - h) * corner[1])
+        copy = tmp_path / f"{k}.jpg"
+        img.crop((left, top, left + w, top + h)).save(copy, quality=95)
+        verdict = verify.Verifier()(str(IMAGENETTE / name), str(copy), strict=True)
+        assert verdict.copy, (name, verdict)
