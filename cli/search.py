@@ -155,6 +155,10 @@ KEEP_CHOICES = [
 ]  # instret.duplicates.KEEP_RULES (not imported: --help stays light)
 
 
+# What `dups` shows on a terminal while it works (instret.duplicates' stages).
+DUPS_STAGES = {"search": "dups: searching the index for similar pairs", "verify": "dups: aligning likely pairs"}
+
+
 @click.command("dups")
 @click.argument("index_dir", required=False, callback=checked(locations.index_folder))
 @click.option(
@@ -230,8 +234,13 @@ def dups_cmd(
     if move_to and link_to:
         raise click.UsageError("give --move-to or --link-to, not both")
     from instret.duplicates import find_duplicates
+    from instret.progress import StagedProgress
 
-    found = find_duplicates(index_dir, threshold, precision, keep, existing_only, move_to, verify)
+    progress = StagedProgress(DUPS_STAGES, "pairs")
+    try:
+        found = find_duplicates(index_dir, threshold, precision, keep, existing_only, move_to, verify, progress)
+    finally:
+        progress.close()
     groups = found["groups"]
     text = json.dumps(found) if as_json else report.dups_text(groups)
     if text:

@@ -28,6 +28,7 @@ image, never an n x n matrix.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -189,13 +190,15 @@ def verify_floor(distributions: dict | None, floor: float) -> float | None:
     return max(floor, float(np.interp(VERIFY_COPIES, LEVELS, copies)))
 
 
-def _verify_pairs(index: SearchIndex, ids: np.ndarray, a: np.ndarray, b: np.ndarray, strict: np.ndarray) -> dict:
+def _verify_pairs(
+    index: SearchIndex, ids: np.ndarray, a: np.ndarray, b: np.ndarray, strict: np.ndarray, progress=None
+) -> dict:
     """{(row a, row b): Verdict} of each pair's two files (instret.verify.verify_pairs); a pair with
     `strict` set (one the threshold alone would not group) is checked strictly (instret.verify)."""
     paths = index.paths_of({int(ids[r]) for r in np.concatenate([a, b])})
     order = np.lexsort((b, a))  # pairs of one file together: a worker then decodes it once
     jobs = [(paths[int(ids[a[k]])], paths[int(ids[b[k]])], bool(strict[k])) for k in order]
-    return {(int(a[k]), int(b[k])): v for k, v in zip(order, verify_pairs(jobs))}
+    return {(int(a[k]), int(b[k])): v for k, v in zip(order, verify_pairs(jobs, progress=progress))}
 
 
 # --- groups ------------------------------------------------------------------------------
@@ -229,6 +232,7 @@ def find_duplicates(
     existing_only: bool = False,
     move_to: str | Path | None = None,
     verify: bool = True,
+    progress=None,
 ) -> dict:
     """{"threshold", "reason", "keep_rule", "groups": [{"tier", "keep", "min_score", "members"}]}
     of an index (a folder, or one opened already: a server's generation): exact groups first,
@@ -244,7 +248,11 @@ def find_duplicates(
 
     move_to: a folder outside the indexed one; every member but the kept one moves there (under
     its path below the indexed folder), a journal written first (instret.moves; `instret dups
-    --undo JOURNAL` puts them back). The answer then also holds "moves" (moves.move_duplicates')."""
+    --undo JOURNAL` puts them back). The answer then also holds "moves" (moves.move_duplicates').
+
+    progress(stage, done, total), when given, is told where the work stands: "search" (0, 0) as
+    the index is searched for candidate pairs, then "verify" (pairs checked, pairs to check) as
+    they are aligned; on a large folder either can take minutes."""
     if keep not in KEEP_RULES:
         raise InstretError(f"--keep must be one of {', '.join(KEEP_RULES)}, not {keep!r}")
     if threshold is None and not 0 < precision < 1:
@@ -258,6 +266,8 @@ def find_duplicates(
     contents = int((rep_row == np.arange(len(ids))).sum())
     distributions = index.manifest.get("scores")
     floor = search_floor(distributions, contents, threshold)
+    tell = progress or (lambda stage, done, total: None)
+    tell("search", 0, 0)
     a, b, s = candidate_pairs(index.within, vectors, floor, rep_row, ids)
     choice = _threshold(s, contents, distributions, threshold, precision)
     accepted = s >= choice["threshold"]
@@ -271,7 +281,10 @@ def find_duplicates(
         if capped:  # the strongest pairs; the rest keep the threshold's decision
             checked = checked[np.argsort(-s[checked], kind="stable")[:VERIFY_MAX_PAIRS]]
         above = accepted[checked]
-        verdicts = _verify_pairs(index, ids, a[checked], b[checked], strict=~above)
+        tell("verify", 0, len(checked))
+        verdicts = _verify_pairs(
+            index, ids, a[checked], b[checked], strict=~above, progress=functools.partial(tell, "verify")
+        )
         confirmed = np.array([verdicts[(int(a[k]), int(b[k]))].copy for k in checked], dtype=bool)
         accepted[checked] = confirmed
         choice["reason"] += (

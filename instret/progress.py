@@ -58,3 +58,35 @@ class Progress:
         if self.enabled:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
+
+
+class StagedProgress:
+    """progress(stage, done, total) callbacks (instret.duplicates) drawn as a Progress bar per
+    stage, labelled by `labels` (stage -> label), counting `units`; a stage without a total shows
+    its label alone. Silent when stderr is not a terminal, as Progress is."""
+
+    def __init__(self, labels: dict[str, str], units: str = "", enabled: bool | None = None):
+        self.labels, self.units = labels, units
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.stage: str | None = None
+        self.bar: Progress | None = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            if total:
+                self.bar = Progress(total, self.labels[stage], self.enabled)
+            elif self.enabled:
+                sys.stderr.write(f"\r{self.labels[stage]}…\x1b[K")
+                sys.stderr.flush()
+        if self.bar is not None and done > self.bar.done:
+            self.bar.update(done - self.bar.done, status=self.units)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.stage is not None and self.enabled:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()

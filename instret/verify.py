@@ -285,21 +285,32 @@ PARALLEL_FROM = 200  # pairs: fewer are checked in this process (a worker takes 
 CHUNK = 64  # pairs a worker checks at a time (neighbouring pairs share files: one decode serves them)
 
 
-def verify_pairs(jobs: list[tuple[str, str, bool]], workers: int | None = None) -> list[Verdict]:
+def verify_pairs(jobs: list[tuple[str, str, bool]], workers: int | None = None, progress=None) -> list[Verdict]:
     """The Verdict of each (path a, path b, strict) job, in order: in `workers` processes (None:
-    one per usable core) when there are PARALLEL_FROM jobs or more."""
+    one per usable core) when there are PARALLEL_FROM jobs or more. progress(done, total), when
+    given, is called as each CHUNK of jobs is checked (a large folder takes minutes)."""
     from instret.env import usable_cpus
 
     workers = usable_cpus() if workers is None else workers
+    chunks = [jobs[k : k + CHUNK] for k in range(0, len(jobs), CHUNK)]
     if workers <= 1 or len(jobs) < PARALLEL_FROM:
-        return _check_chunk(jobs)
+        return _collected(map(_check_chunk, chunks), len(jobs), progress)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    chunks = [jobs[k : k + CHUNK] for k in range(0, len(jobs), CHUNK)]
     # spawn: the caller may hold torch's and BLAS's threads, which a forked child inherits broken.
     with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        return [verdict for chunk in pool.map(_check_chunk, chunks) for verdict in chunk]
+        return _collected(pool.map(_check_chunk, chunks), len(jobs), progress)
+
+
+def _collected(checked_chunks, total: int, progress) -> list[Verdict]:
+    """The chunks' verdicts in order, progress told after each."""
+    verdicts: list[Verdict] = []
+    for chunk in checked_chunks:
+        verdicts.extend(chunk)
+        if progress is not None:
+            progress(len(verdicts), total)
+    return verdicts
 
 
 def _check_chunk(jobs: list[tuple[str, str, bool]]) -> list[Verdict]:

@@ -9,6 +9,8 @@
     GET  /api/v1/search?id=ID&path=PATH...   the same, for images in the index (several allowed)
     GET  /api/v1/duplicates?precision=&threshold=&keep=&existing_only=
                                              {"generation", ...what `dups --json` prints}
+    GET  /api/v1/duplicates/progress         {"running"} and, while groups are being found,
+                                             {"stage": "search" | "verify", "done", "total", "seconds"}
     GET  /api/v1/image/ID                    the indexed file itself
     GET  /api/v1/thumbnail/ID?size=          a JPEG of it within size x size
     GET  /                                   the page (instret/web)
@@ -26,6 +28,7 @@ import mimetypes
 import os
 import stat
 import threading
+import time
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
@@ -141,6 +144,9 @@ def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
         ]
         return {"generation": searcher.index.generation, **found, "groups": groups}
 
+    def duplicates_progress(request: Request, searcher: Searcher):
+        return duplicates.progress()
+
     def image(request: Request, searcher: Searcher):
         path = _indexed_file(live, searcher, request.path_params["id"])
         if Path(path).suffix.lower() in BROWSERS_CANNOT_SHOW:
@@ -170,6 +176,7 @@ def create_app(live: LiveSearcher, max_upload_bytes: int) -> Starlette:
         Route(f"{API}/search", api(search_upload, upload=True), methods=["POST"]),
         Route(f"{API}/search", api(search_indexed), methods=["GET"]),
         Route(f"{API}/duplicates", api(duplicate_groups)),
+        Route(f"{API}/duplicates/progress", api(duplicates_progress)),
         Route(f"{API}/image/{{id:int}}", api(image)),
         Route(f"{API}/thumbnail/{{id:int}}", api(thumbnail)),
         Route("/", page),
@@ -306,21 +313,37 @@ def _indexed_file(live: LiveSearcher, searcher: Searcher, id_: int) -> str:
 class _DuplicatesCache:
     """Duplicate groups per generation and settings: a range search over the whole index is
     worth doing once. Each is computed on its own opening of the generation, so searches are
-    not held up, and only the live generation's are kept."""
+    not held up, and only the live generation's are kept. progress() says where the one being
+    computed stands (a large folder takes minutes), for the page to show while it waits."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._found: dict[tuple, dict] = {}
+        self._progress: dict = {"running": False}
 
     def get(self, index_dir: Path, generation: str, threshold, precision, keep, existing_only: bool) -> dict:
         key = (generation, threshold, precision, keep, existing_only)
         with self._lock:
             if key not in self._found:
+                started = time.monotonic()
+
+                def tell(stage: str, done: int, total: int) -> None:
+                    self._progress = {"running": True, "stage": stage, "done": done, "total": total, "started": started}
+
                 index = SearchIndex(index_dir, generation=generation)
                 try:
-                    found = find_duplicates(index, threshold, precision, keep, existing_only)
+                    found = find_duplicates(index, threshold, precision, keep, existing_only, progress=tell)
                 finally:
                     index.close()
+                    self._progress = {"running": False}
                 self._found = {k: v for k, v in self._found.items() if k[0] == generation}
                 self._found[key] = found
             return self._found[key]
+
+    def progress(self) -> dict:
+        """{"running": false}, or {"running": true, "stage", "done", "total", "seconds"} of the
+        groups being found (find_duplicates' stages: "search", then "verify" pairs checked)."""
+        now = dict(self._progress)  # one read: a computation may replace it meanwhile
+        if now["running"]:
+            now["seconds"] = round(time.monotonic() - now.pop("started"), 1)
+        return now

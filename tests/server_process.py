@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,11 +14,14 @@ from pathlib import Path
 
 
 class Server:
-    def __init__(self, index_dir: Path, *options: str, timeout: float = 90):
+    def __init__(self, index_dir: Path, *options: str, timeout: float = 90, program=("-m", "instret"), env=None):
+        """program: what python runs (a wrapper script such as tests/slow_instret.py); env: extra
+        environment variables."""
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "instret", "serve", "--index", str(index_dir), "--port", "0", *options],
+            [sys.executable, *program, "serve", "--index", str(index_dir), "--port", "0", *options],
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         self.log = []
         deadline = time.monotonic() + timeout

@@ -21,3 +21,21 @@ def test_the_bar_says_how_long_is_left(capsys, monkeypatch):
     bar = Progress(4, "epoch 1/1", enabled=True)
     bar.update(1, "loss 1.0")
     assert capsys.readouterr().err.endswith("1/4 loss 1.0  30 s left\x1b[K")
+
+
+def test_staged_progress_shows_each_stage_and_clears_the_line(capsys):
+    from instret.progress import StagedProgress
+
+    progress = StagedProgress({"search": "searching", "verify": "aligning"}, "pairs", enabled=True)
+    progress("search", 0, 0)
+    assert capsys.readouterr().err == "\rsearching…\x1b[K"
+    progress("verify", 0, 4)
+    progress("verify", 3, 4)
+    err = capsys.readouterr().err
+    assert err.startswith("\r\x1b[K") and "\raligning [" in err and " 3/4 pairs " in err  # the stage line cleared first
+    progress.close()
+    assert capsys.readouterr().err == "\r\x1b[K"
+    quiet = StagedProgress({"search": "searching"}, enabled=False)
+    quiet("search", 0, 0)
+    quiet.close()
+    assert capsys.readouterr().err == ""

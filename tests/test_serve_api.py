@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import threading
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -110,6 +111,34 @@ def test_duplicates_are_what_dups_json_prints(served, capsys):
     expected = cli_json(["dups", str(ix), "--threshold", "0.9", "--keep", "path", "--json"], capsys)[0]
     _, found = server.get("/api/v1/duplicates?threshold=0.9&keep=path")
     assert found == {"generation": "gen-000001", **expected} and found["groups"]
+    assert server.get("/api/v1/duplicates/progress")[1] == {"running": False}  # nothing being found now
+
+
+def test_the_duplicates_progress_says_where_a_computation_stands(monkeypatch):
+    """While one request finds the groups, another reads its stage; once done, nothing runs."""
+    from instret import web_app
+
+    told, release = threading.Event(), threading.Event()
+
+    def slow_find(index, *settings, progress):
+        progress("search", 0, 0)
+        progress("verify", 64, 200)
+        told.set()
+        release.wait(30)
+        return {"groups": []}
+
+    monkeypatch.setattr(web_app, "find_duplicates", slow_find)
+    monkeypatch.setattr(web_app, "SearchIndex", lambda *args, **kwargs: types.SimpleNamespace(close=lambda: None))
+    cache = web_app._DuplicatesCache()
+    assert cache.progress() == {"running": False}
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(cache.get, "ix", "gen-000001", None, 0.99, "largest", False)
+        assert told.wait(30)
+        now = cache.progress()
+        release.set()
+        assert answer.result(30) == {"groups": []}
+    assert now.pop("seconds") >= 0 and now == {"running": True, "stage": "verify", "done": 64, "total": 200}
+    assert cache.progress() == {"running": False}
 
 
 def test_image_and_thumbnail_serve_indexed_files_only(served):

@@ -3,7 +3,9 @@ through chromedriver (.ci/run installs both; nothing downloads a browser)."""
 
 import base64
 import os
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -126,6 +128,24 @@ def test_duplicate_groups_are_listed(served, browser):
     names = sorted(a.text for a in group.find_elements(By.TAG_NAME, "a"))
     assert names == sorted(["003.jpg", HOSTILE])
     assert "Group 1: exact, 2 files" == browser.find_element(By.CSS_SELECTOR, "#groups h3").text
+
+
+def test_the_duplicates_button_says_what_is_being_done_while_it_waits(served, browser):
+    """A search that takes seconds (tests/slow_instret.py): the status line names the stage and
+    counts the seconds, the button waits disabled, then the groups come and it is enabled."""
+    photos, _ = served
+    slow = Path(__file__).with_name("slow_instret.py")
+    with Server(photos.parent / "ix", program=(str(slow),), env={"INSTRET_SLOW_SEARCH": "5"}) as server:
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        button = browser.find_element(By.ID, "show-dups")
+        button.click()
+        waiting = "Finding duplicate groups: searching the index for similar pairs… "
+        status = wait_for(
+            browser, lambda d: re.fullmatch(f"{waiting}[1-9] s", d.find_element(By.ID, "status").text), timeout=10
+        )
+        assert status and not button.is_enabled()
+        wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#groups h3"))
+        assert button.is_enabled() and browser.find_element(By.ID, "status").text.startswith("1 group(s)")
 
 
 def test_the_page_fits_a_phone_screen(served, browser):

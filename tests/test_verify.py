@@ -72,6 +72,20 @@ def test_files_are_read_once_and_an_unreadable_one_is_no_copy(tmp_path):
     )
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_verify_pairs_keeps_the_order_and_tells_progress_after_each_chunk(tmp_path, monkeypatch, workers):
+    for k in range(2):
+        texture(10 + k).save(tmp_path / f"{k}.png")
+    same, other = (str(tmp_path / "0.png"),) * 2, (str(tmp_path / "0.png"), str(tmp_path / "1.png"))
+    jobs = [(*(same if k % 3 else other), False) for k in range(20)]
+    monkeypatch.setattr(verify, "PARALLEL_FROM", 10)
+    monkeypatch.setattr(verify, "CHUNK", 6)
+    told = []
+    verdicts = verify.verify_pairs(jobs, workers=workers, progress=lambda done, total: told.append((done, total)))
+    assert [v.copy for v in verdicts] == [bool(k % 3) for k in range(20)]
+    assert told == [(6, 20), (12, 20), (18, 20), (20, 20)]
+
+
 @needs_photos
 def test_every_edit_of_instret_edits_is_accepted_on_real_photos():
     """Six photos per edit kind (18 kinds): each kind at least 4 of 6 (a caption over a dark,
@@ -119,8 +133,13 @@ def test_dups_groups_a_copy_below_the_threshold_once_the_images_align(trained_ru
     monkeypatch.setattr(duplicates, "threshold_for_precision", lambda *args: dict(out_of_reach))
     monkeypatch.setattr(duplicates, "verify_floor", lambda distributions, floor: 0.0)  # every candidate checked
 
-    found = duplicates.find_duplicates(tmp_path / "ix")
+    told = []
+    found = duplicates.find_duplicates(tmp_path / "ix", progress=lambda *now: told.append(now))
     groups = [g for g in found["groups"] if g["tier"] == "near"]
+    # The stages as they went: the search, then every candidate pair checked, counted up.
+    checked = told[1][2]
+    assert told[:2] == [("search", 0, 0), ("verify", 0, checked)] and told[-1] == ("verify", checked, checked)
+    assert checked > 0 and [done for _, done, _ in told[1:]] == sorted(done for _, done, _ in told[1:])
     assert [sorted(Path(m["path"]).name for m in g["members"]) for g in groups] == [["001.jpg", "bright.jpg"]]
     copy = next(m for m in groups[0]["members"] if m["path"] != groups[0]["keep"])
     assert copy["confirmed"]["by"] == "alignment" and "aligned grey images correlate" in copy["confirmed"]["reason"]

@@ -151,10 +151,30 @@ async function showInfo() {
   }
 }
 
+// What the server says it is doing while it finds the groups (a large folder takes minutes).
+function progressText(now) {
+  const waited = `${Math.round(now.seconds)} s`;
+  if (now.stage === "verify") {
+    return `Finding duplicate groups: aligning likely pairs, ${now.done.toLocaleString("en")} of ${now.total.toLocaleString("en")} checked · ${waited}`;
+  }
+  return `Finding duplicate groups: searching the index for similar pairs… ${waited}`;
+}
+
 async function showDuplicates() {
   const box = $("groups");
+  const button = $("show-dups");
   box.replaceChildren();
+  button.disabled = true;
+  let waiting = true;
   say("Finding duplicate groups…");
+  const poll = setInterval(async () => {
+    try {
+      const now = await getJSON(`${API}/duplicates/progress`);
+      if (now.running && waiting) say(progressText(now));
+    } catch {
+      // The answer itself will say what went wrong.
+    }
+  }, 1000);
   try {
     const found = await getJSON(`${API}/duplicates${$("existing-only").checked ? "?existing_only=1" : ""}`);
     const summary = `${found.groups.length} group(s) at similarity ≥ ${found.threshold.toFixed(4)} (${found.reason})`;
@@ -184,6 +204,10 @@ async function showDuplicates() {
     say(summary);
   } catch (error) {
     say(error.message, true);
+  } finally {
+    waiting = false;
+    clearInterval(poll);
+    button.disabled = false;
   }
 }
 
