@@ -131,7 +131,9 @@ def test_dups_groups_a_copy_below_the_threshold_once_the_images_align(trained_ru
     build_index(photos_dir, trained_run, tmp_path / "ix", workers=0, device="cpu")
     out_of_reach = {"threshold": 1.0, "pairs": 0, "expected_unrelated": 0.0}
     monkeypatch.setattr(duplicates, "threshold_for_precision", lambda *args: dict(out_of_reach))
-    monkeypatch.setattr(duplicates, "verify_floor", lambda distributions, floor: 0.0)  # every candidate checked
+    searched = []
+    candidates = duplicates.candidate_pairs
+    monkeypatch.setattr(duplicates, "candidate_pairs", lambda *args: searched.append(candidates(*args)) or searched[-1])
 
     told = []
     found = duplicates.find_duplicates(tmp_path / "ix", progress=lambda *now: told.append(now))
@@ -140,6 +142,7 @@ def test_dups_groups_a_copy_below_the_threshold_once_the_images_align(trained_ru
     checked = told[1][2]
     assert told[:2] == [("search", 0, 0), ("verify", 0, checked)] and told[-1] == ("verify", checked, checked)
     assert checked > 0 and [done for _, done, _ in told[1:]] == sorted(done for _, done, _ in told[1:])
+    assert checked == len(searched[0][2])  # every candidate pair the search found, however low
     assert [sorted(Path(m["path"]).name for m in g["members"]) for g in groups] == [["001.jpg", "bright.jpg"]]
     copy = next(m for m in groups[0]["members"] if m["path"] != groups[0]["keep"])
     assert copy["confirmed"]["by"] == "alignment" and "aligned grey images correlate" in copy["confirmed"]["reason"]
